@@ -1,0 +1,1 @@
+"""Benchmarks: per-token latency, control-to-sound latency, steering quality."""

@@ -1,0 +1,1 @@
+"""Controllers: the control state, MIDI, OSC, schedules and mapping files."""

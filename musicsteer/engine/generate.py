@@ -1,0 +1,61 @@
+"""Offline generation: prompt -> codes, one decoder step per token position.
+
+The loop is the one the live producer runs, without the stream around it: encode
+the prompt once, cache cross-attention K/V, then per step read the last tokens,
+run the decoder, guide, sample, and keep only the codebooks the delay pattern
+allows at that step. It knows nothing of files, audio devices or controllers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .delay import deinterleave, steps_for, valid_mask
+from .musicgen import MusicGen
+from .sampling import SamplingSettings, guided_logits, make_generator, sample
+from .text import TextEncoder, condition_rows
+
+
+@dataclass
+class Generation:
+    codes: torch.Tensor  # (K, F) int64, complete frames
+    sequence: torch.Tensor  # (K, steps + 1) int64, the delayed sequence fed to the model
+    logits: torch.Tensor | None  # (steps, K, V) float32 guided logits, when recorded
+
+
+def prepare(decoder: MusicGen, text: TextEncoder, prompt: str, settings: SamplingSettings, max_len: int) -> None:
+    """Allocate caches for the CFG batch and cache the prompt's cross-attention K/V."""
+    decoder.setup_caches(settings.batch, max_len=max_len)
+    states, mask = text.encode(prompt)
+    decoder.set_condition(*condition_rows(states, mask, settings.batch))
+
+
+@torch.no_grad()
+def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, settings: SamplingSettings,
+             *, record_logits: bool = False, on_step: Callable[[int], None] | None = None) -> Generation:
+    cfg = decoder.cfg
+    K, special = cfg.codebooks, cfg.special_token
+    steps = steps_for(frames, K)
+    if steps + 1 > cfg.max_positions:
+        raise ValueError(f"{frames} frames need {steps + 1} positions; the model holds {cfg.max_positions}")
+    device = decoder.embed.weight.device
+    prepare(decoder, text, prompt, settings, max_len=steps + 1)
+
+    generator = make_generator(settings.seed, device)
+    sequence = torch.full((K, steps + 1), special, dtype=torch.long, device=device)
+    valid = torch.stack([valid_mask(s, K, frames, device) for s in range(steps)])  # (steps, K)
+    positions = torch.arange(steps, device=device)
+    recorded = torch.empty((steps, K, cfg.vocab), dtype=torch.float32) if record_logits else None
+    for s in range(steps):
+        codes_in = sequence[:, s].view(1, K, 1).expand(settings.batch, K, 1)  # (B, K, 1)
+        logits = decoder.step(codes_in, positions[s : s + 1], kv_len=s + 1)  # (B, K, V)
+        guided = guided_logits(logits, settings)  # (K, V)
+        if recorded is not None:
+            recorded[s] = guided.cpu()
+        sequence[:, s + 1] = torch.where(valid[s], sample(guided, settings, generator), special)
+        if on_step is not None:
+            on_step(s)
+    return Generation(deinterleave(sequence).cpu(), sequence.cpu(), recorded)

@@ -1,0 +1,65 @@
+"""Static key/value caches for self-attention and cross-attention.
+
+Both are allocated once, at their maximum shape, by `setup_caches`; every step
+writes into them by index. Shapes never change, so a step that uses them can be
+captured in a CUDA graph. The caches know nothing of the model around them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Self-attention keys and values for `batch` rows and `max_len` positions."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (B, H, T, hd) at positions `input_pos` (T,); return the whole cache."""
+        self.k.index_copy_(2, input_pos, k)  # (B, H, L, hd)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class CrossCache(nn.Module):
+    """Cross-attention keys and values of the projected text states, computed once per prompt.
+
+    Buffers hold `max_text` positions; `length` is how many the current prompt fills
+    (a Python int, set when the prompt changes, never read from a tensor). `mask`
+    marks the filled positions for the static (graph) path.
+    """
+
+    def __init__(self, batch: int, heads: int, max_text: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, heads, max_text, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("mask", torch.zeros((1, 1, 1, max_text), dtype=torch.bool, device=device), persistent=False)
+        self.length = 0
+
+    @property
+    def max_text(self) -> int:
+        return self.k.shape[2]
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store `k`, `v` (B, H, S, hd) for a new prompt."""
+        length = k.shape[2]
+        if length > self.max_text:
+            raise ValueError(f"prompt has {length} text tokens; the cache holds {self.max_text}")
+        self.k.zero_()
+        self.v.zero_()
+        self.k[:, :, :length].copy_(k)
+        self.v[:, :, :length].copy_(v)
+        self.mask.zero_()
+        self.mask[..., :length] = True
+        self.length = length

@@ -1,0 +1,310 @@
+"""The lean MusicGen decoder: codebook embeddings, sinusoidal positions, pre-norm
+blocks (self-attention, cross-attention to the projected text states, MLP), a final
+norm and one output head per codebook, over a static KV cache.
+
+One forward serves three uses:
+- the one-token `step` (T = 1) of generation, shapes fixed;
+- `prefill` of a prompt of codes (T > 1), causal within the prompt;
+- a full uncached forward (`use_cache=False`), for extraction and checks.
+
+Named hook points (`blocks.{i}.attn`, `blocks.{i}.cross`, `blocks.{i}.out`) let
+steering add to the self-attention output, the cross-attention output and the
+residual stream after each block. The decoder knows nothing of MIDI, OSC, text
+tokenizers or audio: it sees codes and projected text states, and gives logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import CrossCache, KVCache
+
+Hook = Callable[[torch.Tensor], torch.Tensor]
+HOOK_KINDS = ("attn", "cross", "out")
+
+
+def sinusoid_table(length: int, dim: int, style: str = "transformers") -> torch.Tensor:
+    """Sinusoidal positions, cos in the first half and sin in the second, (length, dim).
+
+    The two checkpoint families compute the same angles with different float32
+    rounding; `style` picks the one the weights were trained with.
+    """
+    half = dim // 2
+    pos = torch.arange(length, dtype=torch.float32)
+    if style == "transformers":
+        freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+        angle = pos[:, None] * freq[None, :]
+    elif style == "audiocraft":
+        period = torch.full([], 10000.0) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
+        angle = pos[:, None] / period[None, :]
+    else:
+        raise ValueError(f"unknown position style {style!r}")
+    table = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+    if dim % 2:
+        table = F.pad(table, (0, 1))
+    return table  # (L, D)
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.relu
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if input_pos is None:  # uncached: attend within this call, causally
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            assert self.cache is not None, "call setup_caches() before a cached forward"
+            k, v = self.cache.update(input_pos, k, v)  # (B, H, L, hd)
+            if kv_len is not None:  # eager: read only the filled part of the cache
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wkv = nn.Linear(cfg.hidden, 2 * cfg.hidden, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.cache: CrossCache | None = None
+
+    def memory(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the projected text states (B, S, D), each (B, H, S, hd)."""
+        B, S, _ = text.shape
+        k, v = self.wkv(text).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
+        assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
+        B, T, D = x.shape
+        q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        if static:  # fixed shapes: all slots, padding masked out
+            out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=self.cache.mask)
+        else:
+            n = self.cache.length
+            out = F.scaled_dot_product_attention(q, self.cache.k[:, :, :n], self.cache.v[:, :, :n])
+        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.norm_cross = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm_mlp = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.act = _activation(cfg.activation)
+        self.hooks: dict[str, Hook] = {}  # kind -> hook; read by forward, written by MusicGen.set_hook
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
+                mask: torch.Tensor | None, static: bool) -> torch.Tensor:
+        hooks = self.hooks
+        a = self.self_attn(self.norm_self(x), input_pos, kv_len, mask)
+        if "attn" in hooks:
+            a = hooks["attn"](a)
+        x = x + a
+        c = self.cross_attn(self.norm_cross(x), static)
+        if "cross" in hooks:
+            c = hooks["cross"](c)
+        x = x + c
+        x = x + self.fc2(self.act(self.fc1(self.norm_mlp(x))))
+        if "out" in hooks:
+            x = hooks["out"](x)
+        return x
+
+
+class MusicGen(nn.Module):
+    """The decoder. Call `setup_caches`, then `set_condition` per prompt, then `prefill`/`step`."""
+
+    def __init__(self, cfg: ModelConfig, position_style: str = "transformers") -> None:
+        super().__init__()
+        self.cfg = cfg
+        K, V, D = cfg.codebooks, cfg.vocab, cfg.hidden
+        # All codebook tables in one: codebook k's token t is row k * (V + 1) + t.
+        self.embed = nn.Embedding(K * (V + 1), D)
+        self.position_style = position_style
+        self._make_buffers(None)
+        self.text_proj: nn.Module = nn.Linear(cfg.text_hidden, D) if cfg.text_hidden != D else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.heads = nn.Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
+        self.batch = 0
+
+    # -- set-up --------------------------------------------------------------
+
+    def _make_buffers(self, device) -> None:
+        K, V = self.cfg.codebooks, self.cfg.vocab
+        self.register_buffer("codebook_offset", torch.arange(K, device=device)[:, None] * (V + 1), persistent=False)  # (K, 1)
+        table = sinusoid_table(self.cfg.max_positions, self.cfg.hidden, self.position_style)
+        self.register_buffer("positions", table.to(device), persistent=False)  # (L, D)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: Mapping[str, torch.Tensor],
+                        position_style: str = "transformers") -> "MusicGen":
+        """Build around existing tensors without allocating random weights first."""
+        with torch.device("meta"):
+            model = cls(cfg, position_style)
+        model.load_state_dict(dict(state), strict=True, assign=True)
+        first = next(iter(state.values()))
+        model._make_buffers(first.device)
+        return model.eval()
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> "MusicGen":
+        """Random weights with the real shapes (for presets)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        model._make_buffers("cpu")
+        model.init_weights(seed)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def setup_caches(self, batch: int, max_len: int | None = None, max_text: int = 256) -> None:
+        """Allocate the static caches once, at their maximum shape (batch 2 for CFG)."""
+        cfg = self.cfg
+        max_len = max_len or cfg.max_positions
+        if max_len > cfg.max_positions:
+            raise ValueError(f"cache of {max_len} positions exceeds the model's {cfg.max_positions}")
+        p = self.embed.weight
+        for block in self.blocks:
+            block.self_attn.cache = KVCache(batch, cfg.heads, max_len, cfg.head_dim, p.dtype, p.device)
+            block.cross_attn.cache = CrossCache(batch, cfg.heads, max_text, cfg.head_dim, p.dtype, p.device)
+        self.batch = batch
+
+    @torch.no_grad()
+    def set_condition(self, text: torch.Tensor, mask: torch.Tensor) -> None:
+        """Project the text encoder's states (B, S, text_hidden) and cache cross-attention K/V.
+
+        `mask` (B, S) is 1 for real text positions; masked positions are zeroed, so a
+        row of zeros with mask 0 is the unconditional (null-text) branch of CFG.
+        """
+        assert text.shape[0] == self.batch, f"condition has {text.shape[0]} rows, caches hold {self.batch}"
+        states = self.text_proj(text.to(self.embed.weight.dtype)) * mask[..., None].to(self.embed.weight.dtype)
+        for block in self.blocks:
+            block.cross_attn.cache.fill(*block.cross_attn.memory(states))
+
+    # -- hook points -----------------------------------------------------------
+
+    def hook_names(self) -> list[str]:
+        return [f"blocks.{i}.{kind}" for i in range(len(self.blocks)) for kind in HOOK_KINDS]
+
+    def _hook_slot(self, name: str) -> tuple[Block, str]:
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in HOOK_KINDS:
+            raise KeyError(f"unknown hook point {name!r}; names look like blocks.<i>.<{'|'.join(HOOK_KINDS)}>")
+        index = int(parts[1])
+        if index >= len(self.blocks):
+            raise KeyError(f"hook point {name!r}: the model has {len(self.blocks)} blocks")
+        return self.blocks[index], parts[2]
+
+    def set_hook(self, name: str, hook: Hook | None) -> None:
+        """Install `hook(h) -> h` at a named point; None removes it."""
+        block, kind = self._hook_slot(name)
+        if hook is None:
+            block.hooks.pop(kind, None)
+        else:
+            block.hooks[kind] = hook
+
+    def clear_hooks(self) -> None:
+        for block in self.blocks:
+            block.hooks.clear()
+
+    @contextmanager
+    def hooked(self, hooks: Mapping[str, Hook]) -> Iterator["MusicGen"]:
+        """Install hooks for the duration of a `with` block, then restore what was there."""
+        saved = {}
+        for name in hooks:
+            block, kind = self._hook_slot(name)
+            saved[name] = block.hooks.get(kind)
+        try:
+            for name, hook in hooks.items():
+                self.set_hook(name, hook)
+            yield self
+        finally:
+            for name, hook in saved.items():
+                self.set_hook(name, hook)
+
+    # -- forward -----------------------------------------------------------------
+
+    def embed_codes(self, codes: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Summed codebook embeddings plus positions: codes (B, K, T) -> (B, T, D)."""
+        x = self.embed(codes + self.codebook_offset).sum(dim=1)  # (B, T, D)
+        return x + self.positions[input_pos]
+
+    def forward(self, codes: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,
+                use_cache: bool = True) -> torch.Tensor:
+        """Logits (B, T, K, V) for codes (B, K, T) at positions `input_pos` (T,).
+
+        With the cache: `kv_len` (a Python int, the number of filled positions after
+        this call) makes attention read only the filled part; None reads the whole
+        static cache under a mask, with shapes that never change (for graph capture).
+        """
+        x = self.hidden_states(codes, input_pos, kv_len, use_cache)
+        return self.logits(x)
+
+    def hidden_states(self, codes: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,
+                      use_cache: bool = True) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D); same arguments as `forward`."""
+        x = self.embed_codes(codes, input_pos)
+        mask, pos = None, (input_pos if use_cache else None)
+        if use_cache:
+            length = kv_len if kv_len is not None else self.blocks[0].self_attn.cache.max_len
+            if kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
+                mask = torch.arange(length, device=codes.device)[None, :] <= input_pos[:, None]  # (T, L)
+        static = use_cache and kv_len is None
+        for block in self.blocks:
+            x = block(x, pos, kv_len, mask, static)
+        return self.norm(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return self.heads(x).view(B, T, self.cfg.codebooks, self.cfg.vocab)  # (B, T, K, V)
+
+    def step(self, codes: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """One token per row: codes (B, K, 1) at `input_pos` (1,) -> logits (B, K, V)."""
+        return self.forward(codes, input_pos, kv_len)[:, 0]
+
+    def prefill(self, codes: torch.Tensor) -> torch.Tensor:
+        """Run a prompt of codes (B, K, T) from position 0, filling the cache; logits (B, T, K, V)."""
+        T = codes.shape[-1]
+        return self.forward(codes, torch.arange(T, device=codes.device), kv_len=T)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "MusicGen":
+        """Random weights with the real shapes (for presets): normal(0, std), norms at identity."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self

@@ -1,0 +1,1 @@
+"""Probes: concept datasets, activation extraction, RFM and linear probes, concept packs."""

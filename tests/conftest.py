@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Two random MusicGen shapes for parity: layer counts, head counts and hidden sizes differ.
+SHAPES = {
+    "a": dict(hidden=48, layers=3, heads=4, ffn=96, text_hidden=32),
+    "b": dict(hidden=64, layers=2, heads=8, ffn=160, text_hidden=48),
+}
+
+
+@pytest.fixture(scope="session")
+def musicgen_dirs(tmp_path_factory):
+    """{name: (directory, transformers model, tokenizer)} written by save_pretrained."""
+    from builders import save_random_musicgen
+
+    out = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        d = tmp_path_factory.mktemp(f"musicgen_{name}")
+        model, tok = save_random_musicgen(d, seed=i, **shape)
+        out[name] = (d, model, tok)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from musicsteer.engine.loading import load_model
+
+    return load_model("tiny")
