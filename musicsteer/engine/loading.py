@@ -228,9 +228,16 @@ def decoder_from_transformers(hf) -> MusicGen:
     return MusicGen.from_state_dict(cfg, sd, position_style="transformers")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    # Without vocabulary files transformers builds an empty tokenizer silently; refuse instead.
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"no usable tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}); "
+                             f"save one there with the tokenizer's save_pretrained")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
