@@ -92,10 +92,19 @@ def run_render(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and warnings would drown the one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.run(args)
     except MusicsteerError as exc:

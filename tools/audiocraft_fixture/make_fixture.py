@@ -81,13 +81,17 @@ from audiocraft.utils import export  # noqa: E402
 PROMPT = "lofi hip hop with warm piano"
 CFG_COEF = 3.0
 MAX_GEN_LEN = 120            # audio frames generated (EnCodec timesteps)
-N_RAW_LOGIT_STEPS = 16       # first steps for which the raw cond/uncond logits are also stored
+N_RAW_LOGIT_STEPS = 8        # first steps for which the raw cond/uncond logits are also stored
 
 SEED_T5_INIT = 1234          # torch.manual_seed before building the tiny T5
 SEED_T5_PERTURB = 4321       # generator for the T5 RMSNorm-weight perturbation
-SEED_LM_INIT = 2036          # torch.manual_seed before builders.get_lm_model (2036 = audiocraft cfg.seed)
+SEED_LM_INIT = 2042          # torch.manual_seed before builders.get_lm_model (see MIN_MARGIN)
 SEED_LM_PERTURB = 6302       # generator for the LM LayerNorm perturbation
 SEED_GENERATE = 0            # torch.manual_seed before generation (greedy: RNG unused, set anyway)
+# Greedy parity needs decisions that float noise cannot flip. SEED_LM_INIT was picked among
+# 2030..2045 as the one whose smallest top1-top2 gap of the CFG logits (over all valid decisions)
+# is largest (0.0036, ~1000x the streaming-vs-full-forward difference); the run fails below this.
+MIN_MARGIN = 1e-3
 PERTURB_SCALE = 0.2          # LayerNorm/RMSNorm weight = 1 + 0.2*N(0,1), LayerNorm bias = 0.2*N(0,1)
 
 T5_HUB_NAME = "t5-base"      # must be one of audiocraft's T5Conditioner.MODELS
@@ -151,6 +155,9 @@ def train_sentencepiece() -> bytes:
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         character_coverage=1.0,
+        # No Unicode normalisation table: real T5 uses nmt_nfkc, whose precompiled charsmap would add
+        # ~240 kB to spiece.model and tokenizer.json each. ASCII prompts tokenise the same either way.
+        normalization_rule_name="identity",
         hard_vocab_limit=True,
         num_threads=1,
         minloglevel=2,
@@ -172,6 +179,12 @@ def build_tiny_t5(t5_dir: Path) -> dict:
         tokenizer = T5Tokenizer.from_pretrained(staging, extra_ids=0)
     assert len(tokenizer) == SPM_VOCAB_SIZE, len(tokenizer)
     tokenizer.save_pretrained(str(t5_dir))
+    # Drop load-time bookkeeping that save_pretrained copies into tokenizer_config.json.
+    tok_cfg_path = t5_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    for key in ("is_local", "local_files_only"):
+        tok_cfg.pop(key, None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
 
     config = T5Config(
         vocab_size=SPM_VOCAB_SIZE,
@@ -489,6 +502,7 @@ def main() -> None:
         log(f"full-forward max|diff| = {res['full_forward_max_abs_diff']:.3e}, "
             f"compute_predictions max|diff| = {res['compute_predictions_max_abs_diff']:.3e}, "
             f"min top1-top2 margin = {res['min_top1_top2_margin']:.4f}")
+        assert res["min_top1_top2_margin"] > MIN_MARGIN, "greedy decisions too close to a tie"
     finally:
         shutil.rmtree(_HF_HOME, ignore_errors=True)
 
