@@ -43,8 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--save-tokens", type=Path, metavar="FILE.npy", help="write the codes, int64 [4, frames]")
     render.add_argument("--no-progress", action="store_true")
     _add_sampling_args(render)
+    _add_steering_args(render)
     render.set_defaults(run=run_render)
+
+    concepts = sub.add_parser("concepts", help="make, list and inspect concept packs")
+    csub = concepts.add_subparsers(dest="concepts_command", required=True)
+    make = csub.add_parser("make", help="a pack from random or given vectors (before probes are trained)")
+    make.add_argument("--model", required=True, help="the model the pack is for (its shape is what matters)")
+    make.add_argument("--out", type=Path, required=True, metavar="PACK")
+    make.add_argument("--random", nargs="+", default=[], metavar="NAME", help="concepts with random directions")
+    make.add_argument("--vector", action="append", default=[], metavar="NAME=FILE.npy",
+                      help="a concept from a [hidden] or [layers, hidden] array")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(run=run_concepts_make)
+    for name, helptext in (("list", "the concepts in a pack"), ("show", "a pack's details")):
+        p = csub.add_parser(name, help=helptext)
+        p.add_argument("pack", type=Path, metavar="PACK")
+        p.set_defaults(run=run_concepts_show, verbose=name == "show")
     return parser
+
+
+def _add_steering_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concepts", type=Path, metavar="PACK", help="concept pack directory")
+    p.add_argument("--steer", action="append", metavar="NAME=STRENGTH", help="steer a concept (repeatable)")
+    p.add_argument("--schedule", action="append", metavar="NAME=SPEC",
+                   help="schedule a concept's strength: linear-up:T, linear-down:T, decay[:RATE], logistic:T, "
+                        "sine:T, crossfade:OTHER:T, points:STEP=V,...; T in steps or seconds (4s)")
+    p.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
+    p.add_argument("--steer-rows", default="both", choices=("both", "cond"), help="CFG rows to steer")
+    p.add_argument("--steer-point", default="out", choices=("out", "attn"),
+                   help="residual stream after each block, or the self-attention output")
+    p.add_argument("--steer-layers", default="weighted", metavar="weighted|all|top:K")
+    p.add_argument("--kappa", type=float, default=0.95, help="layer weights: minmax(score) ** (1/kappa)")
+    p.add_argument("--gate", type=float, default=1.0, help="probability per step that steering is applied")
 
 
 def _device(name: str):
@@ -80,13 +111,25 @@ def _settings(args):
         raise UsageError(str(exc)) from exc
 
 
-def run_render(args) -> int:
-    from .render import RenderRequest, render
+def _steering(args):
+    from .engine.steering import SteeringSettings
 
-    settings = _settings(args)
+    try:
+        return SteeringSettings(mode=args.steer_mode, rows=args.steer_rows, point=args.steer_point,
+                                layers=args.steer_layers, kappa=args.kappa, gate=args.gate, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def run_render(args) -> int:
+    from .render import RenderRequest, parse_assignments, parse_strengths, render
+
+    settings, steering = _settings(args), _steering(args)
+    steer, schedules = parse_strengths(args.steer), parse_assignments(args.schedule, "--schedule")
     model = _load(args)
     request = RenderRequest(prompt=args.prompt, duration=args.duration, out=args.out, settings=settings,
-                            save_tokens=args.save_tokens, progress=not args.no_progress)
+                            save_tokens=args.save_tokens, progress=not args.no_progress, concepts=args.concepts,
+                            steer=steer, schedules=schedules, steering=steering)
     result = render(model, request)
     print(f"wrote {args.out} ({result.codes.shape[1]} frames, {result.codes.shape[1] / 50:.2f} s)")
     return 0
@@ -98,6 +141,54 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def run_concepts_make(args) -> int:
+    import numpy as np
+
+    from .engine.loading import model_config
+    from .probes.pack import ConceptPack
+    from .render import parse_assignments
+
+    vectors = {}
+    for name, file in parse_assignments(args.vector, "--vector").items():
+        try:
+            vectors[name] = np.load(file)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--vector {name}={file}: cannot read a .npy array ({exc})") from exc
+    if not vectors and not args.random:
+        raise UsageError("concepts make needs --random NAME ... or --vector NAME=FILE.npy")
+    clash = set(vectors) & set(args.random)
+    if clash:
+        raise UsageError(f"concept {sorted(clash)[0]!r} is given twice")
+    cfg = model_config(args.model)
+    pack = ConceptPack.random(args.random, cfg, args.model, seed=args.seed) if args.random else None
+    if vectors:
+        given = ConceptPack.from_vectors(vectors, cfg, args.model)
+        pack = given if pack is None else ConceptPack({**pack.concepts, **given.concepts},
+                                                      dict(pack.meta, method="random+user"))
+    pack.save(args.out)
+    print(f"wrote {args.out} ({len(pack.names)} concepts for {cfg.layers} layers x {cfg.hidden})")
+    return 0
+
+
+def run_concepts_show(args) -> int:
+    from .probes.pack import ConceptPack
+
+    pack = ConceptPack.load(args.pack)
+    if not args.verbose:
+        print("\n".join(pack.names))
+        return 0
+    model = pack.meta["model"]
+    print(f"pack {args.pack}: {len(pack.names)} concepts, model {model.get('id')} "
+          f"({model['layers']} layers x {model['hidden']}), method {pack.meta.get('method')}")
+    print(f"sign: {pack.meta.get('sign')}")
+    for name in pack.names:
+        c = pack[name]
+        best = int(c.scores.argmax())
+        print(f"  {name:16s} best layer {best:3d} (score {c.scores[best]:.3f}), "
+              f"mean score {c.scores.mean():.3f}{', with clamp targets' if c.targets is not None else ''}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ It knows the file formats and the progress bar; generation itself is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from .engine.config import FRAME_RATE
 from .engine.generate import Generation, generate
 from .engine.loading import LoadedModel
 from .engine.sampling import SamplingSettings
+from .engine.steering import SteeringSettings
 from .errors import UsageError
 
 
@@ -26,6 +29,10 @@ class RenderRequest:
     settings: SamplingSettings
     save_tokens: Path | None = None
     progress: bool = True
+    concepts: Path | None = None  # a concept pack directory
+    steer: dict[str, float] = field(default_factory=dict)  # concept -> strength
+    schedules: dict[str, str] = field(default_factory=dict)  # concept -> schedule spec
+    steering: SteeringSettings = SteeringSettings()
 
 
 def frames_for(duration: float, model: LoadedModel) -> int:
@@ -47,9 +54,12 @@ def render(model: LoadedModel, request: RenderRequest) -> Generation:
         if target is not None and not target.parent.exists():
             raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
     steps = frames + model.cfg.codebooks - 1
-    with tqdm(total=steps, unit="step", desc="render", disable=not request.progress, leave=False) as bar:
+    steerer, plan = make_steering(model, request)
+    before_step = (lambda s: plan.write(s, steerer)) if plan is not None else None
+    with tqdm(total=steps, unit="step", desc="render", disable=not request.progress, leave=False) as bar, \
+            (steerer or nullcontext()):
         result = generate(model.decoder, model.text, request.prompt, frames, request.settings,
-                          on_step=lambda _: bar.update())
+                          before_step=before_step, on_step=lambda _: bar.update())
     if request.save_tokens is not None:
         np.save(request.save_tokens, result.codes.numpy().astype(np.int64))
     audio = model.codec.decode(result.codes)
@@ -61,3 +71,59 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     import soundfile as sf
 
     sf.write(str(path), np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16")
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
+    """['NAME=VALUE', ...] -> {NAME: VALUE}; a malformed item is a usage error."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name or not value:
+            raise UsageError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def parse_strengths(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for name, value in parse_assignments(items, "--steer").items():
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--steer {name}={value}: the strength must be a number") from None
+        if not math.isfinite(out[name]):
+            raise UsageError(f"--steer {name}={value}: the strength must be finite")
+    return out
+
+
+def make_steering(model: LoadedModel, request: RenderRequest):
+    """Steerer and plan for the request's concepts, strengths and schedules; (None, None) without."""
+    from .controllers.schedules import Crossfade, LinearDown, LinearUp, ScheduleError, parse_schedule
+    from .engine.steering import build_steering
+    from .probes.pack import ConceptPack
+
+    if request.concepts is None:
+        if request.steer or request.schedules:
+            raise UsageError("--steer and --schedule need a concept pack: add --concepts PACK")
+        return None, None
+    pack = ConceptPack.load(request.concepts)
+    pack.check_fits(model.cfg)
+    for name in [*request.steer, *request.schedules]:
+        pack[name]  # unknown names fail here, with the pack's list
+    steerer, plan = build_steering(model.decoder, pack, request.steering, request.settings.batch)
+    for name, value in request.steer.items():
+        plan.set_strength(name, value)
+    for name, spec in request.schedules.items():
+        try:
+            schedule = parse_schedule(spec)
+        except ScheduleError as exc:
+            raise UsageError(f"--schedule {name}={spec}: {exc}") from None
+        if isinstance(schedule, Crossfade):
+            pack[schedule.other]
+            plan.set_schedule(name, LinearDown(schedule.T))
+            plan.set_schedule(schedule.other, LinearUp(schedule.T))
+            if schedule.other not in request.steer:
+                plan.set_strength(schedule.other, request.steer.get(name, 0.0))
+        else:
+            plan.set_schedule(name, schedule)
+    return steerer, plan

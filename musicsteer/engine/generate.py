@@ -35,7 +35,10 @@ def prepare(decoder: MusicGen, text: TextEncoder, prompt: str, settings: Samplin
 
 @torch.no_grad()
 def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, settings: SamplingSettings,
-             *, record_logits: bool = False, on_step: Callable[[int], None] | None = None) -> Generation:
+             *, record_logits: bool = False, before_step: Callable[[int], None] | None = None,
+             on_step: Callable[[int], None] | None = None) -> Generation:
+    """Generate `frames` complete frames. `before_step(s)` runs before step s (steering
+    writes its strengths there); `on_step(s)` after it (progress)."""
     cfg = decoder.cfg
     K, special = cfg.codebooks, cfg.special_token
     steps = steps_for(frames, K)
@@ -50,6 +53,8 @@ def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, set
     positions = torch.arange(steps, device=device)
     recorded = torch.empty((steps, K, cfg.vocab), dtype=torch.float32) if record_logits else None
     for s in range(steps):
+        if before_step is not None:
+            before_step(s)
         codes_in = sequence[:, s].view(1, K, 1).expand(settings.batch, K, 1)  # (B, K, 1)
         logits = decoder.step(codes_in, positions[s : s + 1], kv_len=s + 1)  # (B, K, V)
         guided = guided_logits(logits, settings)  # (K, V)

@@ -62,6 +62,24 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     return loaded
 
 
+def model_config(spec: str) -> ModelConfig:
+    """The decoder shape `spec` names, without building T5 or the codec."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = resolve_path(spec)
+    if detect_format(path) == "transformers":
+        from transformers import MusicgenConfig
+
+        try:
+            return config_from_transformers(MusicgenConfig.from_pretrained(path, local_files_only=True))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {path}/config.json: {_first_line(exc)}") from exc
+    from .loading_audiocraft import load_audiocraft_dir
+
+    return load_audiocraft_dir(path, spec, text_encoder=None, codec=None, decoder_only=True).cfg
+
+
 def check_compatible(loaded: LoadedModel) -> None:
     cfg = loaded.cfg
     if loaded.text.hidden != cfg.text_hidden:

@@ -28,7 +28,8 @@ EXPECTED = {
 
 
 def load_audiocraft_dir(path: Path, spec: str, *, text_encoder: str | None = None,
-                        codec: str | None = None) -> LoadedModel:
+                        codec: str | None = None, decoder_only: bool = False) -> LoadedModel | MusicGen:
+    """The model in `path`; with `decoder_only`, just the decoder (no T5 or codec lookup)."""
     package = _torch_load(path / "state_dict.bin")
     if not isinstance(package, dict) or "best_state" not in package or "xp.cfg" not in package:
         raise ModelLoadError(f"{path}/state_dict.bin is not an exported audiocraft LM (no 'xp.cfg'/'best_state')")
@@ -38,6 +39,8 @@ def load_audiocraft_dir(path: Path, spec: str, *, text_encoder: str | None = Non
     if "model" in state and isinstance(state["model"], dict):  # solver checkpoints nest the LM
         state = state["model"]
     decoder = decoder_from_audiocraft(cfg, state, position_scale, path)
+    if decoder_only:
+        return decoder
 
     t5_name = _get(xp, "conditioners.description.t5.name")
     if text_encoder is not None:

@@ -220,9 +220,7 @@ def build_tiny_t5(t5_dir: Path) -> dict:
     # so declare float32: from_pretrained then upcasts the float16 tensors at load time.
     cfg_path = t5_dir / "config.json"
     cfg_json = json.loads(cfg_path.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in cfg_json:
-            cfg_json[key] = "float32"
+    cfg_json.pop("torch_dtype", None)  # older spelling of the same field
     cfg_json["dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
 
@@ -336,6 +334,9 @@ def run_generation(lm):
     desc_inputs = {k: v.clone() for k, v in tokenized["description"].items()}
     cond_tensors = lm.condition_provider(tokenized)
     cond_embeds, cond_mask = cond_tensors["description"]
+    # The null (uncond) row: all-zero mask and exactly-zero cross-attention source.
+    assert bool((cond_mask[1] == 0).all()) and bool((cond_embeds[1] == 0).all())
+    assert bool((cond_mask[0] == 1).all())
     t5 = lm.condition_provider.conditioners["description"].t5
     with torch.no_grad():
         # Same batched call as T5Conditioner.forward (row 0 = cond, row 1 = uncond).
@@ -597,12 +598,29 @@ def main() -> None:
                       "mixed = uncond + (cond - uncond) * cfg_coef, computed in float32 "
                       "(cond = batch row 0, uncond = batch row 1 of one batched forward).",
             "logits_cond_head/logits_uncond_head": f"raw per-row logits for steps 0..{N_RAW_LOGIT_STEPS - 1}",
-            "equivalent_full_forward": "a single non-streaming forward over sequence[:, :steps] with a "
-                                       "causal mask gives the same logits at output positions 0..steps-1 "
+            "equivalent_full_forward": "a single non-streaming forward over the whole sequence (causal "
+                                       "mask, positions 0..steps) gives the same logits at output "
+                                       "positions 0..steps-1 "
                                        f"(max abs diff {res['full_forward_max_abs_diff']:.2e}); "
                                        "audiocraft's compute_predictions agrees too "
                                        f"(max abs diff {res['compute_predictions_max_abs_diff']:.2e})",
             "min_top1_top2_margin_on_valid_steps": res["min_top1_top2_margin"],
+        },
+        "model_facts": {
+            "block": "pre-norm (norm_first): x += SA(LN1(x)); x += CA(LN_cross(x), src); "
+                     "x += W2 gelu(W1 LN2(x)); after all layers out_norm, then linears[q] per codebook",
+            "input": "sum over q of emb[q][sequence[q, s]] (emb tables have card+1 rows; row card = "
+                     "special token) + sinusoidal embedding (positional_scale 1.0)",
+            "sin_embedding": "half = dim/2; phase_j = pos / 10000 ** (j / (half - 1)), j = 0..half-1; "
+                             "emb = concat(cos(phase), sin(phase)); positions start at 0",
+            "layer_norm_eps": 1e-5,
+            "activation": "exact (erf) gelu, torch.nn.functional.gelu default",
+            "attention": "in_proj_weight [3*dim, dim] rows = q, k, v (each dim rows, heads contiguous, "
+                         "head h uses rows h*head_dim:(h+1)*head_dim of each block); scores scaled by "
+                         "1/sqrt(head_dim); no biases anywhere in attention, FF or output linears; "
+                         "self-attention causal; cross-attention unmasked, keys/values from src",
+            "conditioner_output_proj": "condition_provider.conditioners.description.output_proj "
+                                       "(weight [dim, 768], bias [dim])",
         },
         "conditioning": {
             "cond_row": "ConditioningAttributes(text={'description': prompt}) -> T5 tokenizer "
