@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = csub.add_parser(name, help=helptext)
         p.add_argument("pack", type=Path, metavar="PACK")
         p.set_defaults(run=run_concepts_show, verbose=name == "show")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    lat = bsub.add_parser("latency", help="per-token time of the generation loop, with and without steering")
+    _add_model_args(lat)
+    lat.add_argument("--steps", type=int, default=100, help="timed steps per configuration")
+    lat.add_argument("--warmup", type=int, default=10)
+    lat.add_argument("--concepts", default="0,1,4,16", metavar="K[,K...]",
+                     help="numbers of active steering concepts to time (0 = unsteered)")
+    lat.add_argument("--cfg", type=float, default=3.0)
+    lat.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
+    lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
+    lat.set_defaults(run=run_bench_latency)
     return parser
 
 
@@ -188,6 +201,30 @@ def run_concepts_show(args) -> int:
         best = int(c.scores.argmax())
         print(f"  {name:16s} best layer {best:3d} (score {c.scores[best]:.3f}), "
               f"mean score {c.scores.mean():.3f}{', with clamp targets' if c.targets is not None else ''}")
+    return 0
+
+
+def run_bench_latency(args) -> int:
+    from .bench.latency import format_report, run_latency, write_json
+    from .engine.sampling import SamplingSettings
+    from .engine.steering import SteeringSettings
+
+    try:
+        counts = [int(k) for k in args.concepts.split(",")]
+    except ValueError:
+        raise UsageError(f"--concepts {args.concepts!r}: expected numbers like 0,1,4,16") from None
+    if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0:
+        raise UsageError("--concepts, --steps and --warmup must not be negative (and --steps at least 1)")
+    model = _load(args)
+    if args.steps + args.warmup + 1 > model.cfg.max_positions:
+        raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
+    sampling = SamplingSettings(cfg=args.cfg, seed=0)
+    record = run_latency(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
+                         args.dtype)
+    print(format_report(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

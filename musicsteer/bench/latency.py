@@ -1,0 +1,144 @@
+"""`musicsteer bench latency`: per-token time of the real generation loop, with and
+without steering concepts, against the 20 ms frame budget.
+
+Timing wraps `engine.generate` itself (the loop render and the stream run): a step
+is the time between two `on_step` calls, so it includes the steering plan's buffer
+write, the decoder, guidance and sampling. On CUDA each step is synchronised before
+its stamp. Warm-up steps are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.generate import generate
+from ..engine.loading import LoadedModel
+from ..engine.sampling import SamplingSettings
+from ..engine.steering import SteeringSettings, build_steering
+from ..probes.pack import ConceptPack
+
+FRAME_MS = 20.0
+
+
+@dataclass
+class StepStats:
+    concepts: int
+    steps: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    tokens_per_s: float
+    realtime_factor: float  # audio seconds generated per second of compute (>1 is faster than real time)
+
+    @classmethod
+    def of(cls, concepts: int, seconds: np.ndarray) -> "StepStats":
+        ms = seconds * 1e3
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        mean = float(ms.mean())
+        return cls(concepts, len(ms), float(p50), float(p95), float(p99), float(ms.max()), mean,
+                   1e3 / mean, FRAME_MS / mean)
+
+
+def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
+                    sampling: SamplingSettings, steering: SteeringSettings = SteeringSettings(),
+                    prompt: str = "benchmark prompt") -> np.ndarray:
+    """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active."""
+    decoder = model.decoder
+    device = decoder.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stamps: list[float] = []
+
+    def on_step(_):
+        sync()
+        stamps.append(time.perf_counter())
+
+    frames = warmup + steps + 1 - (decoder.cfg.codebooks - 1)
+    steerer = plan = None
+    if concepts:
+        names = [f"c{k}" for k in range(concepts)]
+        pack = ConceptPack.random(names, decoder.cfg, model.model_id, seed=concepts)
+        steerer, plan = build_steering(decoder, pack, steering, sampling.batch)
+        for n in names:
+            plan.set_strength(n, 0.1)
+        steerer.attach()
+    try:
+        sync()
+        stamps.append(time.perf_counter())
+        generate(decoder, model.text, prompt, frames, sampling, on_step=on_step,
+                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None)
+    finally:
+        if steerer is not None:
+            steerer.detach()
+    return np.diff(np.array(stamps))[warmup:]
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
+                sampling: SamplingSettings, steering: SteeringSettings, dtype: str) -> dict:
+    device = model.decoder.embed.weight.device
+    results = [StepStats.of(k, time_generation(model, steps, warmup, k, sampling, steering))
+               for k in concept_counts]
+    base = next((r for r in results if r.concepts == 0), None)
+    record = {
+        "benchmark": "latency", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
+        "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup,
+        "results": [asdict(r) for r in results],
+    }
+    if base is not None:
+        record["steering_overhead_pct"] = {
+            str(r.concepts): 100.0 * (r.p50_ms - base.p50_ms) / base.p50_ms for r in results if r.concepts}
+    return record
+
+
+def format_report(record: dict) -> str:
+    lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}, "
+             f"CFG {record['cfg']}) on {record['machine'].get('gpu', record['machine']['cpu'])}",
+             f"{'concepts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'tok/s':>7} {'RTF':>6}"]
+    for r in record["results"]:
+        lines.append(f"{r['concepts']:>8} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} "
+                     f"{r['max_ms']:8.2f} {r['tokens_per_s']:7.1f} {r['realtime_factor']:6.2f}")
+    for k, pct in record.get("steering_overhead_pct", {}).items():
+        lines.append(f"steering overhead with {k} concepts: {pct:+.2f}% of the unsteered p50")
+    lines.append(f"frame budget: {FRAME_MS:.0f} ms per step (RTF >= 1 keeps up with real time)")
+    return "\n".join(lines)
+
+
+def write_json(record: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,31 @@
+"""`musicsteer bench latency` measures the real loop and writes a complete record."""
+
+import json
+
+import numpy as np
+
+from musicsteer.bench.latency import StepStats
+from musicsteer.cli import main
+
+
+def test_step_stats_from_samples():
+    s = StepStats.of(4, np.array([0.010, 0.020, 0.030, 0.040]))
+    assert s.p50_ms == 25.0 and s.max_ms == 40.0 and s.mean_ms == 25.0
+    assert s.tokens_per_s == 40.0 and s.realtime_factor == 0.8
+
+
+def test_bench_latency_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "latency", "--model", "tiny", "--steps", "8", "--warmup", "2", "--concepts", "0,2",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["concepts"] for r in record["results"]] == [0, 2]
+    assert all(r["steps"] == 8 and r["p50_ms"] > 0 for r in record["results"])
+    assert record["machine"]["cores"] >= 1 and record["shape"]["layers"] == 2
+    assert "2" in record["steering_overhead_pct"]
+    assert "concepts   p50 ms" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_counts(capsys):
+    assert main(["bench", "latency", "--model", "tiny", "--concepts", "one"]) == 2
+    assert "--concepts 'one'" in capsys.readouterr().err
