@@ -1,0 +1,82 @@
+"""Streaming EnCodec decode for the live stream.
+
+The 32 kHz EnCodec decoder is not causal: a sample depends on about 4 frames of
+codes ahead of it. Frames arrive one at a time; every `chunk` frames, once
+`lookahead` more frames exist, the decoder runs on a fixed window of `context`
+frames before the chunk, the chunk, and the look-ahead, and the chunk's audio is
+emitted. Each decode sees the same number of frames, so the cost per frame does
+not grow with the stream. At the start of a stream the window has no left
+context, as an offline decode has none; `flush` decodes the tail with no
+look-ahead, as an offline decode ends. In between, the emitted samples match an
+offline decode of the whole stream to float32 round-off (tests/test_codec_stream.py).
+
+It knows nothing of the decoder, the ring buffer or threads; one thread calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .codec import Codec
+
+
+@dataclass(frozen=True)
+class StreamingCodecSettings:
+    lookahead: int = 4  # frames of future codes a chunk waits for
+    context: int = 25  # frames of past codes decoded with each chunk
+    chunk: int = 2  # frames emitted per decode: larger is cheaper per frame, adds latency
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
+            raise ValueError("codec chunk must be >= 1 and look-ahead, context >= 0")
+
+
+class StreamingDecoder:
+    def __init__(self, codec: Codec, codebooks: int, settings: StreamingCodecSettings = StreamingCodecSettings()):
+        self.codec, self.settings = codec, settings
+        s = settings
+        self.window = s.context + s.chunk + s.lookahead
+        self.codes = torch.zeros((codebooks, self.window), dtype=torch.long)  # the last `window` frames
+        self.held = 0  # frames in `codes` (the newest at the end)
+        self.total = 0  # frames pushed since reset
+        self.emitted = 0  # frames whose audio has been emitted
+
+    def reset(self) -> None:
+        self.held = self.total = self.emitted = 0
+
+    @property
+    def latency_frames(self) -> int:
+        """Frames between a frame's arrival and the emission of its audio, at most."""
+        return self.settings.chunk - 1 + self.settings.lookahead
+
+    def push(self, frame: torch.Tensor) -> np.ndarray | None:
+        """Add one frame of codes (K,); return newly final audio, or None."""
+        if self.held == self.window:
+            self.codes[:, :-1] = self.codes[:, 1:].clone()
+            self.held -= 1
+        self.codes[:, self.held] = frame
+        self.held += 1
+        self.total += 1
+        if self.total - self.emitted < self.settings.chunk + self.settings.lookahead:
+            return None
+        return self._emit(self.settings.chunk)
+
+    def flush(self) -> np.ndarray:
+        """Audio of every frame not yet emitted, decoded without look-ahead (end of stream)."""
+        pending = self.total - self.emitted
+        if pending == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(pending)
+
+    def _emit(self, n: int) -> np.ndarray:
+        first = self.total - self.held  # stream index of codes[:, 0]
+        start = max(self.emitted - self.settings.context, first)
+        window = self.codes[:, start - first : self.held]
+        audio = self.codec.decode(window)
+        hop = self.codec.hop
+        offset = (self.emitted - start) * hop
+        self.emitted += n
+        return audio[offset : offset + n * hop]
