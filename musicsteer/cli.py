@@ -12,12 +12,13 @@ from . import __version__
 from .errors import MusicsteerError, UsageError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
                    help="preset (tiny, small, medium, large), a model directory, or a cached Hugging Face repo id")
     p.add_argument("--text-encoder", metavar="DIR", help="T5 directory overriding the one the checkpoint names")
     p.add_argument("--codec", metavar="DIR", help="EnCodec directory overriding the one the checkpoint names")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--compute", default="auto", metavar="DEVICE",
+                   help="where the model runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
 
 
@@ -36,15 +37,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     render = sub.add_parser("render", help="generate a clip offline and write a WAV")
-    _add_model_args(render)
-    render.add_argument("--prompt", required=True)
-    render.add_argument("--duration", type=float, required=True, metavar="SECONDS")
-    render.add_argument("--out", type=Path, required=True, metavar="FILE.wav")
+    _add_model_args(render, required=False)
+    render.add_argument("--prompt")
+    render.add_argument("--duration", type=float, metavar="SECONDS")
+    render.add_argument("--out", type=Path, metavar="FILE.wav")
+    render.add_argument("--replay", type=Path, metavar="SESSION_DIR",
+                        help="re-create a recorded live session's tokens (model and prompt from the recording)")
     render.add_argument("--save-tokens", type=Path, metavar="FILE.npy", help="write the codes, int64 [4, frames]")
     render.add_argument("--no-progress", action="store_true")
     _add_sampling_args(render)
     _add_steering_args(render)
     render.set_defaults(run=run_render)
+
+    live = sub.add_parser("live", help="play and steer MusicGen in real time")
+    _add_model_args(live)
+    live.add_argument("--prompt", required=True)
+    out = live.add_mutually_exclusive_group()
+    out.add_argument("--device", metavar="NAME", help="audio output device (default: the system's)")
+    out.add_argument("--out", type=Path, metavar="FILE.wav", help="play into a WAV file in real time")
+    out.add_argument("--null", nargs="?", const="realtime", choices=("realtime", "fast"),
+                     help="play nowhere, paced in real time (default) or as fast as possible")
+    live.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds of audio")
+    live.add_argument("--record", type=Path, metavar="SESSION_DIR", help="record a replayable session")
+    live.add_argument("--buffer-ms", type=float, default=120.0,
+                      help="audio buffered ahead of playback: lower is more responsive, higher is safer")
+    live.add_argument("--window", type=float, default=30.0, metavar="SECONDS", help="context the model sees")
+    live.add_argument("--keep", type=float, default=10.0, metavar="SECONDS",
+                      help="context kept when the window rolls over")
+    live.add_argument("--codec-chunk", type=int, default=2, metavar="FRAMES", help="frames per codec decode")
+    live.add_argument("--no-status", action="store_true", help="no status line")
+    _add_sampling_args(live)
+    _add_steering_args(live)
+    live.set_defaults(run=run_live_cli)
 
     concepts = sub.add_parser("concepts", help="make, list and inspect concept packs")
     csub = concepts.add_subparsers(dest="concepts_command", required=True)
@@ -99,9 +123,9 @@ def _device(name: str):
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UsageError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
+        raise UsageError(f"--compute {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but this machine has no CUDA GPU")
+        raise UsageError("--compute cuda asked for, but this machine has no CUDA GPU")
     return device
 
 
@@ -111,7 +135,7 @@ def _load(args):
     from .engine.loading import load_model
 
     return load_model(args.model, text_encoder=args.text_encoder, codec=args.codec,
-                      device=_device(args.device), dtype=getattr(torch, args.dtype))
+                      device=_device(args.compute), dtype=getattr(torch, args.dtype))
 
 
 def _settings(args):
@@ -137,6 +161,12 @@ def _steering(args):
 def run_render(args) -> int:
     from .render import RenderRequest, parse_assignments, parse_strengths, render
 
+    if args.replay is not None:
+        return run_replay(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--prompt", args.prompt),
+                                        ("--duration", args.duration), ("--out", args.out)) if value is None]
+    if missing:
+        raise UsageError(f"render needs {', '.join(missing)} (or --replay SESSION_DIR)")
     settings, steering = _settings(args), _steering(args)
     steer, schedules = parse_strengths(args.steer), parse_assignments(args.schedule, "--schedule")
     model = _load(args)
@@ -154,6 +184,59 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def run_replay(args) -> int:
+    from .engine.recorder import load_session
+    from .live import write_replay
+
+    info, _, _ = load_session(args.replay)
+    if args.model is None:
+        args.model = info["model"]
+    if args.out is None and args.save_tokens is None:
+        raise UsageError("--replay needs --out FILE.wav and/or --save-tokens FILE.npy")
+    model = _load(args)
+    tokens = write_replay(model, args.replay, args.out, args.save_tokens)
+    print(f"replayed {args.replay}: {tokens.shape[1]} frames ({tokens.shape[1] / 50:.2f} s)")
+    return 0
+
+
+def run_live_cli(args) -> int:
+    import signal
+    import threading
+
+    from .engine.codec_stream import StreamingCodecSettings
+    from .live import LiveRequest, run_live
+    from .render import parse_assignments, parse_strengths
+
+    settings, steering = _settings(args), _steering(args)
+    if args.seconds is not None and not args.seconds > 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    try:
+        codec = StreamingCodecSettings(chunk=args.codec_chunk)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    request = LiveRequest(
+        prompt=args.prompt, sampling=settings, out=args.out, null=args.null, device=args.device,
+        seconds=args.seconds, record=args.record, concepts=args.concepts, steer=parse_strengths(args.steer),
+        schedules=parse_assignments(args.schedule, "--schedule"), steering=steering, buffer_ms=args.buffer_ms,
+        window_s=args.window, keep_s=args.keep, codec=codec, status=not args.no_status)
+    model = _load(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        result = run_live(model, request, stop=stop)
+    except ValueError as exc:  # stream settings that cannot work with this model
+        raise UsageError(str(exc)) from exc
+    st = result.stats
+    print(f"played {st.audio_s:.2f} s: {st.frames} frames, {st.underruns} underruns, "
+          f"median step {st.step_ms_p50:.1f} ms, {st.reprimes} re-primes"
+          + (f", recorded in {args.record}" if args.record else ""))
+    if st.error:
+        print(f"musicsteer: error: the stream stopped: {st.error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_concepts_make(args) -> int:

@@ -54,7 +54,8 @@ def render(model: LoadedModel, request: RenderRequest) -> Generation:
         if target is not None and not target.parent.exists():
             raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
     steps = frames + model.cfg.codebooks - 1
-    steerer, plan = make_steering(model, request)
+    steerer, plan = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
+                                  request.settings.batch)
     before_step = (lambda s: plan.write(s, steerer)) if plan is not None else None
     with tqdm(total=steps, unit="step", desc="render", disable=not request.progress, leave=False) as bar, \
             (steerer or nullcontext()):
@@ -96,24 +97,25 @@ def parse_strengths(items: list[str] | None) -> dict[str, float]:
     return out
 
 
-def make_steering(model: LoadedModel, request: RenderRequest):
-    """Steerer and plan for the request's concepts, strengths and schedules; (None, None) without."""
+def make_steering(model: LoadedModel, concepts: Path | None, steer: dict[str, float], schedules: dict[str, str],
+                  settings: SteeringSettings, batch: int):
+    """Steerer and plan for a concept pack, strengths and schedule specs; (None, None) without a pack."""
     from .controllers.schedules import Crossfade, LinearDown, LinearUp, ScheduleError, parse_schedule
     from .engine.steering import build_steering
     from .probes.pack import ConceptPack
 
-    if request.concepts is None:
-        if request.steer or request.schedules:
+    if concepts is None:
+        if steer or schedules:
             raise UsageError("--steer and --schedule need a concept pack: add --concepts PACK")
         return None, None
-    pack = ConceptPack.load(request.concepts)
+    pack = ConceptPack.load(concepts)
     pack.check_fits(model.cfg)
-    for name in [*request.steer, *request.schedules]:
+    for name in [*steer, *schedules]:
         pack[name]  # unknown names fail here, with the pack's list
-    steerer, plan = build_steering(model.decoder, pack, request.steering, request.settings.batch)
-    for name, value in request.steer.items():
+    steerer, plan = build_steering(model.decoder, pack, settings, batch)
+    for name, value in steer.items():
         plan.set_strength(name, value)
-    for name, spec in request.schedules.items():
+    for name, spec in schedules.items():
         try:
             schedule = parse_schedule(spec)
         except ScheduleError as exc:
@@ -122,8 +124,8 @@ def make_steering(model: LoadedModel, request: RenderRequest):
             pack[schedule.other]
             plan.set_schedule(name, LinearDown(schedule.T))
             plan.set_schedule(schedule.other, LinearUp(schedule.T))
-            if schedule.other not in request.steer:
-                plan.set_strength(schedule.other, request.steer.get(name, 0.0))
+            if schedule.other not in steer:
+                plan.set_strength(schedule.other, steer.get(name, 0.0))
         else:
             plan.set_schedule(name, schedule)
     return steerer, plan

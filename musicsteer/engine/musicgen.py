@@ -193,10 +193,23 @@ class MusicGen(nn.Module):
         if max_len > cfg.max_positions:
             raise ValueError(f"cache of {max_len} positions exceeds the model's {cfg.max_positions}")
         p = self.embed.weight
+        self.use_caches(self.make_caches(batch, max_len))
         for block in self.blocks:
-            block.self_attn.cache = KVCache(batch, cfg.heads, max_len, cfg.head_dim, p.dtype, p.device)
             block.cross_attn.cache = CrossCache(batch, cfg.heads, max_text, cfg.head_dim, p.dtype, p.device)
         self.batch = batch
+
+    def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """A second set of self-attention caches (the stream re-primes into one while decoding on another)."""
+        cfg, p = self.cfg, self.embed.weight
+        return [KVCache(batch, cfg.heads, max_len, cfg.head_dim, p.dtype, p.device) for _ in self.blocks]
+
+    def use_caches(self, caches: list[KVCache]) -> None:
+        for block, cache in zip(self.blocks, caches, strict=True):
+            block.self_attn.cache = cache
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return [block.self_attn.cache for block in self.blocks]
 
     @torch.no_grad()
     def set_condition(self, text: torch.Tensor, mask: torch.Tensor) -> None:

@@ -1,0 +1,340 @@
+"""The producer: generation running ahead of playback in its own thread.
+
+Per step it takes the control changes (once), writes the steering strengths, runs
+one decoder step on the CFG batch, guides and samples, appends the token column to
+the delayed stream, hands each complete frame to the streaming codec, and pushes
+the codec's audio into the ring buffer, waiting only while the ring is full.
+
+Endless streams: positions in the KV cache are bounded by the model's window. Before
+the window fills, a second cache is filled in slices of a few positions per step
+with the last `keep` seconds of the stream (re-interleaved so that the window
+starts at a frame boundary, exactly as if generation had started there), while the
+first cache keeps decoding; once the second has caught up, the two swap. No single
+step does the whole re-prime, and the audio never stops.
+
+Threading model: `Producer` runs `run()` in its own thread and is the only writer
+of tokens, caches, the ring buffer and the recorder queue. Other threads call
+`pause`, `resume`, `stop` (events) and `stats` (a snapshot built from plain
+attributes); controls arrive through the control source's own thread-safe setters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ..controllers.state import ControlChange
+from .codec_stream import StreamingCodecSettings, StreamingDecoder
+from .config import FRAME_RATE
+from .loading import LoadedModel
+from .ring_buffer import AudioRing
+from .sampling import SamplingSettings, guided_logits, make_generator, sample
+from .text import condition_rows
+
+log = logging.getLogger("musicsteer.stream")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    prompt: str
+    sampling: SamplingSettings = SamplingSettings()
+    window_s: float = 30.0  # context the model sees at most (MusicGen was trained on 30 s)
+    keep_s: float = 10.0  # context kept when the window is re-primed
+    reprime_chunk: int = 32  # positions re-primed per step
+    max_seconds: float | None = None  # stop after this much audio; None plays until stopped
+    codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
+
+    def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
+        """(window, keep) in positions, within the model's position table."""
+        if self.reprime_chunk < 2:
+            raise ValueError("reprime_chunk must be at least 2 positions per step")
+        window = min(int(self.window_s * FRAME_RATE) + codebooks, max_positions)
+        keep = int(self.keep_s * FRAME_RATE)
+        if keep < codebooks + 1 or window - keep <= 2 * self.reprime_margin(keep) + codebooks:
+            raise ValueError(f"a {self.window_s:g} s window that keeps {self.keep_s:g} s leaves no room to re-prime "
+                             f"(the model holds {max_positions / FRAME_RATE:.1f} s)")
+        return window, keep
+
+    def reprime_margin(self, keep: int) -> int:
+        """Steps before the window fills at which re-priming starts: it takes keep/(chunk-1) steps."""
+        return -(-keep // (self.reprime_chunk - 1)) + 4
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    steps: int
+    frames: int
+    audio_s: float
+    step_ms_last: float
+    step_ms_p50: float  # over the last few hundred steps
+    step_ms_max: float
+    realtime_factor: float  # audio seconds per compute second, recent steps
+    ring_fill: float  # 0..1
+    underruns: int
+    reprimes: int
+    running: bool
+    error: str | None
+
+
+class ControlSource:
+    """What the producer reads controls from: `take(step)` -> changes effective at `step`."""
+
+    def take(self, step: int) -> list[ControlChange]:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class Producer:
+    def __init__(self, model: LoadedModel, config: StreamConfig, ring: AudioRing,
+                 controls: ControlSource | None = None, steering=None, recorder=None,
+                 step_hook: Callable[[int], None] | None = None) -> None:
+        """`steering` is (Steerer, SteeringPlan) or None; `step_hook(step)` runs inside every step
+        (tests use it to make the producer slow)."""
+        self.model, self.config, self.ring = model, config, ring
+        self.controls, self.recorder, self.step_hook = controls, recorder, step_hook
+        self.steerer, self.plan = steering if steering is not None else (None, None)
+        cfg = model.cfg
+        self.K, self.special = cfg.codebooks, cfg.special_token
+        self.window, self.keep = config.positions(cfg.max_positions, self.K)
+        self.sampling = config.sampling
+        self.prompt = config.prompt
+        self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
+        self._stop, self._paused = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
+        self.step = 0
+        self.frames = 0
+        self.reprimes = 0
+        self.error: str | None = None
+        self.first_audio_at: float | None = None
+        self.audio_pushed = 0  # samples
+
+    # -- control from other threads ----------------------------------------------------------
+
+    def start(self) -> "Producer":
+        self._thread = threading.Thread(target=self.run, name="musicsteer-producer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._paused.clear()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> StreamStats:
+        n = min(self.step, len(self._times))
+        recent = self._times[:n] if n else np.zeros(1)
+        mean = float(recent.mean()) if n else 0.0
+        m = self.ring.metrics()
+        return StreamStats(
+            steps=self.step, frames=self.frames, audio_s=self.audio_pushed / self.model.codec.sample_rate,
+            step_ms_last=float(self._times[(self.step - 1) % len(self._times)] * 1e3) if self.step else 0.0,
+            step_ms_p50=float(np.median(recent) * 1e3), step_ms_max=float(recent.max() * 1e3),
+            realtime_factor=(1.0 / FRAME_RATE) / mean if mean > 0 else 0.0,
+            ring_fill=m.fill / m.capacity, underruns=m.underruns, reprimes=self.reprimes,
+            running=self.running, error=self.error)
+
+    # -- the producer thread -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._setup()
+                while not self._stop.is_set():
+                    if self._paused.is_set():
+                        time.sleep(0.005)
+                        continue
+                    if self._limit_reached():
+                        break
+                    self._one_step()
+                self._finish()
+        except Exception as exc:  # the stream ends; the error is reported, never swallowed
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("producer stopped")
+        finally:
+            if self.steerer is not None:
+                self.steerer.detach()
+
+    def _limit_reached(self) -> bool:
+        limit = self.config.max_seconds
+        return limit is not None and self.frames >= round(limit * FRAME_RATE)
+
+    def _setup(self) -> None:
+        decoder = self.model.decoder
+        device = decoder.embed.weight.device
+        self.device = device
+        decoder.setup_caches(2, max_len=self.window)  # always the CFG batch: cfg may change live
+        self.spare = decoder.make_caches(2, self.window)
+        self._set_prompt(self.prompt)
+        self.generator = make_generator(self.sampling.seed, device)
+        self.positions = torch.arange(self.window, device=device)
+        # The delayed stream: global column c holds codebook k of frame c - 1 - k. Keep the last
+        # `keep` + a margin columns; column 0 is all special.
+        self.retain = self.keep + self.config.reprime_margin(self.keep) + 2 * self.K + 8
+        self.history = torch.full((self.K, 2 * self.retain), self.special, dtype=torch.long, device=device)
+        self.hist_base = 0  # global column of history[:, 0]
+        self.columns = 1  # global columns known (column 0 exists)
+        self.base = 0  # global column at window position 0
+        self.reprime: dict | None = None
+        if self.steerer is not None:
+            self.steerer.attach()
+
+    def _set_prompt(self, prompt: str) -> None:
+        states, mask = self.model.text.encode(prompt)
+        self.model.decoder.set_condition(*condition_rows(states, mask, 2))
+        self.prompt = prompt
+
+    def _column(self, c: int) -> torch.Tensor:
+        return self.history[:, c - self.hist_base]
+
+    def _push_column(self, col: torch.Tensor) -> None:
+        if self.columns - self.hist_base == self.history.shape[1]:  # keep the newest `retain` columns
+            shift = self.history.shape[1] - self.retain
+            self.history[:, : self.retain] = self.history[:, shift:].clone()
+            self.hist_base += shift
+        self.history[:, self.columns - self.hist_base] = col
+        self.columns += 1
+
+    def _apply_controls(self, step: int) -> None:
+        if self.controls is None:
+            return
+        for change in self.controls.take(step):
+            try:
+                self._apply(change)
+            except (KeyError, ValueError) as exc:  # a controller's mistake never stops the music
+                log.warning("control %s=%r rejected: %s", change.param, change.value, exc)
+                continue
+            if self.recorder is not None:
+                self.recorder.control(change.to_json(step))
+
+    def _apply(self, change: ControlChange) -> None:
+        p, v = change.param, change.value
+        if p == "prompt":
+            self._set_prompt(str(v))
+        elif p == "cfg":
+            self.sampling = replace(self.sampling, cfg=float(v))
+        elif p == "temperature":
+            self.sampling = replace(self.sampling, temperature=float(v))
+        elif p == "topk":
+            self.sampling = replace(self.sampling, top_k=int(v))
+        elif p == "topp":
+            self.sampling = replace(self.sampling, top_p=float(v))
+        elif p.startswith("concept/") and p.endswith("/strength"):
+            if self.plan is None:
+                raise KeyError("no concept pack is loaded")
+            self.plan.set_strength(p.split("/")[1], float(v))
+        else:
+            raise KeyError(f"unknown parameter {p!r}")
+
+    def _one_step(self) -> None:
+        t0 = time.perf_counter()
+        s = self.step
+        self._apply_controls(s)
+        if self.plan is not None:
+            self.plan.write(s, self.steerer)
+        if self.step_hook is not None:
+            self.step_hook(s)
+        decoder, K = self.model.decoder, self.K
+        pos = s - self.base  # window position of the input column s
+        codes_in = self._column(s).view(1, K, 1).expand(2, K, 1)  # (B, K, 1)
+        logits = decoder.step(codes_in, self.positions[pos : pos + 1], kv_len=pos + 1)  # (B, K, V)
+        token = sample(guided_logits(logits, self.sampling), self.sampling, self.generator)  # (K,)
+        if s < K - 1:  # the delay pattern's opening: codebooks k > s have no frame yet
+            token = torch.where(torch.arange(K, device=self.device) <= s, token, self.special)
+        self._push_column(token)
+        self.step += 1
+        self._advance_reprime()
+        self._times[s % len(self._times)] = time.perf_counter() - t0
+        if s >= K - 1:
+            self._emit_frame(s - (K - 1))
+
+    def _emit_frame(self, f: int) -> None:
+        frame = torch.stack([self._column(f + 1 + k)[k] for k in range(self.K)]).cpu()  # (K,)
+        self.frames += 1
+        if self.recorder is not None:
+            self.recorder.frame(frame.numpy())
+        audio = self.codec_stream.push(frame)
+        if audio is not None:
+            self._push_audio(audio)
+
+    def _push_audio(self, audio: np.ndarray) -> None:
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        while not self.ring.write(audio):  # the ring is full: we are ahead of playback
+            if self._stop.is_set():
+                return
+            time.sleep(0.002)
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+        self.audio_pushed += len(audio)
+        if self.recorder is not None:
+            self.recorder.audio(audio)
+
+    def _finish(self) -> None:
+        """End of stream: the codec's last frames, decoded without look-ahead."""
+        if self._stop.is_set() and not self._limit_reached():
+            return
+        tail = self.codec_stream.flush()
+        if len(tail):
+            self._push_audio(tail)
+
+    # -- re-priming the window ------------------------------------------------------------------
+
+    def _advance_reprime(self) -> None:
+        """Start, continue or finish filling the spare cache (a few positions per step)."""
+        pos_next = self.step - self.base  # window position of the next input column
+        if self.reprime is None:
+            if pos_next + self.config.reprime_margin(self.keep) < self.window:
+                return
+            new_base = self.step + 1 - self.keep  # the window will start at this global column
+            self.reprime = {"base": new_base, "done": 0}
+        r = self.reprime
+        target = self.step - r["base"]  # columns new_base .. step-1 go in; column `step` is the next input
+        n = min(self.config.reprime_chunk, target - r["done"])
+        if n > 0:
+            self._prefill_spare(r["base"], r["done"], n)
+            r["done"] += n
+        if r["done"] == target:
+            decoder = self.model.decoder
+            current = decoder.caches
+            decoder.use_caches(self.spare)
+            self.spare = current
+            self.base = r["base"]
+            self.reprime = None
+            self.reprimes += 1
+            log.debug("re-primed at step %d: window starts at column %d", self.step, self.base)
+
+    def _prefill_spare(self, base: int, start: int, n: int) -> None:
+        """Run window positions start..start+n of the new window into the spare cache."""
+        K = self.K
+        cols = torch.stack([self._column(base + j) for j in range(start, start + n)], dim=1)  # (K, n)
+        j = torch.arange(start, start + n, device=self.device)
+        k = torch.arange(K, device=self.device)[:, None]
+        cols = torch.where(j[None, :] <= k, self.special, cols)  # frames before the new start: special
+        decoder = self.model.decoder
+        current = decoder.caches
+        decoder.use_caches(self.spare)
+        try:
+            decoder.hidden_states(cols.unsqueeze(0).expand(2, K, n), self.positions[start : start + n],
+                                  kv_len=start + n)
+        finally:
+            decoder.use_caches(current)

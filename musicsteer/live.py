@@ -1,0 +1,211 @@
+"""`musicsteer live` and `render --replay`: assemble a stream (model, ring buffer,
+producer, sink, controls, recorder), run it with a one-line status display, and
+shut it down cleanly in every state.
+
+Threading model: the calling (main) thread builds everything, starts the producer
+and the sink, then only watches: it prints status, and on a stop request (Ctrl-C,
+SIGTERM, the time limit) stops the producer, lets the sink play what is buffered,
+stops the sink and closes the recording, in that order.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .controllers.state import ControlState, ScriptedControls
+from .engine.codec_stream import StreamingCodecSettings
+from .engine.config import FRAME_RATE
+from .engine.loading import LoadedModel
+from .engine.recorder import SessionRecorder, load_session
+from .engine.ring_buffer import AudioRing
+from .engine.sampling import SamplingSettings
+from .engine.sinks import NullSink, PacedSink, WavSink
+from .engine.steering import SteeringSettings
+from .engine.stream import Producer, StreamConfig, StreamStats
+from .errors import UsageError
+from .render import make_steering, write_wav
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    prompt: str
+    sampling: SamplingSettings
+    out: Path | None = None  # play into a WAV file at real-time pace
+    null: str | None = None  # "realtime" or "fast": play nowhere
+    device: str | None = None  # PortAudio output device (None: the default one)
+    seconds: float | None = None
+    record: Path | None = None
+    concepts: Path | None = None
+    steer: dict[str, float] = field(default_factory=dict)
+    schedules: dict[str, str] = field(default_factory=dict)
+    steering: SteeringSettings = SteeringSettings()
+    buffer_ms: float = 120.0
+    window_s: float = 30.0
+    keep_s: float = 10.0
+    codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
+    status: bool = True
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    stats: StreamStats
+    frames_played: int
+    first_audio_s: float | None  # from start to the first audio in the ring
+
+
+def ring_for(buffer_ms: float, sample_rate: int, chunk_frames: int, hop: int) -> AudioRing:
+    """The smallest power-of-two ring that holds `buffer_ms` and at least two codec chunks."""
+    need = max(int(buffer_ms * sample_rate / 1000), 2 * chunk_frames * hop + hop)
+    return AudioRing(1 << (need - 1).bit_length())
+
+
+def make_sink(request: LiveRequest, sample_rate: int):
+    if request.out is not None:
+        if not request.out.parent.exists():
+            raise UsageError(f"cannot write {request.out}: directory {request.out.parent} does not exist")
+        return WavSink(request.out, sample_rate)
+    if request.null is not None:
+        return NullSink(sample_rate, realtime=request.null == "realtime")
+    from .engine.portaudio_sink import PortAudioSink
+
+    return PortAudioSink(request.device, sample_rate=sample_rate)
+
+
+def session_info(model: LoadedModel, request: LiveRequest) -> dict:
+    return {
+        "engine": "musicsteer", "version": __version__, "model": model.model_id, "format": model.format,
+        "prompt": request.prompt, "seed": request.sampling.seed, "sampling": asdict(request.sampling),
+        "concepts": str(request.concepts) if request.concepts else None, "steer": request.steer,
+        "schedules": request.schedules, "steering": asdict(request.steering),
+        "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "codec": asdict(request.codec)},
+        "sample_rate": model.codec.sample_rate, "frame_rate": FRAME_RATE,
+    }
+
+
+def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
+             stop: threading.Event | None = None, step_hook=None) -> LiveResult:
+    stop = stop or threading.Event()
+    sample_rate = model.codec.sample_rate
+    steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
+    if controls is None:
+        controls = ControlState(steering[1].names if steering[1] is not None else [])
+    config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
+                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec)
+    ring = ring_for(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
+    sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
+    recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
+                               sample_rate) if request.record else None
+    producer = Producer(model, config, ring, controls, steering if steering[0] is not None else None,
+                        recorder, step_hook=step_hook)
+    started = time.monotonic()
+    sink_started = False
+    try:
+        producer.start()
+        prebuffer = ring.capacity - request.codec.chunk * model.codec.hop
+        while not stop.is_set() and producer.running and ring.read_available() < min(prebuffer, ring.capacity // 2):
+            time.sleep(0.002)
+        sink.start(ring)
+        sink_started = True
+        last_status = 0.0
+        while not stop.is_set() and producer.running:
+            time.sleep(0.02)
+            if request.status and time.monotonic() - last_status > 0.25:
+                print_status(producer.stats())
+                last_status = time.monotonic()
+        producer.stop()
+        if not stop.is_set():  # ended by the time limit: play out what is buffered
+            sink.drain()
+    finally:
+        producer.stop()
+        if sink_started:
+            sink.stop()
+        stats = producer.stats()
+        if request.status:
+            print_status(stats, final=True)
+        if recorder is not None:
+            recorder.close({"underruns": stats.underruns, "reprimes": stats.reprimes, "error": stats.error})
+    first = producer.first_audio_at - started if producer.first_audio_at else None
+    frames_played = sink.stats().frames_played if hasattr(sink, "stats") else 0
+    return LiveResult(stats, frames_played, first)
+
+
+def print_status(st: StreamStats, final: bool = False) -> None:
+    line = (f"step {st.step_ms_p50:6.1f} ms (max {st.step_ms_max:6.1f}) | RTF {st.realtime_factor:5.2f} | "
+            f"buffer {100 * st.ring_fill:3.0f}% | underruns {st.underruns} | {st.audio_s:7.1f} s"
+            f"{' | re-primes ' + str(st.reprimes) if st.reprimes else ''}")
+    if st.error:
+        line += f" | error: {st.error}"
+    if sys.stderr.isatty() and not final:
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+    elif final:
+        print(("\r" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+class MemoryRecorder:
+    """The recorder interface, kept in memory (replay collects tokens and audio this way)."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+        self.chunks: list[np.ndarray] = []
+
+    def frame(self, codes) -> None:
+        self.frames.append(np.asarray(codes))
+
+    def audio(self, samples) -> None:
+        self.chunks.append(np.asarray(samples))
+
+    def control(self, entry) -> None:
+        pass
+
+    def close(self, totals=None) -> None:
+        pass
+
+
+def replay(model: LoadedModel, directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Re-run a recorded session: (tokens [K, frames], audio, session.json) identical to the recording's."""
+    info, entries, recorded = load_session(directory)
+    frames = recorded.shape[1]
+    if frames == 0:
+        raise UsageError(f"{directory}: the session recorded no frames")
+    stream = info["stream"]
+    request = LiveRequest(
+        prompt=info["prompt"], sampling=SamplingSettings(**info["sampling"]), null="fast",
+        seconds=frames / FRAME_RATE, concepts=Path(info["concepts"]) if info.get("concepts") else None,
+        steer=info.get("steer", {}), schedules=info.get("schedules", {}),
+        steering=SteeringSettings(**info["steering"]), window_s=stream["window_s"], keep_s=stream["keep_s"],
+        codec=StreamingCodecSettings(**stream["codec"]), status=False)
+    memory = MemoryRecorder()
+    steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
+    config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
+                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec)
+    ring = AudioRing(1 << 16)
+    sink = PacedSink(model.codec.sample_rate, realtime=False)
+    producer = Producer(model, config, ring, ScriptedControls(entries),
+                        steering if steering[0] is not None else None, memory)
+    sink.start(ring)
+    try:
+        producer.run()  # in this thread: nothing to overlap with
+    finally:
+        sink.stop()
+    if producer.error:
+        raise UsageError(f"replay of {directory} failed: {producer.error}")
+    tokens = np.stack(memory.frames, axis=1)[:, :frames]
+    return tokens, np.concatenate(memory.chunks), info
+
+
+def write_replay(model: LoadedModel, directory: Path, out: Path | None, save_tokens: Path | None) -> np.ndarray:
+    tokens, audio, _ = replay(model, directory)
+    if save_tokens is not None:
+        np.save(save_tokens, tokens.astype(np.int64))
+    if out is not None:
+        write_wav(out, audio, model.codec.sample_rate)
+    return tokens

@@ -1,0 +1,234 @@
+"""The producer: same tokens as offline generation, continuous audio, windows that roll
+over, underruns that are counted and recovered from, clean shutdown in every state,
+and recordings that replay to the same tokens."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from musicsteer.controllers.state import ControlState
+from musicsteer.engine.codec_stream import StreamingCodecSettings
+from musicsteer.engine.delay import interleave
+from musicsteer.engine.generate import generate
+from musicsteer.engine.recorder import load_session
+from musicsteer.engine.ring_buffer import AudioRing
+from musicsteer.engine.sampling import SamplingSettings
+from musicsteer.engine.sinks import NullSink, PacedSink
+from musicsteer.engine.stream import Producer, StreamConfig
+from musicsteer.live import LiveRequest, MemoryRecorder, replay, run_live
+
+PROMPT = "warm lofi piano"
+SAMPLING = SamplingSettings(seed=5)
+
+
+def run_fast(model, config, controls=None, recorder=None, step_hook=None):
+    """Run a producer to its time limit with a fast consumer; return it and the recorder."""
+    recorder = recorder or MemoryRecorder()
+    ring = AudioRing(1 << 15)
+    sink = PacedSink(model.codec.sample_rate, realtime=False)
+    producer = Producer(model, config, ring, controls, None, recorder, step_hook=step_hook)
+    sink.start(ring)
+    producer.run()
+    sink.drain()
+    sink.stop()
+    assert producer.error is None
+    return producer, recorder, ring
+
+
+def test_stream_tokens_match_offline_generation(tiny):
+    frames = 60
+    producer, rec, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, max_seconds=frames / 50))
+    streamed = np.stack(rec.frames, axis=1)
+    assert streamed.shape == (4, frames)
+    offline = generate(tiny.decoder, tiny.text, PROMPT, frames + 3, SAMPLING).codes.numpy()
+    # the offline render masks the delay pattern's tail; every frame before it is the same
+    np.testing.assert_array_equal(streamed, offline[:, :frames])
+
+
+def test_stream_audio_is_continuous_and_equals_offline_decode(tiny):
+    frames = 80
+    producer, rec, ring = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, max_seconds=frames / 50))
+    audio = np.concatenate(rec.chunks)
+    assert audio.shape == (frames * 640,)
+    offline = tiny.codec.decode(torch.as_tensor(np.stack(rec.frames, axis=1)))
+    assert np.abs(audio - offline).max() / np.abs(offline).max() < 1e-4
+    assert ring.metrics().frames_written == frames * 640
+
+
+def test_window_rolls_over_without_a_gap(tiny):
+    """A 2 s window that keeps 0.5 s: many re-primes in 12 s, positions never past the window."""
+    config = StreamConfig(PROMPT, SAMPLING, window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=12.0)
+    fed = []
+    original = tiny.decoder.hidden_states
+
+    def watch(codes, input_pos, kv_len=None, use_cache=True):
+        fed.append((codes[0].clone(), input_pos.clone()))
+        assert int(input_pos.max()) < producer.window
+        return original(codes, input_pos, kv_len, use_cache)
+
+    tiny.decoder.hidden_states = watch
+    try:
+        ring = AudioRing(1 << 15)
+        sink = PacedSink(32000, realtime=False)
+        rec = MemoryRecorder()
+        producer = Producer(tiny, config, ring, None, None, rec)
+        sink.start(ring)
+        producer.run()
+        sink.stop()
+    finally:
+        del tiny.decoder.hidden_states
+    assert producer.error is None
+    assert producer.reprimes >= 4
+    frames = np.stack(rec.frames, axis=1)
+    assert frames.shape == (4, 600) and sum(len(c) for c in rec.chunks) == 600 * 640
+    # Each re-prime feeds the window as if generation had started at its first frame:
+    # position j of the new window is interleave(frames from that frame)[:, j].
+    reprime_feeds = [(c, p) for c, p in fed if c.shape[-1] > 1]
+    assert reprime_feeds
+    starts = [i for i, (_, p) in enumerate(reprime_feeds) if int(p[0]) == 0]
+    assert len(starts) == producer.reprimes
+    for i in starts[:2]:
+        cols = torch.cat([c for c, _ in reprime_feeds[i:i + 4]], dim=-1)
+        # find the frame the window starts at: codebook 0 at position 1 is that frame
+        first = int(np.flatnonzero((frames[0] == int(cols[0, 1])))[0])
+        want = interleave(torch.as_tensor(frames[:, first:first + 40]), 2048)[:, : cols.shape[-1]]
+        assert torch.equal(cols[:, : want.shape[-1]], want)
+
+
+def test_slow_producer_underruns_are_counted_and_recovered(tiny):
+    slow = threading.Event()
+    slow.set()
+
+    def hook(step):
+        if slow.is_set() and step > 40:
+            time.sleep(0.05)  # 50 ms per 20 ms frame: far behind real time
+
+    request = LiveRequest(PROMPT, SAMPLING, null="realtime", seconds=3.0, buffer_ms=60, status=False)
+    timer = threading.Timer(1.5, slow.clear)
+    timer.start()
+    result = run_live(tiny, request, step_hook=hook)
+    timer.cancel()
+    assert result.stats.error is None
+    assert result.stats.underruns > 0
+    assert result.stats.frames == 150  # it caught up and finished the whole stream
+
+
+@pytest.mark.parametrize("when", ["before-audio", "playing", "paused", "finished"])
+def test_shutdown_is_clean_in_every_state(tiny, when):
+    stop = threading.Event()
+    request = LiveRequest(PROMPT, SAMPLING, null="realtime", seconds=None if when != "finished" else 0.5,
+                          status=False)
+    delays = {"before-audio": 0.0, "playing": 0.6, "paused": 0.6, "finished": 3.0}
+    result = {}
+
+    def go():
+        result["r"] = run_live(tiny, request, stop=stop)
+
+    t = threading.Thread(target=go)
+    t.start()
+    time.sleep(delays[when])
+    stop.set()
+    t.join(10)
+    assert not t.is_alive()
+    assert result["r"].stats.error is None and not result["r"].stats.running
+
+
+def test_controls_take_effect_at_the_next_step_and_are_logged(tiny, tmp_path):
+    controls = ControlState([])
+    sent = {}
+
+    def hook(step):
+        if step == 30:
+            controls.set("temperature", 0.5, source="test")
+            controls.set("prompt", "fast techno", source="test")
+            sent["step"] = step
+
+    request = LiveRequest(PROMPT, SAMPLING, null="fast", seconds=1.0, record=tmp_path / "s", status=False)
+    run_live(tiny, request, controls=controls, step_hook=hook)
+    info, entries, tokens = load_session(tmp_path / "s")
+    assert {e["param"]: e["step"] for e in entries} == {"temperature": 31, "prompt": 31}
+    assert info["complete"] and info["frames"] == 50 and tokens.shape == (4, 50)
+
+
+def test_replay_gives_identical_tokens(tiny, tmp_path):
+    controls = ControlState([])
+
+    def hook(step):
+        if step == 20:
+            controls.set("topk", 5)
+        if step == 45:
+            controls.set("prompt", "slow ambient pads")
+
+    request = LiveRequest(PROMPT, SAMPLING, null="fast", seconds=2.0, record=tmp_path / "s", status=False,
+                          window_s=1.2, keep_s=0.3)
+    run_live(tiny, request, controls=controls, step_hook=hook)
+    _, entries, recorded = load_session(tmp_path / "s")
+    assert len(entries) == 2
+    tokens, audio, _ = replay(tiny, tmp_path / "s")
+    np.testing.assert_array_equal(tokens, recorded)
+    wav, sr = sf.read(tmp_path / "s" / "audio.wav")
+    assert sr == 32000 and len(wav) == len(audio) == 100 * 640
+
+
+def test_killed_session_leaves_files_that_load(tmp_path):
+    session = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", PROMPT,
+                             "--null", "--record", str(session), "--no-status"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait for at least two seconds of recorded audio
+            wav = session / "audio.wav"
+            if wav.exists() and wav.stat().st_size > 2 * 32000 * 2 + 44:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the session recorded nothing: " + proc.stderr.read1().decode())
+        time.sleep(0.5)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    audio, sr = sf.read(session / "audio.wav")
+    assert sr == 32000 and len(audio) >= 32000
+    info, entries, tokens = load_session(session)
+    assert info["model"] == "tiny" and not info["complete"]
+    assert tokens.shape[0] == 4 and tokens.shape[1] >= 40
+    assert isinstance(entries, list)
+    json.loads((session / "session.json").read_text())
+
+
+def test_sigterm_finishes_the_recording(tmp_path):
+    session = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", PROMPT,
+                             "--null", "--record", str(session), "--no-status"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (session / "audio.wav").exists():
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    info, _, tokens = load_session(session)
+    assert info["complete"] and info["frames"] == tokens.shape[1] > 0
+    assert "underruns" in out
+
+
+def test_null_sink_in_real_time_plays_at_the_clock(tiny):
+    ring = AudioRing(1 << 12)
+    sink = NullSink(32000, realtime=True)
+    sink.start(ring)
+    time.sleep(0.5)
+    sink.stop()
+    played = sink.stats().frames_played
+    assert 0.3 * 32000 < played < 0.7 * 32000
+    assert ring.metrics().underruns > 0  # nothing was written: every block was silence
