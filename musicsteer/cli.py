@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
     lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
     lat.set_defaults(run=run_bench_latency)
+    stream = bsub.add_parser("stream", help="a long live stream: gaps, re-primes, memory over time")
+    _add_model_args(stream)
+    stream.add_argument("--seconds", type=float, default=150.0)
+    stream.add_argument("--fast", action="store_true", help="as fast as possible instead of real-time paced")
+    stream.add_argument("--window", type=float, default=30.0)
+    stream.add_argument("--keep", type=float, default=10.0)
+    stream.add_argument("--buffer-ms", type=float, default=120.0)
+    stream.add_argument("--json", type=Path, metavar="FILE")
+    stream.set_defaults(run=run_bench_stream)
+    codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
+    _add_model_args(codec)
+    codec.add_argument("--frames", type=int, default=1000)
+    codec.add_argument("--chunk", type=int, default=2)
+    codec.add_argument("--json", type=Path, metavar="FILE")
+    codec.set_defaults(run=run_bench_codec)
     return parser
 
 
@@ -308,6 +323,34 @@ def run_bench_latency(args) -> int:
     if args.json:
         write_json(record, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _emit(record: dict, path) -> None:
+    import json
+
+    from .bench.latency import write_json
+
+    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=2))
+    if path:
+        write_json(record, path)
+        print(f"wrote {path}")
+
+
+def run_bench_stream(args) -> int:
+    from .bench.stream import run_stream_bench
+
+    model = _load(args)
+    _emit(run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms), args.json)
+    return 0
+
+
+def run_bench_codec(args) -> int:
+    from .bench.stream import run_codec_bench
+
+    if args.frames < 100:
+        raise UsageError("--frames must be at least 100")
+    _emit(run_codec_bench(_load(args), args.frames, args.chunk), args.json)
     return 0
 
 

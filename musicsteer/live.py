@@ -90,7 +90,9 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
 
 
 def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
-             stop: threading.Event | None = None, step_hook=None) -> LiveResult:
+             stop: threading.Event | None = None, step_hook=None, on_start=None) -> LiveResult:
+    """Run a live session until `stop`, the time limit or a producer error. `on_start(producer)`
+    is called once the producer runs (benchmarks watch it)."""
     stop = stop or threading.Event()
     sample_rate = model.codec.sample_rate
     steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
@@ -108,6 +110,8 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
     sink_started = False
     try:
         producer.start()
+        if on_start is not None:
+            on_start(producer)
         prebuffer = ring.capacity - request.codec.chunk * model.codec.hop
         while not stop.is_set() and producer.running and ring.read_available() < min(prebuffer, ring.capacity // 2):
             time.sleep(0.002)

@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -176,6 +177,22 @@ def reap_stale_servers() -> list[str]:
     return reaped
 
 
+def release_in_process_clients() -> None:
+    """Close this process's PortAudio JACK client before its server goes away.
+
+    PortAudio keeps one JACK client from initialisation to termination; terminating it
+    after the server died aborts the process (an assertion in pa_jack.c), at the latest
+    at exit. Other in-process clients (rtmidi's) must be closed by their tests.
+    """
+    sink = sys.modules.get("musicsteer.engine.portaudio_sink")
+    if sink is not None:
+        sink.release_portaudio()  # raises if a PortAudioSink is still open
+        return
+    sd = sys.modules.get("sounddevice")
+    while sd is not None and sd._initialized:
+        sd._terminate()
+
+
 def _wait_ready(proc: subprocess.Popen, name: str, env: dict, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -231,17 +248,26 @@ def jack_dummy_server(
             os.environ["JACK_DEFAULT_SERVER"] = name
         yield JackServer(name, sample_rate, period, proc.pid, log_path, env)
     finally:
-        if set_default:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        _terminate(proc.pid, name)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1.0)  # reap the zombie
-        record.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+        try:
+            release_in_process_clients()
+        finally:
+            _stop_server(proc, name, record, log_path, saved if set_default else None)
+
+
+def _stop_server(
+    proc: subprocess.Popen, name: str, record: Path, log_path: Path, saved: dict | None
+) -> None:
+    if saved is not None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _terminate(proc.pid, name)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)  # reap the zombie
+    record.unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)
 
 
 def jack_server_fixture(scope: str = "module", **server_kwargs):

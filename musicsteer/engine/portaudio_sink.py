@@ -234,6 +234,7 @@ class PortAudioSink:
         self._fetch: Any = None
         self._next_fetch = 0.0  # time.monotonic() of the next status-flag fetch
         self._latency: float | None = None
+        self._draining = False  # the producer is done: running empty is the end, not an underrun
         self._frames_before = 0  # ring frames read before this sink started
         self._error: str | None = None
         self._stop_evt = threading.Event()
@@ -321,6 +322,37 @@ class PortAudioSink:
             with _pa_lock:
                 _open_streams -= 1
 
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until all audio written so far has reached the DAC; True if it did in time.
+
+        For the end of a stream, after the producer's last write: while draining, the
+        rest of the ring plays even below `resume_frames`, and running empty is not
+        counted as an underrun. Writing again afterwards resumes normal playback.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if self._mixer is None:
+                return True
+            self._draining = True
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    ring, mixer = self._ring, self._mixer
+                    last = ring.metrics().frames_written - 1
+                    if not mixer.active:
+                        return False
+                    if ring.read_available() == 0 and self._action is None:
+                        if last < 0 or not self._played_once:
+                            return True
+                        end = self._output_time(last)
+                        if end is None or mixer.time >= end + 1 / self.sample_rate:
+                            return True
+                time.sleep(POLL_PLAYING_S)
+            return False
+        finally:
+            with self._lock:
+                self._draining = False
+
     def __enter__(self) -> PortAudioSink:
         return self
 
@@ -344,12 +376,14 @@ class PortAudioSink:
         write) reaches the DAC; None if the callback has not taken it yet or it is older
         than the last MAX_SEGMENTS underruns."""
         with self._lock:
-            for seg in reversed(self._segments):
-                if frame_index >= seg.first:
-                    done = seg.action.done_frames
-                    if frame_index < seg.first + done:
-                        return seg.action.actual_time + (frame_index - seg.first) / self.sample_rate
-                    return None
+            return self._output_time(frame_index)
+
+    def _output_time(self, frame_index: int) -> float | None:
+        for seg in reversed(self._segments):
+            if frame_index >= seg.first:
+                if frame_index < seg.first + seg.action.done_frames:
+                    return seg.action.actual_time + (frame_index - seg.first) / self.sample_rate
+                return None
         return None
 
     def stats(self) -> SinkStats:
@@ -388,11 +422,14 @@ class PortAudioSink:
             # A ring action has no end of its own: it ended because the ring ran short.
             self._settle_gap()
             act = self._action
-            self._gap_from = act.actual_time + act.done_frames / self.sample_rate
             self._action = None
-            self._underruns += 1
-            ring.count_underrun(0, events=1)
+            if not (self._draining and ring.read_available() == 0):
+                self._gap_from = act.actual_time + act.done_frames / self.sample_rate
+                self._underruns += 1
+                ring.count_underrun(0, events=1)
         need = self._resume if self._played_once else self._prefill
+        if self._draining:
+            need = 1
         if ring.read_available() >= need:
             # No consumer runs now, so frames_read is stable and is the first frame's index.
             first = ring.metrics().frames_read

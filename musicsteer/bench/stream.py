@@ -1,0 +1,99 @@
+"""`musicsteer bench stream` and `bench codec`: long streams and the streaming codec.
+
+`bench stream` plays a stream for minutes through the real producer and a sink
+paced like a sound card, across many window re-primes, and reports gaps (underruns),
+step times around re-primes, and resident memory over time. `bench codec` times the
+streaming decoder per frame early and late in a long stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.codec_stream import StreamingCodecSettings, StreamingDecoder
+from ..engine.loading import LoadedModel
+from ..engine.sampling import SamplingSettings
+from ..live import LiveRequest, run_live
+from .latency import git_commit, machine_info
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_stream_bench(model: LoadedModel, seconds: float, realtime: bool, window_s: float, keep_s: float,
+                     buffer_ms: float) -> dict:
+    samples: list[tuple[float, float, float]] = []  # (wall s, audio s, rss MB)
+    stop = threading.Event()
+    t0 = time.monotonic()
+    holder = {}
+
+    def sample_memory():
+        while not stop.wait(1.0):
+            st = holder.get("producer")
+            samples.append((time.monotonic() - t0, st.audio_pushed / 32000 if st else 0.0, rss_mb()))
+
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def hook(step):  # records the time between step starts: includes re-prime slices
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    request = LiveRequest("benchmark stream", SamplingSettings(seed=0), null="realtime" if realtime else "fast",
+                          seconds=seconds, window_s=window_s, keep_s=keep_s, buffer_ms=buffer_ms, status=False)
+    watcher = threading.Thread(target=sample_memory, daemon=True)
+    watcher.start()
+    try:
+        result = run_live(model, request, step_hook=hook, on_start=lambda p: holder.update(producer=p))
+    finally:
+        stop.set()
+    st = result.stats
+    times = np.array(step_times[10:]) * 1e3
+    rss = [s[2] for s in samples]
+    third = max(len(rss) // 3, 1)
+    return {
+        "benchmark": "stream", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(model.decoder.embed.weight.device), "model": model.model_id,
+        "paced": "realtime" if realtime else "fast", "seconds": seconds, "window_s": window_s, "keep_s": keep_s,
+        "buffer_ms": buffer_ms, "frames": st.frames, "audio_s": st.audio_s, "underruns": st.underruns,
+        "reprimes": st.reprimes, "error": st.error,
+        "step_interval_ms": {"p50": float(np.median(times)), "p99": float(np.percentile(times, 99)),
+                             "max": float(times.max())},
+        "rss_mb": {"first_third_mean": float(np.mean(rss[:third])), "last_third_mean": float(np.mean(rss[-third:])),
+                   "max": float(max(rss)), "samples": len(rss)},
+        "wall_s": time.monotonic() - t0,
+    }
+
+
+def run_codec_bench(model: LoadedModel, frames: int, chunk: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    per_frame = []
+    with torch.inference_mode():
+        warm = StreamingDecoder(model.codec, model.cfg.codebooks, StreamingCodecSettings(chunk=chunk))
+        for _ in range(60):  # warm the allocator and kernels, then time a fresh stream
+            warm.push(torch.randint(0, model.cfg.vocab, (model.cfg.codebooks,), generator=gen))
+        dec = StreamingDecoder(model.codec, model.cfg.codebooks, StreamingCodecSettings(chunk=chunk))
+        for _ in range(frames):
+            code = torch.randint(0, model.cfg.vocab, (model.cfg.codebooks,), generator=gen)
+            t = time.perf_counter()
+            dec.push(code)
+            per_frame.append(time.perf_counter() - t)
+    ms = np.array(per_frame) * 1e3
+
+    def window(lo: int) -> float:  # mean cost per frame over 50 frames from `lo` (includes the decodes)
+        return float(ms[lo:lo + 50].mean())
+
+    return {"benchmark": "codec", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
+            "model": model.model_id, "codec": model.codec.source, "chunk": chunk, "frames": frames,
+            "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
+            "ms_per_frame_mean": float(ms[10:].mean())}
