@@ -18,6 +18,10 @@ Running as root in a container: the server runs with ``--no-realtime`` (no SCHED
 ``JACK_NO_START_SERVER=1`` so a missing server is an error, never an auto-started one.
 jackd2 has no mlock option (that was jackd1's ``-m``).
 
+Teardown first closes this process's PortAudio JACK client (`release_in_process_clients`):
+terminating PortAudio after its server died aborts the process. Tests that open other
+in-process JACK clients (rtmidi) must close them before the server goes.
+
 When jackd is not installed the helper raises `JackServerError` with what to install; the
 audio tests must fail then, not skip (the project's setup installs the Debian packages).
 

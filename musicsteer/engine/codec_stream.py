@@ -52,6 +52,21 @@ class StreamingDecoder:
         """Frames between a frame's arrival and the emission of its audio, at most."""
         return self.settings.chunk - 1 + self.settings.lookahead
 
+    def warm_up(self) -> None:
+        """Decode silence once at every window length a stream meets before its window is full.
+
+        The codec's convolutions prepare their kernels per input length on first use (over
+        100 ms each on CPU); doing it here keeps that off the first seconds of playback."""
+        s = self.settings
+        lengths, emitted = set(), 0
+        while emitted - s.context < 0:
+            lengths.add(emitted + s.chunk + s.lookahead)
+            emitted += s.chunk
+        lengths.add(self.window)
+        zeros = torch.zeros((self.codes.shape[0], max(lengths)), dtype=torch.long)
+        for n in sorted(lengths):
+            self.codec.decode(zeros[:, :n])
+
     def push(self, frame: torch.Tensor) -> np.ndarray | None:
         """Add one frame of codes (K,); return newly final audio, or None."""
         if self.held == self.window:

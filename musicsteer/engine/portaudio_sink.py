@@ -17,20 +17,36 @@ actions' DAC times and counted as underrun frames once playback resumes. Playbac
 never stops because the producer was late; only the restart after an underrun needs
 the GIL, for a moment.
 
+At the end of a stream, `drain()` plays out what is left (even below `resume_frames`)
+and does not count the ring running empty as an underrun.
+
 Timing: within one action frames play back to back, and each action records the
 `outputBufferDacTime` of its first frame (`actual_time`), so `output_time(i)` gives the
 PortAudio stream time (the clock of `stream_time()`, `Pa_GetStreamTime`) at which ring
-frame `i` reaches the DAC. On JACK that time is the JACK frame clock plus the
-playback port's latency.
+frame `i` reaches the DAC. On JACK, PortAudio computes it as the JACK frame clock plus
+the latency of the playback port it is connected to (512 frames, 16 ms, on the dummy
+backend at -p 256), while `output_latency_s` (the stream's reported latency) says one
+period (8 ms). DAC times carry a few frames of jitter (JACK's frame clock is
+interpolated).
 
-Threading model: the owner thread calls `start`, `stop` (idempotent) and `stats`;
-`output_time`, `stream_time` and `stats` may be called from any thread. The C callback
-runs on PortAudio's audio thread, never takes the GIL or a lock, and is the ring's only
-consumer while the sink is started. One supervisor thread (started by `start`, joined by
-`stop`) polls the ring action every few ms, restarts it after an underrun and fetches
-PortAudio's status-flag counts from the callback; it and the public methods share a
-Python lock that the audio thread never sees. The PortAudio device list is rescanned
-(so a JACK server started after import is found) only while no sink stream is open.
+Status flags: rtmixer counts PortAudio's callback flags (paOutputUnderflow etc.; on
+JACK, every xrun of the graph sets paOutputUnderflow) in the callback's state; the
+supervisor fetches and resets them every STATS_EVERY_S and sums them.
+
+The stream is mono on the device's first output channel (on JACK, PortAudio connects
+`PortAudio:out_0` to `system:playback_1` only).
+
+Threading model: the owner thread calls `start`, `drain` (blocks up to its timeout)
+and `stop` (idempotent; joins the supervisor and blocks until PortAudio has stopped).
+`stats`, `output_time`, `stream_time` and `output_latency_s` may be called from any
+thread and only wait for a short Python lock. The C callback runs on PortAudio's audio
+thread, never takes the GIL or a lock, and is the ring's only consumer while the sink
+is started. One supervisor thread (started by `start`, joined by `stop`) polls the
+ring action every few ms, restarts it after an underrun and fetches the status-flag
+counts; it and the public methods share that Python lock, which the audio thread never
+sees. Device lookup (`list_output_devices`, the constructor) and `release_portaudio`
+change PortAudio's global state under a module lock; the device list is rescanned (so a
+JACK server started after import is found) only while no sink stream is open.
 
 This module knows nothing of the model or of how the ring is filled.
 """
@@ -151,6 +167,8 @@ def _resolve(sd: Any, device: str | int | None) -> int:
                 return api["default_output_device"]
         default = sd.default.device[1]
         return default if default in outputs else outputs[0]
+    if isinstance(device, str) and device.strip().isdigit():
+        device = int(device)
     if isinstance(device, int):
         if device in outputs:
             return device
@@ -173,7 +191,8 @@ def _check_rate(sd: Any, index: int, sample_rate: int) -> None:
         info = sd.query_devices(index)
         hint = ""
         if sd.query_hostapis(info["hostapi"])["name"] == JACK_HOSTAPI:
-            hint = f"; JACK runs at {info['default_samplerate']:.0f} Hz: start it with -r {sample_rate}"
+            rate = info["default_samplerate"]
+            hint = f"; JACK runs at {rate:.0f} Hz: start it with -r {sample_rate}"
         raise AudioDeviceError(
             f"audio output {_describe(sd, index)!r} cannot play {sample_rate} Hz ({e}){hint}"
         ) from None
@@ -274,7 +293,9 @@ class PortAudioSink:
                 )
             except Exception as e:  # sounddevice.PortAudioError, or ValueError from it
                 ring.detach_consumer(owner)
-                raise AudioDeviceError(f"cannot open audio output {self.device_name!r}: {e}") from None
+                raise AudioDeviceError(
+                    f"cannot open audio output {self.device_name!r}: {e}"
+                ) from None
             with _pa_lock:
                 _open_streams += 1
             self._mixer, self._ring, self._owner = mixer, ring, owner
@@ -322,14 +343,14 @@ class PortAudioSink:
             with _pa_lock:
                 _open_streams -= 1
 
-    def drain(self, timeout_s: float) -> bool:
+    def drain(self, timeout: float = 30.0) -> bool:
         """Wait until all audio written so far has reached the DAC; True if it did in time.
 
         For the end of a stream, after the producer's last write: while draining, the
         rest of the ring plays even below `resume_frames`, and running empty is not
         counted as an underrun. Writing again afterwards resumes normal playback.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._mixer is None:
                 return True
@@ -338,9 +359,9 @@ class PortAudioSink:
             while time.monotonic() < deadline:
                 with self._lock:
                     ring, mixer = self._ring, self._mixer
-                    last = ring.metrics().frames_written - 1
-                    if not mixer.active:
+                    if mixer is None or not mixer.active:  # stopped meanwhile, or failed
                         return False
+                    last = ring.metrics().frames_written - 1
                     if ring.read_available() == 0 and self._action is None:
                         if last < 0 or not self._played_once:
                             return True
@@ -411,7 +432,7 @@ class PortAudioSink:
         """One look at the stream; returns the delay before the next, None to end."""
         mixer, ring = self._mixer, self._ring
         if not mixer.active:
-            self._error = self._error or "the audio stream stopped (device lost or callback aborted)"
+            self._error = self._error or "the stream stopped (device lost or callback aborted)"
             log.error("audio output %s: %s", self.device_name, self._error)
             return None
         self._poll_flags(mixer)
@@ -473,7 +494,7 @@ class PortAudioSink:
         self._add_flags(mixer.stats)  # counted since the last served fetch
         if self._action is not None and self._action not in mixer.actions:
             self._settle_gap()
-            act = self._action
+            act, self._action = self._action, None
             if act.done_frames:  # it ran short just before the stop
                 self._gap_from = act.actual_time + act.done_frames / self.sample_rate
                 self._underruns += 1

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pa_ringbuffer
-from _rtmixer import ffi as _ffi, lib as _lib
+from _rtmixer import ffi as _ffi
+from _rtmixer import lib as _lib
 
 # The same class rtmixer builds as `rtmixer.RingBuffer`, from the same CFFI instance,
 # so `rtmixer.Mixer.play_ringbuffer` accepts it; made here without importing rtmixer,

@@ -34,6 +34,7 @@ class PacedSink:
     def __init__(self, sample_rate: int, block: int = 640, realtime: bool = True) -> None:
         self.sample_rate, self.block, self.realtime = sample_rate, block, realtime
         self._stop = threading.Event()
+        self._draining = threading.Event()  # the producer is done: play what is left, then end
         self._thread: threading.Thread | None = None
         self.frames_played = 0
         self.ring: AudioRing | None = None
@@ -54,6 +55,8 @@ class PacedSink:
         t_next = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self._draining.is_set() and self.ring.read_available() < self.block:
+                    break  # the stream ended: a short last read is not an underrun
                 if self.realtime:
                     t_next += self.block / self.sample_rate
                     delay = t_next - time.monotonic()
@@ -72,10 +75,10 @@ class PacedSink:
             self.close()
 
     def drain(self, timeout: float = 30.0) -> None:
-        """Wait until the ring holds less than one block (everything playable has played)."""
-        end = time.monotonic() + timeout
-        while self.ring is not None and self.ring.read_available() >= self.block and time.monotonic() < end:
-            time.sleep(0.005)
+        """The stream has ended: play every whole block left in the ring, then stop consuming."""
+        self._draining.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def stop(self) -> None:
         self._stop.set()

@@ -186,6 +186,7 @@ class Producer:
         decoder.setup_caches(2, max_len=self.window)  # always the CFG batch: cfg may change live
         self.spare = decoder.make_caches(2, self.window)
         self._set_prompt(self.prompt)
+        self.codec_stream.warm_up()
         self.generator = make_generator(self.sampling.seed, device)
         self.positions = torch.arange(self.window, device=device)
         # The delayed stream: global column c holds codebook k of frame c - 1 - k. Keep the last
