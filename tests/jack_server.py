@@ -99,14 +99,19 @@ class JackServer:
         out = self.tool("jack_lsp", "-c", port)
         return [line.strip() for line in out.splitlines() if line.startswith(" ")]
 
-    def record(self, path: Path, seconds: float, ports: list[str]) -> subprocess.Popen:
+    def record(self, path: Path, seconds: int, ports: list[str]) -> subprocess.Popen:
         """Start `jack_rec` recording `ports` to a 32-bit PCM WAV for `seconds`.
+
+        jack_rec takes whole seconds (2.8 records 2 s); it connects to the ports itself,
+        a few tens of ms after it starts: wait for the connection before playing.
 
         jack_rec is a separate process (JACK's own example client), so what it writes is
         what the JACK graph carried, independent of this process's threads and GIL.
         The caller waits on the returned process (it exits when the duration is done).
         """
-        cmd = ["jack_rec", "-f", str(path), "-d", str(seconds), "-b", "32", *ports]
+        if int(seconds) != seconds or seconds < 1:
+            raise ValueError(f"jack_rec records whole seconds, not {seconds}")
+        cmd = ["jack_rec", "-f", str(path), "-d", str(int(seconds)), "-b", "32", *ports]
         return subprocess.Popen(
             cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -1,12 +1,16 @@
 """ControlState: the targets controllers write and the producer reads once per step.
 
 Parameters are named by their OSC path below `/musicsteer/`:
-  concept/<name>/strength (float), prompt (str), cfg (float), temperature (float),
-  topk (int), topp (float).
+  concept/<name>/strength (float), concept/<name>/schedule (a schedule spec, started
+  at the step it arrives), prompt (str), cfg (float), temperature (float), topk (int),
+  topp (float).
 A setter validates, stores the latest value per parameter and bumps a generation
 counter: O(1), never waits on the producer. The producer calls `take(step)` once per
 step and gets every change since the last call; each change takes effect at that
-step and is what the control log records.
+step and is what the control log records. A change may ask for smoothing (a one-pole
+time constant in ms); the producer's `Smoother` then moves the value toward the new
+target a little every step, so a knob never clicks, and replay reproduces it exactly
+from the logged targets.
 
 Threading model: `set` may be called from any thread (OSC server, MIDI callback,
 the CLI); it holds a lock for a dict assignment only. `take` is called by the
@@ -35,9 +39,13 @@ class ControlChange:
     value: float | int | str
     source: str = "api"
     received: float = 0.0  # time.monotonic() at arrival
+    smooth_ms: float = 0.0  # one-pole time constant toward the new value; 0 jumps
 
     def to_json(self, step: int) -> dict:
-        return {"step": step, "param": self.param, "value": self.value, "source": self.source}
+        entry = {"step": step, "param": self.param, "value": self.value, "source": self.source}
+        if self.smooth_ms:
+            entry["smooth_ms"] = self.smooth_ms
+        return entry
 
 
 def validate(param: str, value, concepts: frozenset[str] | None = None):
@@ -46,6 +54,24 @@ def validate(param: str, value, concepts: frozenset[str] | None = None):
         if not isinstance(value, str) or not value.strip():
             raise ControlError("prompt must be a non-empty string")
         return value
+    parts = param.split("/")
+    if len(parts) == 3 and parts[0] == "concept":
+        if parts[2] not in ("strength", "schedule"):
+            raise ControlError(f"unknown parameter {param!r}; a concept has strength and schedule")
+        if concepts is not None and parts[1] not in concepts:
+            raise ControlError(f"unknown concept {parts[1]!r}; loaded: {', '.join(sorted(concepts)) or 'none'}")
+        if parts[2] == "schedule":
+            from .schedules import Crossfade, ScheduleError, parse_schedule
+
+            if not isinstance(value, str):
+                raise ControlError("a schedule is a spec string like decay:0.99 or linear-up:4s")
+            try:
+                parsed = parse_schedule(value)
+            except ScheduleError as exc:
+                raise ControlError(str(exc)) from None
+            if isinstance(parsed, Crossfade) and concepts is not None and parsed.other not in concepts:
+                raise ControlError(f"unknown concept {parsed.other!r} to crossfade to")
+            return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ControlError(f"{param} needs a number, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -54,12 +80,12 @@ def validate(param: str, value, concepts: frozenset[str] | None = None):
         lo, hi = NUMERIC[param]
         value = min(max(value, lo), hi)
         return int(round(value)) if param == "topk" else float(value)
-    parts = param.split("/")
-    if len(parts) == 3 and parts[0] == "concept" and parts[2] == "strength":
-        if concepts is not None and parts[1] not in concepts:
-            raise ControlError(f"unknown concept {parts[1]!r}; loaded: {', '.join(sorted(concepts)) or 'none'}")
-        return float(min(max(value, -100.0), 100.0))
+    if len(parts) == 3 and parts[0] == "concept":  # strength
+        return float(min(max(value, -STRENGTH_LIMIT), STRENGTH_LIMIT))
     raise ControlError(f"unknown parameter {param!r}")
+
+
+STRENGTH_LIMIT = 100.0
 
 
 class ControlState:
@@ -69,8 +95,11 @@ class ControlState:
         self._lock = threading.Lock()
         self.generation = 0
 
-    def set(self, param: str, value, source: str = "api") -> ControlChange:
-        change = ControlChange(param, validate(param, value, self.concepts), source, time.monotonic())
+    def set(self, param: str, value, source: str = "api", smooth_ms: float = 0.0) -> ControlChange:
+        if not (isinstance(smooth_ms, (int, float)) and math.isfinite(smooth_ms) and smooth_ms >= 0):
+            raise ControlError(f"smoothing must be a non-negative number of ms, got {smooth_ms!r}")
+        change = ControlChange(param, validate(param, value, self.concepts), source, time.monotonic(),
+                               float(smooth_ms))
         with self._lock:
             self._pending[param] = change
             self.generation += 1
@@ -85,6 +114,37 @@ class ControlState:
         return list(pending.values())
 
 
+class Smoother:
+    """Per-step values of numeric parameters, each moving toward its target (producer thread).
+
+    One pole: v <- v + (target - v) * (1 - exp(-frame_ms / tau_ms)); tau 0 jumps at once.
+    Values within 1e-6 of the target snap to it, so a settled parameter costs nothing."""
+
+    def __init__(self, frame_ms: float = 20.0) -> None:
+        self.frame_ms = frame_ms
+        self.values: dict[str, float] = {}
+        self.targets: dict[str, tuple[float, float]] = {}  # param -> (target, coefficient)
+
+    def set_target(self, param: str, target: float, smooth_ms: float, current: float | None = None) -> None:
+        if param not in self.values:
+            self.values[param] = float(target if current is None else current)
+        coef = 1.0 if smooth_ms <= 0 else 1.0 - math.exp(-self.frame_ms / smooth_ms)
+        self.targets[param] = (float(target), coef)
+
+    def advance(self) -> dict[str, float]:
+        """Move every unsettled parameter one step; return those that changed."""
+        changed = {}
+        for param, (target, coef) in list(self.targets.items()):
+            v = self.values[param]
+            v = v + (target - v) * coef
+            if abs(target - v) <= 1e-6:
+                v = target
+                del self.targets[param]
+            self.values[param] = v
+            changed[param] = v
+        return changed
+
+
 class ScriptedControls:
     """Recorded changes replayed at the steps they took effect at (session replay)."""
 
@@ -92,7 +152,7 @@ class ScriptedControls:
         self._by_step: dict[int, list[ControlChange]] = {}
         for e in entries:
             self._by_step.setdefault(int(e["step"]), []).append(
-                ControlChange(e["param"], e["value"], e.get("source", "replay")))
+                ControlChange(e["param"], e["value"], e.get("source", "replay"), 0.0, e.get("smooth_ms", 0.0)))
 
     def take(self, step: int) -> list[ControlChange]:
         return self._by_step.pop(step, [])

@@ -244,7 +244,8 @@ class PortAudioSink:
         self._action: Any = None
         self._segments: collections.deque[_Segment] = collections.deque(maxlen=MAX_SEGMENTS)
         self._played_once = False
-        self._gap_from: float | None = None  # DAC time where the current silence began
+        self._ran_short: tuple[float, int] | None = None  # (actual_time, done_frames) of
+        # the action that ran short, until the silence after it is counted
         self._underruns = 0
         self._underrun_frames = 0
         self._flags = dict(blocks=0, output_underflows=0, output_overflows=0)
@@ -445,7 +446,7 @@ class PortAudioSink:
             act = self._action
             self._action = None
             if not (self._draining and ring.read_available() == 0):
-                self._gap_from = act.actual_time + act.done_frames / self.sample_rate
+                self._ran_short = (act.actual_time, act.done_frames)
                 self._underruns += 1
                 ring.count_underrun(0, events=1)
         need = self._resume if self._played_once else self._prefill
@@ -461,13 +462,39 @@ class PortAudioSink:
         return POLL_STARVED_S
 
     def _settle_gap(self) -> None:
-        """Count the silence between the last action's end and this one's first frame."""
-        if self._gap_from is None or self._action is None or self._action.done_frames == 0:
+        """Count the silence between the action that ran short and the next one's first frame."""
+        if self._ran_short is None or self._action is None or self._action.done_frames == 0:
             return
-        gap = max(0, round((self._action.actual_time - self._gap_from) * self.sample_rate))
+        self._count_silence(self._action.actual_time)
+
+    def _count_silence(self, until: float) -> None:
+        """Count the frames of silence from the end of the short action to DAC time `until`.
+
+        An action starts at the beginning of a block, so with a fixed callback size B it
+        took whole blocks and then r = done % B frames in the block where it ran short;
+        the silence is that block's rest plus whole blocks up to `until`, which is a
+        block start too: counting blocks cancels the jitter of the DAC times. With a
+        variable callback size the times are used directly.
+        """
+        start, done = self._ran_short
+        sr, block = self.sample_rate, self._fixed_block()
+        if block:
+            r = done % block
+            last_block = start + (done - r) / sr
+            gap = max(1, round((until - last_block) * sr / block)) * block - r
+        else:
+            gap = max(0, round((until - start) * sr) - done)
         self._underrun_frames += gap
         self._ring.count_underrun(gap, events=0)
-        self._gap_from = None
+        self._ran_short = None
+
+    def _fixed_block(self) -> int:
+        """The callback's frame count if it is known to be constant, else 0."""
+        if self.blocksize:
+            return self.blocksize  # PortAudio then calls back with exactly this many
+        if self._flags["blocks"] and self._min_block == self._max_block:
+            return self._min_block  # the host's own constant size (JACK: its period)
+        return 0
 
     def _poll_flags(self, mixer: Any) -> None:
         now = time.monotonic()
@@ -496,16 +523,12 @@ class PortAudioSink:
             self._settle_gap()
             act, self._action = self._action, None
             if act.done_frames:  # it ran short just before the stop
-                self._gap_from = act.actual_time + act.done_frames / self.sample_rate
+                self._ran_short = (act.actual_time, act.done_frames)
                 self._underruns += 1
                 self._ring.count_underrun(0, events=1)
         self._settle_gap()
-        if self._gap_from is not None:  # starved until the stop: silence up to the last block
-            end = mixer.time + float(mixer.latency)
-            gap = max(0, round((end - self._gap_from) * self.sample_rate))
-            self._underrun_frames += gap
-            self._ring.count_underrun(gap, events=0)
-            self._gap_from = None
+        if self._ran_short is not None:  # starved until the stop: silence up to about now
+            self._count_silence(mixer.time + self._latency)
 
     def _snapshot(self, active: bool) -> SinkStats:
         ring = self._ring

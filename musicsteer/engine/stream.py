@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..controllers.state import ControlChange
+from ..controllers.state import ControlChange, Smoother
 from .codec_stream import StreamingCodecSettings, StreamingDecoder
 from .config import FRAME_RATE
 from .loading import LoadedModel
@@ -102,6 +102,7 @@ class Producer:
         self.K, self.special = cfg.codebooks, cfg.special_token
         self.window, self.keep = config.positions(cfg.max_positions, self.K)
         self.sampling = config.sampling
+        self.smoother = Smoother()
         self.prompt = config.prompt
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
@@ -221,31 +222,66 @@ class Producer:
             return
         for change in self.controls.take(step):
             try:
-                self._apply(change)
+                self._accept(change, step)
             except (KeyError, ValueError) as exc:  # a controller's mistake never stops the music
                 log.warning("control %s=%r rejected: %s", change.param, change.value, exc)
                 continue
             if self.recorder is not None:
                 self.recorder.control(change.to_json(step))
+        for param, value in self.smoother.advance().items():
+            self._apply(param, value)
 
-    def _apply(self, change: ControlChange) -> None:
+    def _accept(self, change: ControlChange, step: int) -> None:
+        """Take a target: strings apply now, numbers through the smoother."""
         p, v = change.param, change.value
         if p == "prompt":
             self._set_prompt(str(v))
-        elif p == "cfg":
+        elif p.endswith("/schedule"):
+            self._start_schedule(p.split("/")[1], str(v), step)
+        else:
+            self._check_param(p)
+            self.smoother.set_target(p, float(v), change.smooth_ms, self._current(p))
+
+    def _check_param(self, p: str) -> None:
+        if p.startswith("concept/"):
+            if self.plan is None:
+                raise KeyError("no concept pack is loaded")
+            self.plan.concept(p.split("/")[1])
+        elif p not in ("cfg", "temperature", "topk", "topp"):
+            raise KeyError(f"unknown parameter {p!r}")
+
+    def _current(self, p: str) -> float:
+        if p.startswith("concept/"):
+            return float(self.plan.strengths[self.plan.concept(p.split("/")[1])])
+        return float({"cfg": self.sampling.cfg, "temperature": self.sampling.temperature,
+                      "topk": self.sampling.top_k, "topp": self.sampling.top_p}[p])
+
+    def _start_schedule(self, name: str, spec: str, step: int) -> None:
+        from ..controllers.schedules import Crossfade, LinearDown, LinearUp, Started, parse_schedule
+
+        if self.plan is None:
+            raise KeyError("no concept pack is loaded")
+        schedule = parse_schedule(spec)
+        if isinstance(schedule, Crossfade):
+            self.plan.set_schedule(name, Started(LinearDown(schedule.T), step))
+            self.plan.set_schedule(schedule.other, Started(LinearUp(schedule.T), step))
+            other = self.plan.concept(schedule.other)
+            if self.plan.strengths[other] == 0.0:
+                self.plan.set_strength(schedule.other, float(self.plan.strengths[self.plan.concept(name)]))
+        else:
+            self.plan.set_schedule(name, Started(schedule, step))
+
+    def _apply(self, p: str, v: float) -> None:
+        if p == "cfg":
             self.sampling = replace(self.sampling, cfg=float(v))
         elif p == "temperature":
             self.sampling = replace(self.sampling, temperature=float(v))
         elif p == "topk":
-            self.sampling = replace(self.sampling, top_k=int(v))
+            self.sampling = replace(self.sampling, top_k=int(round(v)))
         elif p == "topp":
             self.sampling = replace(self.sampling, top_p=float(v))
-        elif p.startswith("concept/") and p.endswith("/strength"):
-            if self.plan is None:
-                raise KeyError("no concept pack is loaded")
+        else:  # concept/<name>/strength, checked when its target was set
             self.plan.set_strength(p.split("/")[1], float(v))
-        else:
-            raise KeyError(f"unknown parameter {p!r}")
 
     def _one_step(self) -> None:
         t0 = time.perf_counter()
