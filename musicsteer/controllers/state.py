@@ -92,8 +92,18 @@ class ControlState:
     def __init__(self, concepts: list[str] | None = None) -> None:
         self.concepts = frozenset(concepts) if concepts is not None else None
         self._pending: dict[str, ControlChange] = {}
+        self._latest: dict[str, float | int | str] = {}  # the newest target of every parameter
         self._lock = threading.Lock()
         self.generation = 0
+
+    def seed(self, param: str, value) -> None:
+        """Make `value` the current target without it being a change (the engine's starting values)."""
+        with self._lock:
+            self._latest[param] = validate(param, value, self.concepts)
+
+    def current(self, param: str):
+        """The newest target of `param` (seeded or set), or None if it never had one."""
+        return self._latest.get(param)
 
     def set(self, param: str, value, source: str = "api", smooth_ms: float = 0.0) -> ControlChange:
         if not (isinstance(smooth_ms, (int, float)) and math.isfinite(smooth_ms) and smooth_ms >= 0):
@@ -102,6 +112,7 @@ class ControlState:
                                float(smooth_ms))
         with self._lock:
             self._pending[param] = change
+            self._latest[param] = change.value
             self.generation += 1
         return change
 
