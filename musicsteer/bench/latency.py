@@ -64,7 +64,7 @@ def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
         sync()
         stamps.append(time.perf_counter())
 
-    frames = warmup + steps + 1 - (decoder.cfg.codebooks - 1)
+    frames = max(warmup + steps - (decoder.cfg.codebooks - 1), 1)  # generate runs frames + K - 1 steps
     steerer = plan = None
     if concepts:
         names = [f"c{k}" for k in range(concepts)]
@@ -81,7 +81,7 @@ def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
     finally:
         if steerer is not None:
             steerer.detach()
-    return np.diff(np.array(stamps))[warmup:]
+    return np.diff(np.array(stamps))[warmup : warmup + steps]
 
 
 def time_steering_only(model: LoadedModel, concepts: int, batch: int, steering: SteeringSettings,

@@ -121,22 +121,23 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.fc2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
         self.act = _activation(cfg.activation)
-        self.hooks: dict[str, Hook] = {}  # kind -> hook; read by forward, written by MusicGen.set_hook
+        # kind -> hooks applied in order; read by forward, written only through MusicGen's hook methods
+        self.hooks: dict[str, list[Hook]] = {}
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
                 mask: torch.Tensor | None, static: bool) -> torch.Tensor:
         hooks = self.hooks
         a = self.self_attn(self.norm_self(x), input_pos, kv_len, mask)
-        if "attn" in hooks:
-            a = hooks["attn"](a)
+        for hook in hooks.get("attn", ()):
+            a = hook(a)
         x = x + a
         c = self.cross_attn(self.norm_cross(x), static)
-        if "cross" in hooks:
-            c = hooks["cross"](c)
+        for hook in hooks.get("cross", ()):
+            c = hook(c)
         x = x + c
         x = x + self.fc2(self.act(self.fc1(self.norm_mlp(x))))
-        if "out" in hooks:
-            x = hooks["out"](x)
+        for hook in hooks.get("out", ()):
+            x = hook(x)
         return x
 
 
@@ -238,12 +239,25 @@ class MusicGen(nn.Module):
         return self.blocks[index], parts[2]
 
     def set_hook(self, name: str, hook: Hook | None) -> None:
-        """Install `hook(h) -> h` at a named point; None removes it."""
+        """Make `hook(h) -> h` the only hook at a named point; None removes every hook there."""
         block, kind = self._hook_slot(name)
         if hook is None:
             block.hooks.pop(kind, None)
         else:
-            block.hooks[kind] = hook
+            block.hooks[kind] = [hook]
+
+    def add_hook(self, name: str, hook: Hook) -> None:
+        """Add `hook` after those already at a named point (steering, then observers)."""
+        block, kind = self._hook_slot(name)
+        block.hooks.setdefault(kind, []).append(hook)
+
+    def remove_hook(self, name: str, hook: Hook) -> None:
+        block, kind = self._hook_slot(name)
+        hooks = block.hooks.get(kind, [])
+        if hook in hooks:
+            hooks.remove(hook)
+        if not hooks:
+            block.hooks.pop(kind, None)
 
     def clear_hooks(self) -> None:
         for block in self.blocks:
@@ -255,14 +269,18 @@ class MusicGen(nn.Module):
         saved = {}
         for name in hooks:
             block, kind = self._hook_slot(name)
-            saved[name] = block.hooks.get(kind)
+            saved[name] = list(block.hooks.get(kind, []))
         try:
             for name, hook in hooks.items():
                 self.set_hook(name, hook)
             yield self
         finally:
-            for name, hook in saved.items():
-                self.set_hook(name, hook)
+            for name, previous in saved.items():
+                block, kind = self._hook_slot(name)
+                if previous:
+                    block.hooks[kind] = previous
+                else:
+                    block.hooks.pop(kind, None)
 
     # -- forward -----------------------------------------------------------------
 

@@ -103,18 +103,23 @@ class Steerer:
         self.alpha = torch.zeros((L, batch, K), dtype=torch.float32, device=p.device)  # (L, B, K)
         self.layers = [i for i in range(L) if layer_mask[i]]  # layers with any weight: the only hooks
         self.attached = False
+        self._hooks: dict = {}
 
     def attach(self) -> "Steerer":
+        if self.attached:
+            return self
         for i in self.layers:
             hook = partial(_steer_hook, alpha=self.alpha[i], directions=self.directions[i],
                            targets=self.targets[i], mode=self.mode)
-            self.decoder.set_hook(f"blocks.{i}.{self.settings.point}", hook)
+            self.decoder.add_hook(f"blocks.{i}.{self.settings.point}", hook)
+            self._hooks[i] = hook
         self.attached = True
         return self
 
     def detach(self) -> None:
-        for i in self.layers:
-            self.decoder.set_hook(f"blocks.{i}.{self.settings.point}", None)
+        for i, hook in self._hooks.items():
+            self.decoder.remove_hook(f"blocks.{i}.{self.settings.point}", hook)
+        self._hooks = {}
         self.attached = False
 
     def __enter__(self) -> "Steerer":
