@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="context kept when the window rolls over")
     live.add_argument("--codec-chunk", type=int, default=2, metavar="FRAMES", help="frames per codec decode")
     live.add_argument("--no-status", action="store_true", help="no status line")
+    live.add_argument("--osc-port", type=int, default=9000, help="UDP port for OSC control (0: any free port)")
+    live.add_argument("--osc-host", default="127.0.0.1", help="address OSC listens on (default loopback only)")
+    live.add_argument("--osc-smooth-ms", type=float, default=0.0, help="smoothing of OSC-set numbers")
+    live.add_argument("--no-osc", action="store_true", help="no OSC server")
     _add_sampling_args(live)
     _add_steering_args(live)
     live.set_defaults(run=run_live_cli)
@@ -235,6 +239,7 @@ def run_live_cli(args) -> int:
         prompt=args.prompt, sampling=settings, out=args.out, null=args.null, device=args.device,
         seconds=args.seconds, record=args.record, concepts=args.concepts, steer=parse_strengths(args.steer),
         schedules=parse_assignments(args.schedule, "--schedule"), steering=steering, buffer_ms=args.buffer_ms,
+        osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
         window_s=args.window, keep_s=args.keep, codec=codec, status=not args.no_status)
     model = _load(args)
     stop = threading.Event()

@@ -47,6 +47,9 @@ class LiveRequest:
     schedules: dict[str, str] = field(default_factory=dict)
     steering: SteeringSettings = SteeringSettings()
     buffer_ms: float = 120.0
+    osc_port: int | None = None  # None: no OSC
+    osc_host: str = "127.0.0.1"
+    osc_smooth_ms: float = 0.0
     window_s: float = 30.0
     keep_s: float = 10.0
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
@@ -95,17 +98,23 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
     is called once the producer runs (benchmarks watch it)."""
     stop = stop or threading.Event()
     sample_rate = model.codec.sample_rate
-    steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
+    steerer, plan = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
+                                  batch=2)
+    names = plan.names if plan is not None else []
     if controls is None:
-        controls = ControlState(steering[1].names if steering[1] is not None else [])
+        controls = ControlState(names)
+    seed_controls(controls, request, names)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
                           keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec)
     ring = ring_for(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
-    producer = Producer(model, config, ring, controls, steering if steering[0] is not None else None,
+    producer = Producer(model, config, ring, controls, (steerer, plan) if plan is not None else None,
                         recorder, step_hook=step_hook)
+    osc = meter = None
+    if request.osc_port is not None:
+        osc, meter = start_osc(model, request, controls, producer, steerer, plan)
     started = time.monotonic()
     sink_started = False
     try:
@@ -128,6 +137,10 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
             sink.drain()
     finally:
         producer.stop()
+        if osc is not None:
+            osc.stop()
+        if meter is not None:
+            meter.detach()
         if sink_started:
             sink.stop()
         stats = producer.stats()
@@ -138,6 +151,35 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
     first = producer.first_audio_at - started if producer.first_audio_at else None
     frames_played = sink.stats().frames_played if hasattr(sink, "stats") else 0
     return LiveResult(stats, frames_played, first)
+
+
+def seed_controls(controls: ControlState, request: LiveRequest, names: list[str]) -> None:
+    """The engine's starting values, so /get answers before anything was set."""
+    s = request.sampling
+    for param, value in (("prompt", request.prompt), ("cfg", s.cfg), ("temperature", s.temperature),
+                         ("topk", s.top_k), ("topp", s.top_p)):
+        controls.seed(param, value)
+    for name in names:
+        controls.seed(f"concept/{name}/strength", request.steer.get(name, 0.0))
+
+
+def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, producer: Producer, steerer, plan):
+    """The OSC server, and the meters it publishes every frame while someone listens."""
+    from .controllers.osc import OscRouter, OscServer
+    from .engine.meters import Meter
+
+    router = OscRouter(controls, plan.names if plan is not None else [], stats=producer.stats,
+                       smooth_ms=request.osc_smooth_ms)
+    osc = OscServer(router, request.osc_host, request.osc_port)
+    meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach() if plan is not None else None
+
+    def publish(step: int) -> None:
+        if osc.listening:
+            osc.publish(meter.read() if meter is not None else {}, router.stats_args())
+
+    producer.on_step = publish
+    osc.start()
+    return osc, meter
 
 
 def print_status(st: StreamStats, final: bool = False) -> None:

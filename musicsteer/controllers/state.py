@@ -40,11 +40,14 @@ class ControlChange:
     source: str = "api"
     received: float = 0.0  # time.monotonic() at arrival
     smooth_ms: float = 0.0  # one-pole time constant toward the new value; 0 jumps
+    received_step: int = -1  # the producer's step when the change arrived (-1: unknown)
 
     def to_json(self, step: int) -> dict:
         entry = {"step": step, "param": self.param, "value": self.value, "source": self.source}
         if self.smooth_ms:
             entry["smooth_ms"] = self.smooth_ms
+        if self.received_step >= 0:
+            entry["received_step"] = self.received_step
         return entry
 
 
@@ -95,6 +98,7 @@ class ControlState:
         self._latest: dict[str, float | int | str] = {}  # the newest target of every parameter
         self._lock = threading.Lock()
         self.generation = 0
+        self.step_now = -1  # written by the producer at the start of each step (an int store)
 
     def seed(self, param: str, value) -> None:
         """Make `value` the current target without it being a change (the engine's starting values)."""
@@ -109,7 +113,7 @@ class ControlState:
         if not (isinstance(smooth_ms, (int, float)) and math.isfinite(smooth_ms) and smooth_ms >= 0):
             raise ControlError(f"smoothing must be a non-negative number of ms, got {smooth_ms!r}")
         change = ControlChange(param, validate(param, value, self.concepts), source, time.monotonic(),
-                               float(smooth_ms))
+                               float(smooth_ms), self.step_now)
         with self._lock:
             self._pending[param] = change
             self._latest[param] = change.value
@@ -160,6 +164,7 @@ class ScriptedControls:
     """Recorded changes replayed at the steps they took effect at (session replay)."""
 
     def __init__(self, entries: list[dict]) -> None:
+        self.step_now = -1
         self._by_step: dict[int, list[ControlChange]] = {}
         for e in entries:
             self._by_step.setdefault(int(e["step"]), []).append(

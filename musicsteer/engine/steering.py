@@ -141,6 +141,7 @@ class SteeringPlan:
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.settings = settings
+        self.scores = np.asarray(scores, dtype=np.float64)  # (K, L)
         self.weights = np.stack([layer_weights(s, settings) for s in scores], axis=1).astype(np.float32)  # (L, K)
         rows = np.ones(batch, dtype=np.float32)
         if settings.rows == "cond":

@@ -92,11 +92,12 @@ class ControlSource:
 class Producer:
     def __init__(self, model: LoadedModel, config: StreamConfig, ring: AudioRing,
                  controls: ControlSource | None = None, steering=None, recorder=None,
-                 step_hook: Callable[[int], None] | None = None) -> None:
+                 step_hook: Callable[[int], None] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
         """`steering` is (Steerer, SteeringPlan) or None; `step_hook(step)` runs inside every step
-        (tests use it to make the producer slow)."""
+        (tests use it to make the producer slow); `on_step(step)` after it (meters)."""
         self.model, self.config, self.ring = model, config, ring
-        self.controls, self.recorder, self.step_hook = controls, recorder, step_hook
+        self.controls, self.recorder, self.step_hook, self.on_step = controls, recorder, step_hook, on_step
         self.steerer, self.plan = steering if steering is not None else (None, None)
         cfg = model.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
@@ -220,6 +221,7 @@ class Producer:
     def _apply_controls(self, step: int) -> None:
         if self.controls is None:
             return
+        self.controls.step_now = step
         for change in self.controls.take(step):
             try:
                 self._accept(change, step)
@@ -304,6 +306,8 @@ class Producer:
         self._times[s % len(self._times)] = time.perf_counter() - t0
         if s >= K - 1:
             self._emit_frame(s - (K - 1))
+        if self.on_step is not None:
+            self.on_step(s)
 
     def _emit_frame(self, f: int) -> None:
         frame = torch.stack([self._column(f + 1 + k)[k] for k in range(self.K)]).cpu()  # (K,)

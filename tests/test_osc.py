@@ -1,0 +1,245 @@
+"""OSC control of a running stream: the router's rules, replies to /get, meters to
+listeners, an outside client (liblo's oscsend), and bad input that never stops the music."""
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+from musicsteer.controllers.osc import OscError, OscRouter
+from musicsteer.controllers.state import ControlError, ControlState
+from musicsteer.engine.recorder import load_session
+from musicsteer.engine.sampling import SamplingSettings
+from musicsteer.live import LiveRequest, run_live
+from musicsteer.probes.pack import ConceptPack
+
+ME = ("127.0.0.1", 5555)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def message(address, *args) -> bytes:
+    b = OscMessageBuilder(address)
+    for a in args:
+        b.add_arg(a)
+    return b.build().dgram
+
+
+class Client:
+    """A UDP socket that sends OSC and reads the replies sent back to it."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+
+    def send(self, address, *args):
+        self.sock.sendto(message(address, *args), ("127.0.0.1", self.port))
+
+    def raw(self, data: bytes):
+        self.sock.sendto(data, ("127.0.0.1", self.port))
+
+    def replies(self, seconds=0.5, until=None):
+        out, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            m = OscMessage(data)
+            out.append((m.address, list(m.params)))
+            if until is not None and until(out):
+                break
+        return out
+
+
+# -- the router ------------------------------------------------------------------------------------
+
+def router():
+    cs = ControlState(["cmaj", "gmaj"])
+    cs.seed("cfg", 3.0)
+    return OscRouter(cs, ["cmaj", "gmaj"]), cs
+
+
+def test_router_sets_and_gets():
+    r, cs = router()
+    assert r.handle("/musicsteer/concept/cmaj/strength", [0.5], ME) == []
+    assert r.handle("/musicsteer/concept/gmaj/strength", [1], ME) == []  # ints are numbers too
+    assert r.handle("/musicsteer/topk", [12.7], ME) == []
+    assert r.handle("/musicsteer/get/concept/cmaj/strength", [], ME) == [("/musicsteer/concept/cmaj/strength", [0.5])]
+    assert r.handle("/musicsteer/get/cfg", [], ME) == [("/musicsteer/cfg", [3.0])]
+    assert r.handle("/musicsteer/get/concepts", [], ME) == [("/musicsteer/concepts", ["cmaj", "gmaj"])]
+    assert {c.param: c.value for c in cs.take(0)} == {
+        "concept/cmaj/strength": 0.5, "concept/gmaj/strength": 1.0, "topk": 13}
+
+
+def test_router_subscriptions():
+    r, _ = router()
+    assert r.handle("/musicsteer/listen", [1], ME) == [("/musicsteer/listening", [1])]
+    assert r.subscribers == {ME}
+    r.handle("/musicsteer/listen", [0], ME)
+    assert r.subscribers == set()
+
+
+@pytest.mark.parametrize("address, args, message", [
+    ("/musicsteer/concept/cmaj/strength", ["loud"], "needs a number"),
+    ("/musicsteer/concept/cmaj/strength", [], "takes 1 argument, got 0"),
+    ("/musicsteer/concept/cmaj/strength", [0.1, 0.2], "takes 1 argument, got 2"),
+    ("/musicsteer/concept/dmin/strength", [0.1], "unknown concept 'dmin'"),
+    ("/musicsteer/concept/cmaj/strength", [float("nan")], "finite"),
+    ("/musicsteer/cfg", [float("inf")], "finite"),
+    ("/musicsteer/prompt", [3], "needs a string"),
+    ("/musicsteer/volume", [1.0], "unknown address"),
+    ("/other/thing", [1.0], "addresses start with /musicsteer/"),
+    ("/musicsteer/get/volume", [], "nothing to get"),
+    ("/musicsteer/learn", ["cfg"], "MIDI learn needs MIDI input"),
+    ("/musicsteer/listen", ["yes"], "needs a number"),
+])
+def test_router_rejects_bad_messages(address, args, message):
+    r, _ = router()
+    with pytest.raises((OscError, ControlError), match=message):
+        r.handle(address, args, ME)
+
+
+def test_router_clamps_out_of_range():
+    r, cs = router()
+    r.handle("/musicsteer/cfg", [1e6], ME)
+    r.handle("/musicsteer/temperature", [-3], ME)
+    assert cs.current("cfg") == 20.0 and cs.current("temperature") == 1e-3
+
+
+# -- a running stream ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def stream(tiny, tmp_path):
+    """A live tiny stream with two concepts, OSC on a free port, recording; yields (port, controls, result)."""
+    pack = tmp_path / "pack"
+    ConceptPack.random(["cmaj", "gmaj"], tiny.cfg, "tiny", seed=1).save(pack)
+    port = free_port()
+    controls = ControlState(["cmaj", "gmaj"])
+    stop = threading.Event()
+    holder = {}
+    request = LiveRequest("warm lofi piano", SamplingSettings(seed=2), null="realtime", concepts=pack,
+                          record=tmp_path / "session", osc_port=port, status=False)
+    thread = threading.Thread(target=lambda: holder.update(
+        result=run_live(tiny, request, controls=controls, stop=stop, on_start=lambda p: holder.update(p=p))))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "p" not in holder or holder["p"].step < 20:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    yield port, holder, tmp_path / "session"
+    stop.set()
+    thread.join(20)
+    assert not thread.is_alive()
+
+
+def test_get_listen_and_set_on_a_running_stream(stream):
+    port, holder, session = stream
+    c = Client(port)
+    c.send("/musicsteer/get/cfg")
+    c.send("/musicsteer/get/concept/cmaj/strength")
+    got = c.replies(2.0, until=lambda r: len(r) >= 2)
+    assert ("/musicsteer/cfg", [3.0]) in got and ("/musicsteer/concept/cmaj/strength", [0.0]) in got
+    c.send("/musicsteer/listen", 1)
+    frames = c.replies(1.0)
+    meters = [a for a, _ in frames if a.startswith("/musicsteer/meter/")]
+    stats = [args for a, args in frames if a == "/musicsteer/stats"]
+    assert {"/musicsteer/meter/cmaj", "/musicsteer/meter/gmaj"} <= set(meters)
+    assert len(stats) >= 20  # every frame, 50 per second
+    assert all(len(s) == 5 and s[2] == 0 for s in stats)  # step ms, fill, underruns 0, steps, RTF
+    c.send("/musicsteer/listen", 0)
+    c.send("/musicsteer/concept/cmaj/strength", 0.75)
+    time.sleep(0.3)
+    assert holder["p"].plan.strengths[0] == pytest.approx(0.75)
+
+
+def test_bad_input_never_stops_the_music(stream):
+    port, holder, _ = stream
+    producer = holder["p"]
+    c = Client(port)
+    time.sleep(0.3)
+    before = producer.stats().underruns
+    rng = random.Random(0)
+    for _ in range(50):
+        c.raw(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+    c.raw(b"")
+    c.send("/musicsteer/concept/cmaj/strength", "loud")
+    c.send("/musicsteer/concept/cmaj/strength")
+    c.send("/musicsteer/concept/nope/strength", 0.1)
+    c.send("/musicsteer/cfg", float("nan"))
+    c.send("/musicsteer/cfg", float("-inf"))
+    c.send("/musicsteer/nothing", 1)
+    c.send("/musicsteer/cfg", 1e9)  # clamped, not an error
+    errors = c.replies(2.0, until=lambda r: len(r) >= 57)
+    assert len([a for a, _ in errors if a == "/musicsteer/error"]) >= 56
+    # a flood: 10,000 messages in about a second
+    t0 = time.monotonic()
+    for i in range(10_000):
+        c.send("/musicsteer/concept/gmaj/strength", (i % 100) / 100)
+        if i % 1000 == 999:
+            time.sleep(max(0.0, t0 + (i + 1) / 10_000 - time.monotonic()))
+    c.send("/musicsteer/concept/gmaj/strength", 0.42)
+    time.sleep(1.0)
+    assert producer.running and producer.error is None
+    assert producer.stats().underruns == before
+    assert producer.plan.strengths[1] == pytest.approx(0.42)  # order kept: the last one wins
+    assert producer.sampling.cfg == 20.0
+
+
+def test_oscsend_from_liblo_changes_a_strength_at_the_next_step(stream):
+    port, holder, session = stream
+    subprocess.run(["oscsend", "localhost", str(port), "/musicsteer/concept/gmaj/strength", "f", "0.8"],
+                   check=True, timeout=10)
+    deadline = time.monotonic() + 5
+    while holder["p"].plan.strengths[1] != pytest.approx(0.8):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(1.2)  # the recorder syncs about once a second
+    _, entries, _ = load_session(session)
+    (entry,) = [e for e in entries if e["param"] == "concept/gmaj/strength" and e["value"] == pytest.approx(0.8)]
+    assert entry["source"] == "osc" and 0 <= entry["step"] - entry["received_step"] <= 1
+
+
+def test_live_cli_with_oscsend(tmp_path, tiny):
+    """The whole command: `musicsteer live` in its own process, steered by oscsend."""
+    pack = tmp_path / "pack"
+    ConceptPack.random(["cmaj"], tiny.cfg, "tiny").save(pack)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", "x",
+                             "--null", "--seconds", "8", "--no-status", "--concepts", str(pack),
+                             "--osc-port", str(port), "--record", str(tmp_path / "s")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "s" / "tokens.npy").exists() or os.path.getsize(tmp_path / "s" / "tokens.npy") < 400:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        subprocess.run(["oscsend", "localhost", str(port), "/musicsteer/concept/cmaj/strength", "f", "0.6"],
+                       check=True, timeout=10)
+        subprocess.run(["oscsend", "localhost", str(port), "/musicsteer/concept/cmaj/strength", "s", "oops"],
+                       check=True, timeout=10)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    info, entries, _ = load_session(tmp_path / "s")
+    assert info["complete"]
+    assert [(e["param"], e["value"]) for e in entries] == [("concept/cmaj/strength", pytest.approx(0.6))]
+    assert "needs a number" in err  # the bad message was logged
+    assert " 0 underruns" in out
