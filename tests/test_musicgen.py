@@ -129,3 +129,13 @@ def test_caches_are_required():
     m = MusicGen.random(CFG)
     with pytest.raises(AssertionError):
         m.step(torch.zeros(1, 4, 1, dtype=torch.long), torch.tensor([0]), kv_len=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 9])
+def test_linear_fast_path_equals_f_linear(rows):
+    from musicsteer.engine.linear import Linear
+
+    lin = Linear(96, 40, bias=True)
+    x = torch.randn(rows, 1, 96)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert lin(x).shape == (rows, 1, 40)

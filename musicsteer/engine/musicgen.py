@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import CrossCache, KVCache
+from .linear import Linear
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 HOOK_KINDS = ("attn", "cross", "out")
@@ -64,8 +65,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
-        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wqkv = Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.wo = Linear(cfg.hidden, cfg.hidden, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
@@ -87,9 +88,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
-        self.wkv = nn.Linear(cfg.hidden, 2 * cfg.hidden, bias=False)
-        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wq = Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wkv = Linear(cfg.hidden, 2 * cfg.hidden, bias=False)
+        self.wo = Linear(cfg.hidden, cfg.hidden, bias=False)
         self.cache: CrossCache | None = None
 
     def memory(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +119,8 @@ class Block(nn.Module):
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.norm_mlp = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.fc1 = Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.fc2 = Linear(cfg.ffn, cfg.hidden, bias=False)
         self.act = _activation(cfg.activation)
         # kind -> hooks applied in order; read by forward, written only through MusicGen's hook methods
         self.hooks: dict[str, list[Hook]] = {}
@@ -155,7 +156,7 @@ class MusicGen(nn.Module):
         self.text_proj: nn.Module = nn.Linear(cfg.text_hidden, D) if cfg.text_hidden != D else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.heads = nn.Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
+        self.heads = Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
         self.batch = 0
 
     # -- set-up --------------------------------------------------------------
