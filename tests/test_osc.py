@@ -243,3 +243,24 @@ def test_live_cli_with_oscsend(tmp_path, tiny):
     assert [(e["param"], e["value"]) for e in entries] == [("concept/cmaj/strength", pytest.approx(0.6))]
     assert "needs a number" in err  # the bad message was logged
     assert " 0 underruns" in out
+
+
+def test_osc_starts_a_schedule_from_the_current_step(stream):
+    from musicsteer.controllers.schedules import ExpDecay, LinearDown, LinearUp, Started
+
+    port, holder, _ = stream
+    producer = holder["p"]
+    c = Client(port)
+    c.send("/musicsteer/concept/cmaj/strength", 0.5)
+    time.sleep(0.2)
+    sent = producer.step
+    c.send("/musicsteer/concept/cmaj/schedule", "decay:0.9")
+    time.sleep(0.3)
+    schedule = producer.plan.schedules[0]
+    assert isinstance(schedule, Started) and schedule.schedule == ExpDecay(0.9)
+    assert sent <= schedule.start <= sent + 20
+    c.send("/musicsteer/concept/cmaj/schedule", "crossfade:gmaj:2s")
+    time.sleep(0.3)
+    a, b = producer.plan.schedules
+    assert a.schedule == LinearDown(100) and b.schedule == LinearUp(100) and a.start == b.start
+    assert producer.plan.strengths[1] == pytest.approx(0.5)  # B takes A's strength when it had none
