@@ -188,14 +188,20 @@ class MusicGen(nn.Module):
         model.init_weights(seed)
         return model.to(device=device, dtype=dtype).eval()
 
-    def setup_caches(self, batch: int, max_len: int | None = None, max_text: int = 256) -> None:
-        """Allocate the static caches once, at their maximum shape (batch 2 for CFG)."""
+    def setup_caches(self, batch: int, max_len: int | None = None, max_text: int = 256,
+                     self_attention: bool = True) -> None:
+        """Allocate the static caches once, at their maximum shape (batch 2 for CFG). Without
+        `self_attention` only the cross-attention caches exist (for uncached forwards)."""
         cfg = self.cfg
         max_len = max_len or cfg.max_positions
         if max_len > cfg.max_positions:
             raise ValueError(f"cache of {max_len} positions exceeds the model's {cfg.max_positions}")
         p = self.embed.weight
-        self.use_caches(self.make_caches(batch, max_len))
+        if self_attention:
+            self.use_caches(self.make_caches(batch, max_len))
+        else:
+            for block in self.blocks:
+                block.self_attn.cache = None
         for block in self.blocks:
             block.cross_attn.cache = CrossCache(batch, cfg.heads, max_text, cfg.head_dim, p.dtype, p.device)
         self.batch = batch
