@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="play nowhere, paced in real time (default) or as fast as possible")
     live.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds of audio")
     live.add_argument("--record", type=Path, metavar="SESSION_DIR", help="record a replayable session")
-    live.add_argument("--buffer-ms", type=float, default=120.0,
+    live.add_argument("--buffer-ms", type=float, default=60.0,
                       help="audio buffered ahead of playback: lower is more responsive, higher is safer")
     live.add_argument("--window", type=float, default=30.0, metavar="SECONDS", help="context the model sees")
     live.add_argument("--keep", type=float, default=10.0, metavar="SECONDS",
@@ -107,9 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--fast", action="store_true", help="as fast as possible instead of real-time paced")
     stream.add_argument("--window", type=float, default=30.0)
     stream.add_argument("--keep", type=float, default=10.0)
-    stream.add_argument("--buffer-ms", type=float, default=120.0)
+    stream.add_argument("--buffer-ms", type=float, default=60.0)
     stream.add_argument("--json", type=Path, metavar="FILE")
     stream.set_defaults(run=run_bench_stream)
+    control = bsub.add_parser("control", help="control-to-sound latency through OSC, the stream and the device")
+    _add_model_args(control)
+    control.add_argument("--device", metavar="NAME", help="audio output device (default: JACK or the system's)")
+    control.add_argument("--messages", type=int, default=100)
+    control.add_argument("--interval", type=float, default=0.15, metavar="SECONDS", help="mean gap between changes")
+    control.add_argument("--buffer-ms", type=float, default=60.0)
+    control.add_argument("--json", type=Path, metavar="FILE")
+    control.set_defaults(run=run_bench_control)
     codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
     _add_model_args(codec)
     codec.add_argument("--frames", type=int, default=1000)
@@ -347,6 +355,21 @@ def run_bench_stream(args) -> int:
 
     model = _load(args)
     _emit(run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms), args.json)
+    return 0
+
+
+def run_bench_control(args) -> int:
+    from .bench.control import format_control, run_control_bench
+
+    if args.messages < 1 or not args.interval > 0:
+        raise UsageError("--messages must be >= 1 and --interval > 0")
+    record = run_control_bench(_load(args), args.device, args.messages, args.interval, args.buffer_ms)
+    print(format_control(record))
+    if args.json:
+        from .bench.latency import write_json
+
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

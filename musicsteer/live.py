@@ -46,7 +46,7 @@ class LiveRequest:
     steer: dict[str, float] = field(default_factory=dict)
     schedules: dict[str, str] = field(default_factory=dict)
     steering: SteeringSettings = SteeringSettings()
-    buffer_ms: float = 120.0
+    buffer_ms: float = 60.0
     osc_port: int | None = None  # None: no OSC
     osc_host: str = "127.0.0.1"
     osc_smooth_ms: float = 0.0
@@ -63,10 +63,17 @@ class LiveResult:
     first_audio_s: float | None  # from start to the first audio in the ring
 
 
-def ring_for(buffer_ms: float, sample_rate: int, chunk_frames: int, hop: int) -> AudioRing:
-    """The smallest power-of-two ring that holds `buffer_ms` and at least two codec chunks."""
-    need = max(int(buffer_ms * sample_rate / 1000), 2 * chunk_frames * hop + hop)
-    return AudioRing(1 << (need - 1).bit_length())
+def buffer_plan(buffer_ms: float, sample_rate: int, chunk_frames: int, hop: int) -> tuple[int, int, AudioRing]:
+    """(fill target, prebuffer, ring) for `buffer_ms` of audio ahead of playback.
+
+    The producer keeps at most the fill target in the ring (at least one codec chunk and
+    one block); playback starts once the ring holds the prebuffer, which the producer
+    always reaches; the ring itself is twice the target, rounded up to a power of two."""
+    chunk = chunk_frames * hop
+    target = max(int(buffer_ms * sample_rate / 1000), chunk + hop)
+    prebuffer = max(target - chunk, hop)
+    need = 2 * target + chunk
+    return target, prebuffer, AudioRing(1 << (need - 1).bit_length())
 
 
 def make_sink(request: LiveRequest, sample_rate: int):
@@ -93,9 +100,9 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
 
 
 def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
-             stop: threading.Event | None = None, step_hook=None, on_start=None) -> LiveResult:
+             stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None) -> LiveResult:
     """Run a live session until `stop`, the time limit or a producer error. `on_start(producer)`
-    is called once the producer runs (benchmarks watch it)."""
+    is called once the producer runs, `on_sink(sink)` once playback starts (benchmarks watch them)."""
     stop = stop or threading.Event()
     sample_rate = model.codec.sample_rate
     steerer, plan = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
@@ -104,9 +111,10 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
     if controls is None:
         controls = ControlState(names)
     seed_controls(controls, request, names)
+    target, prebuffer, ring = buffer_plan(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
-                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec)
-    ring = ring_for(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
+                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec,
+                          fill_target=target)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
@@ -121,11 +129,12 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
         producer.start()
         if on_start is not None:
             on_start(producer)
-        prebuffer = ring.capacity - request.codec.chunk * model.codec.hop
-        while not stop.is_set() and producer.running and ring.read_available() < min(prebuffer, ring.capacity // 2):
+        while not stop.is_set() and producer.running and ring.read_available() < prebuffer:
             time.sleep(0.002)
-        sink.start(ring)
+        sink.start(ring, prefill_frames=prebuffer, resume_frames=prebuffer)
         sink_started = True
+        if on_sink is not None:
+            on_sink(sink)
         last_status = 0.0
         while not stop.is_set() and producer.running:
             time.sleep(0.02)

@@ -63,7 +63,7 @@ The format, by example (every key shown; most are optional)::
     [[note]]                             # one note, velocity as a parameter's value
     note = 64
     param = "concept/gmaj/strength"      # numeric param and no `value`: velocity through
-    range = [0.0, 2.0]                   # curve into range, note_off (default 0) on release
+    range = [0.0, 2.0]                   # curve into range; note_off on release
 
     [[pitchbend]]                        # the pitch wheel
     channel = 1
@@ -73,9 +73,9 @@ The format, by example (every key shown; most are optional)::
 
 Defaults: `range` is [0, 1] for a concept strength, [1, 10] for cfg, [0.1, 2] for
 temperature, [1, 500] for topk, [0, 1] for topp; a range must stay inside what
-ControlState accepts for the parameter. `note_off` defaults to 0 for velocity-driven
-note bindings and to "hold" for notes with a `value` (it applies only to numeric
-parameters). topk values are rounded to integers. A note-on with velocity 0 is a note-off.
+ControlState accepts for the parameter. `note_off` defaults to 0 for concept strengths
+driven by velocity and to "hold" otherwise (it applies only to numeric parameters).
+topk values are rounded to integers. A note-on with velocity 0 is a note-off.
 
 Curves map the control's position x in [0, 1] to y in [0, 1]; the value is
 lo + (hi - lo) * y. With k = shape:
@@ -104,6 +104,11 @@ the nearest end. Once caught it follows until the parameter changes from elsewhe
 set counts as 0; another parameter never set is caught at once. With "jump" every
 position applies at once. Prompt slots and notes have no takeover.
 
+MIDI learn (`add_cc_binding`) writes a `[[cc]]` block in this format. The learned knob
+then controls only its parameter and the parameter only that knob: the file's cc bindings
+of the same parameter, or on the same controller numbers (cc, and cc + 32 for 14-bit) on
+a shared channel, are replaced; the rest of the file, comments included, is kept.
+
 Errors: a malformed file raises `MappingError` naming the file, the line and the reason
 in one line ("map.toml, line 7: cc 130 is out of 0..127").
 
@@ -118,9 +123,10 @@ import json
 import math
 import os
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from ..errors import MusicsteerError
 from .state import ControlError, validate
@@ -298,7 +304,7 @@ class Mapping:
         self._state = [_Keys() if isinstance(b, NoteBinding) else _Knob() for b in self.bindings]
 
     @classmethod
-    def load(cls, path: Path | str, concepts=None) -> "Mapping":
+    def load(cls, path: Path | str, concepts=None) -> Mapping:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -307,7 +313,7 @@ class Mapping:
         return cls.parse(text, path, concepts)
 
     @classmethod
-    def parse(cls, text: str, path: Path | str = "<mapping>", concepts=None) -> "Mapping":
+    def parse(cls, text: str, path: Path | str = "<mapping>", concepts=None) -> Mapping:
         """Parse and check a mapping; `concepts` (names) also checks the concepts it names."""
         from .mapping_toml import parse_mapping
 
@@ -316,7 +322,7 @@ class Mapping:
 
     def handle(self, msg, current: Callable[[str], object] | None = None) -> list[Setting]:
         """The settings a mido message makes. `current(param)` gives a parameter's value
-        now (ControlState.current), for soft takeover."""
+        now (ControlState.current), for soft takeover; without it every binding jumps."""
         kind = msg.type
         if kind == "control_change":
             return self._cc(msg.channel + 1, msg.control, msg.value, current)
@@ -363,26 +369,15 @@ class Mapping:
             st.slot = slot
             return [Setting("prompt", self.prompts[slot], 0.0)]
         value = b.scale.value(x)
-        caught = b.takeover == "jump" or self._catches(b, st, x, current)
-        st.prev = x
-        if not caught:
+        cur = _number(current(b.param), b.param) if current is not None else None  # None: no takeover
+        prev, st.prev = st.prev, x
+        if st.sent is not None and cur == st.sent:  # still ours: follow
+            if value == st.sent:
+                return []  # nothing would change (an LSB of 0 after its MSB)
+        elif b.takeover == "pickup" and cur is not None and not _catches(b.scale, prev, x, cur):
             return []
         st.sent = value
         return [Setting(b.param, value, b.smooth_ms)]
-
-    @staticmethod
-    def _catches(b, st: _Knob, x: float, current) -> bool:
-        cur = current(b.param) if current is not None else None
-        if cur is None and b.param.endswith("/strength"):
-            cur = 0.0
-        if not isinstance(cur, (int, float)) or isinstance(cur, bool):
-            return True  # nothing to catch
-        if st.sent is not None and cur == st.sent:
-            return True  # still ours: follow
-        target = b.scale.position(float(cur))
-        if abs(x - target) <= PICKUP_TOLERANCE:
-            return True
-        return st.prev is not None and (st.prev - target) * (x - target) <= 0.0
 
     # -- notes -----------------------------------------------------------------------------
 
@@ -437,7 +432,7 @@ class Mapping:
 
     # -- learn -----------------------------------------------------------------------------
 
-    def with_cc(self, binding: CCBinding) -> "Mapping":
+    def with_cc(self, binding: CCBinding) -> Mapping:
         """A new mapping where `binding` replaces the cc bindings it conflicts with (see
         `conflicts`); the other bindings keep their places."""
         kept = [b for b in self.bindings if not (isinstance(b, CCBinding) and conflicts(b, binding))]
@@ -453,6 +448,23 @@ def conflicts(old: CCBinding, new: CCBinding) -> bool:
     same_channel = old.channel is None or new.channel is None or old.channel == new.channel
     numbers = {old.cc, old.lsb} - {None}
     return same_channel and bool(numbers & ({new.cc, new.lsb} - {None}))
+
+
+def _number(cur, param: str) -> float | None:
+    """A parameter's current value for takeover; a strength never set counts as 0."""
+    if cur is None and param.endswith("/strength"):
+        return 0.0
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)):
+        return None  # nothing to catch
+    return float(cur)
+
+
+def _catches(scale: Scale, prev: float | None, x: float, cur: float) -> bool:
+    """Pickup: the knob at `x` (before at `prev`) is at or passes the position of `cur`."""
+    target = scale.position(cur)
+    if abs(x - target) <= PICKUP_TOLERANCE:
+        return True
+    return prev is not None and (prev - target) * (x - target) <= 0.0
 
 
 def _strength(concept: str) -> str:
@@ -522,7 +534,7 @@ def add_cc_binding(path: Path | str, binding: CCBinding, concepts=None) -> Mappi
     olds = old.cc_bindings
     if len(spans) != len(olds):
         raise MappingError("cannot update this file: write its cc bindings as [[cc]] tables", str(path))
-    drop = [span for span, b in zip(spans, olds) if conflicts(b, binding)]
+    drop = [span for span, b in zip(spans, olds, strict=True) if conflicts(b, binding)]
     block = format_table("cc", binding.to_table())
     if drop:
         at = drop[0][0]

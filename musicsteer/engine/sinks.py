@@ -45,7 +45,9 @@ class PacedSink:
     def close(self) -> None:
         """Release what write_block wrote to."""
 
-    def start(self, ring: AudioRing) -> None:
+    def start(self, ring: AudioRing, prefill_frames: int | None = None, resume_frames: int | None = None) -> None:
+        """Start consuming `ring` now (the caller waits for its prefill; a paced sink plays
+        silence through underruns rather than pausing, so `resume_frames` is not used)."""
         self.ring = ring
         self._thread = threading.Thread(target=self._run, name=f"musicsteer-{type(self).__name__}", daemon=True)
         self._thread.start()

@@ -48,6 +48,7 @@ class StreamConfig:
     keep_s: float = 10.0  # context kept when the window is re-primed
     reprime_chunk: int = 32  # positions re-primed per step
     max_seconds: float | None = None  # stop after this much audio; None plays until stopped
+    fill_target: int | None = None  # samples kept ahead of playback at most; None fills the ring
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
 
     def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
@@ -82,6 +83,25 @@ class StreamStats:
     error: str | None
 
 
+class Timeline:
+    """Stamps (time.monotonic) of what the producer did, for control-to-sound latency.
+
+    Preallocated for `steps` steps; the producer writes, a benchmark reads afterwards."""
+
+    def __init__(self, steps: int) -> None:
+        self.step_start = np.full(steps, np.nan)
+        self.step_end = np.full(steps, np.nan)
+        self.pushes: list[tuple[int, int, int, float]] = []  # (first frame, frames, ring index, time)
+        self.changes: list[tuple[str, float, int, int]] = []  # (param, received, received_step, applied step)
+
+    def frame_sample(self, frame: int, hop: int) -> tuple[int, float] | None:
+        """(ring index of the frame's first sample, time it entered the ring), if pushed."""
+        for first, n, ring_index, t in self.pushes:
+            if first <= frame < first + n:
+                return ring_index + (frame - first) * hop, t
+        return None
+
+
 class ControlSource:
     """What the producer reads controls from: `take(step)` -> changes effective at `step`."""
 
@@ -98,6 +118,7 @@ class Producer:
         (tests use it to make the producer slow); `on_step(step)` after it (meters)."""
         self.model, self.config, self.ring = model, config, ring
         self.controls, self.recorder, self.step_hook, self.on_step = controls, recorder, step_hook, on_step
+        self.timeline: Timeline | None = None  # set before start() to record stamps
         self.steerer, self.plan = steering if steering is not None else (None, None)
         cfg = model.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
@@ -230,6 +251,8 @@ class Producer:
                 continue
             if self.recorder is not None:
                 self.recorder.control(change.to_json(step))
+            if self.timeline is not None:
+                self.timeline.changes.append((change.param, change.received, change.received_step, step))
         for param, value in self.smoother.advance().items():
             self._apply(param, value)
 
@@ -288,6 +311,9 @@ class Producer:
     def _one_step(self) -> None:
         t0 = time.perf_counter()
         s = self.step
+        timeline = self.timeline
+        if timeline is not None and s < len(timeline.step_start):
+            timeline.step_start[s] = time.monotonic()
         self._apply_controls(s)
         if self.plan is not None:
             self.plan.write(s, self.steerer)
@@ -304,6 +330,8 @@ class Producer:
         self.step += 1
         self._advance_reprime()
         self._times[s % len(self._times)] = time.perf_counter() - t0
+        if timeline is not None and s < len(timeline.step_end):
+            timeline.step_end[s] = time.monotonic()  # frame s - (K - 1) is complete
         if s >= K - 1:
             self._emit_frame(s - (K - 1))
         if self.on_step is not None:
@@ -320,10 +348,17 @@ class Producer:
 
     def _push_audio(self, audio: np.ndarray) -> None:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        while not self.ring.write(audio):  # the ring is full: we are ahead of playback
+        ring_index = self.ring.metrics().frames_written if self.timeline is not None else 0
+        limit = max(self.config.fill_target or self.ring.capacity, len(audio))
+        # Ahead of playback by the fill target (or the ring is full): wait for the sink.
+        while self.ring.read_available() + len(audio) > limit or not self.ring.write(audio):
             if self._stop.is_set():
                 return
-            time.sleep(0.002)
+            time.sleep(0.001)
+        if self.timeline is not None:
+            hop = self.model.codec.hop
+            first = self.codec_stream.emitted - len(audio) // hop
+            self.timeline.pushes.append((first, len(audio) // hop, ring_index, time.monotonic()))
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
         self.audio_pushed += len(audio)
