@@ -70,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--osc-host", default="127.0.0.1", help="address OSC listens on (default loopback only)")
     live.add_argument("--osc-smooth-ms", type=float, default=0.0, help="smoothing of OSC-set numbers")
     live.add_argument("--no-osc", action="store_true", help="no OSC server")
+    live.add_argument("--map", type=Path, metavar="MAPPING.toml", help="MIDI mapping file (CCs, notes, pitch bend)")
+    live.add_argument("--midi-in", metavar="NAME", help="MIDI input to follow (JACK MIDI source; see midi ports)")
     _add_sampling_args(live)
     _add_steering_args(live)
     live.set_defaults(run=run_live_cli)
+
+    from .controllers import midi_cli
+
+    midi_cli.register(sub)
 
     concepts = sub.add_parser("concepts", help="make, list and inspect concept packs")
     csub = concepts.add_subparsers(dest="concepts_command", required=True)
@@ -248,6 +254,7 @@ def run_live_cli(args) -> int:
         seconds=args.seconds, record=args.record, concepts=args.concepts, steer=parse_strengths(args.steer),
         schedules=parse_assignments(args.schedule, "--schedule"), steering=steering, buffer_ms=args.buffer_ms,
         osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
+        mapping=args.map, midi_in=args.midi_in,
         window_s=args.window, keep_s=args.keep, codec=codec, status=not args.no_status)
     model = _load(args)
     stop = threading.Event()

@@ -50,6 +50,8 @@ class LiveRequest:
     osc_port: int | None = None  # None: no OSC
     osc_host: str = "127.0.0.1"
     osc_smooth_ms: float = 0.0
+    mapping: Path | None = None  # MIDI mapping file
+    midi_in: str | None = None  # MIDI input to follow
     window_s: float = 30.0
     keep_s: float = 10.0
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
@@ -120,12 +122,13 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
                                sample_rate) if request.record else None
     producer = Producer(model, config, ring, controls, (steerer, plan) if plan is not None else None,
                         recorder, step_hook=step_hook)
-    osc = meter = None
-    if request.osc_port is not None:
-        osc, meter = start_osc(model, request, controls, producer, steerer, plan)
+    osc = meter = midi = None
     started = time.monotonic()
     sink_started = False
     try:
+        midi = start_midi(request, controls)  # a malformed mapping fails here, before any sound
+        if request.osc_port is not None:
+            osc, meter = start_osc(model, request, controls, producer, steerer, plan, midi)
         producer.start()
         if on_start is not None:
             on_start(producer)
@@ -148,6 +151,8 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
         producer.stop()
         if osc is not None:
             osc.stop()
+        if midi is not None:
+            midi.stop()
         if meter is not None:
             meter.detach()
         if sink_started:
@@ -172,13 +177,26 @@ def seed_controls(controls: ControlState, request: LiveRequest, names: list[str]
         controls.seed(f"concept/{name}/strength", request.steer.get(name, 0.0))
 
 
-def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, producer: Producer, steerer, plan):
+def start_midi(request: LiveRequest, controls: ControlState):
+    """The MIDI controller for --map / --midi-in, started; None without either."""
+    if request.mapping is None and request.midi_in is None:
+        return None
+    from .controllers.mapping import Mapping
+    from .controllers.midi import MidiController
+
+    mapping = Mapping.load(request.mapping, controls.concepts) if request.mapping is not None else Mapping()
+    return MidiController(controls, mapping, port=request.midi_in).start()
+
+
+def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, producer: Producer, steerer, plan,
+              midi=None):
     """The OSC server, and the meters it publishes every frame while someone listens."""
     from .controllers.osc import OscRouter, OscServer
     from .engine.meters import Meter
 
+    learn = (lambda param: midi.learn(param, request.mapping)) if midi is not None and request.mapping else None
     router = OscRouter(controls, plan.names if plan is not None else [], stats=producer.stats,
-                       smooth_ms=request.osc_smooth_ms)
+                       smooth_ms=request.osc_smooth_ms, learn=learn)
     osc = OscServer(router, request.osc_host, request.osc_port)
     meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach() if plan is not None else None
 

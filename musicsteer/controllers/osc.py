@@ -196,7 +196,7 @@ class OscServer:
             for msg in messages:
                 try:
                     replies = self.router.handle(msg.address, list(msg.params), sender[:2])
-                except (OscError, ControlError) as exc:
+                except (MusicsteerError, ValueError) as exc:  # bad input, never a dead server
                     self._error(sender, f"{msg.address}: {exc}")
                     continue
                 for address, args in replies:
