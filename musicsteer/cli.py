@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--cfg", type=float, default=3.0)
     lat.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
     lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
+    lat.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram and timeline of step times")
+    lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
+                     help="also time a reference implementation on the same shape (repeatable)")
+    lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
     lat.set_defaults(run=run_bench_latency)
     stream = bsub.add_parser("stream", help="a long live stream: gaps, re-primes, memory over time")
     _add_model_args(stream)
@@ -338,11 +342,16 @@ def run_bench_latency(args) -> int:
         raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
     record = run_latency(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
-                         args.dtype)
+                         args.dtype, baselines=args.baseline, floor=not args.no_floor)
     print(format_report(record))
     if args.json:
         write_json(record, args.json)
         print(f"wrote {args.json}")
+    if args.plot:
+        from .bench.latency import plot
+
+        plot(record, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

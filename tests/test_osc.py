@@ -133,8 +133,9 @@ def stream(tiny, tmp_path):
     controls = ControlState(["cmaj", "gmaj"])
     stop = threading.Event()
     holder = {}
+    # 150 ms ahead: the flood test holds the GIL in the OSC thread for much of a second
     request = LiveRequest("warm lofi piano", SamplingSettings(seed=2), null="realtime", concepts=pack,
-                          record=tmp_path / "session", osc_port=port, status=False)
+                          record=tmp_path / "session", osc_port=port, status=False, buffer_ms=150)
     thread = threading.Thread(target=lambda: holder.update(
         result=run_live(tiny, request, controls=controls, stop=stop, on_start=lambda p: holder.update(p=p))))
     thread.start()

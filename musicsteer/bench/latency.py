@@ -135,17 +135,35 @@ def git_commit() -> str | None:
 
 
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
-                sampling: SamplingSettings, steering: SteeringSettings, dtype: str) -> dict:
+                sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
+                baselines: list[str] = (), floor: bool = True) -> dict:
+    from .baselines import audiocraft_step_ms, step_weight_bytes, stream_bandwidth, transformers_step_ms
+
     device = model.decoder.embed.weight.device
-    results = [StepStats.of(k, time_generation(model, steps, warmup, k, sampling, steering))
-               for k in concept_counts]
+    samples = {k: time_generation(model, steps, warmup, k, sampling, steering) for k in concept_counts}
+    results = [StepStats.of(k, t) for k, t in samples.items()]
     base = next((r for r in results if r.concepts == 0), None)
     record = {
         "benchmark": "latency", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
         "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup,
         "results": [asdict(r) for r in results],
+        "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
     }
+    first = results[0]
+    if floor and device.type == "cpu":
+        nbytes, bw = step_weight_bytes(model), stream_bandwidth()
+        floor_ms = nbytes / bw * 1e3
+        record["floor"] = {"weight_bytes_per_step": nbytes, "stream_read_gb_s": bw / 1e9, "floor_ms": floor_ms,
+                           "p50_over_floor": first.p50_ms / floor_ms}
+    record["baselines"] = {}
+    for name in baselines:
+        if name == "transformers":
+            ms, what = transformers_step_ms(model, getattr(torch, dtype), sampling.cfg), "transformers generate"
+        else:
+            ms, what = audiocraft_step_ms(model, sampling.cfg)
+        record["baselines"][name] = {"step_ms": ms, "what": what,
+                                     "speedup": (ms / first.p50_ms) if ms is not None else None}
     if base is not None:
         record["steering_overhead_pct"] = {
             str(r.concepts): 100.0 * (r.p50_ms - base.p50_ms) / base.p50_ms for r in results if r.concepts}
@@ -168,8 +186,45 @@ def format_report(record: dict) -> str:
         lines.append(f"steering with {k:>2} concepts: {alone['p50_us']:8.1f} us per step measured alone "
                      f"({alone['pct_of_step']:.2f}% of the unsteered p50); end to end {pct:+.2f}% (run-to-run noise "
                      f"included)")
+    if "floor" in record:
+        f = record["floor"]
+        lines.append(f"bandwidth floor: {f['weight_bytes_per_step'] / 1e9:.2f} GB of weights per step at "
+                     f"{f['stream_read_gb_s']:.1f} GB/s = {f['floor_ms']:.1f} ms; p50 is {f['p50_over_floor']:.2f}x")
+    for name, b in record.get("baselines", {}).items():
+        if b["step_ms"] is None:
+            lines.append(f"baseline {name}: not run ({b['what']})")
+        else:
+            lines.append(f"baseline {name}: {b['step_ms']:.1f} ms per step ({b['what']}); "
+                         f"musicsteer is {b['speedup']:.2f}x faster")
     lines.append(f"frame budget: {FRAME_MS:.0f} ms per step (RTF >= 1 keeps up with real time)")
     return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    """Histogram and timeline of step times, one colour per concept count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hist, line) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, times in record["step_times_ms"].items():
+        label = f"{k} concepts"
+        hist.hist(times, bins=40, alpha=0.5, label=label)
+        line.plot(times, label=label, linewidth=0.8)
+    for ax in (hist, line):
+        ax.axvline(FRAME_MS, color="red", linestyle="--") if ax is hist else ax.axhline(FRAME_MS, color="red",
+                                                                                         linestyle="--")
+    hist.set_xlabel("step time (ms)")
+    hist.set_ylabel("steps")
+    line.set_xlabel("step")
+    line.set_ylabel("ms")
+    hist.legend()
+    fig.suptitle(f"{record['model']} ({record['dtype']}) on {record['machine'].get('gpu', record['machine']['cpu'])};"
+                 f" red: the 20 ms frame")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_json(record: dict, path: Path) -> None:
