@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     live.set_defaults(run=run_live_cli)
 
     from .controllers import midi_cli
+    from .probes import cli as probes_cli
 
     midi_cli.register(sub)
+    probes_cli.register(sub)
 
     concepts = sub.add_parser("concepts", help="make, list and inspect concept packs")
     csub = concepts.add_subparsers(dest="concepts_command", required=True)
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("musicsteer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

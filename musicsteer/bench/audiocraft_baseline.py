@@ -23,7 +23,7 @@ def main() -> None:
     lm = LMModel(
         pattern_provider=DelayedPatternProvider(n_q=p["n_q"]),
         condition_provider=ConditioningProvider({"description": conditioner}),
-        fuser=ConditionFuser({"cross": ["description"]}), n_q=p["n_q"], card=p["card"], dim=p["dim"],
+        fuser=ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []}), n_q=p["n_q"], card=p["card"], dim=p["dim"],
         num_heads=p["num_heads"], num_layers=p["num_layers"], hidden_scale=p["hidden_scale"], norm="layer_norm",
         norm_first=True, bias_ff=False, bias_attn=False, bias_proj=False, causal=True, cross_attention=True,
         positional_embedding="sin", activation="gelu", memory_efficient=True).eval()

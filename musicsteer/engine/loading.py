@@ -156,10 +156,26 @@ def load_preset(name: str, seed: int = 0) -> LoadedModel:
         else:  # T5-base shape
             t5_cfg = T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, vocab_size=32128)
         t5 = T5EncoderModel(t5_cfg).eval()
-        codec = EncodecModel(encodec_32khz_config(EncodecConfig, tiny=tiny)).eval()
+        codec = randomize_codebooks(EncodecModel(encodec_32khz_config(EncodecConfig, tiny=tiny)).eval())
         decoder = MusicGen.random(cfg, seed=seed)
     return LoadedModel(decoder, TextEncoder(t5, ByteTokenizer(), f"random T5 ({name} preset)"),
                        Codec(codec, f"random EnCodec 32 kHz ({name} preset)"), name, "preset")
+
+
+@torch.no_grad()
+def randomize_codebooks(codec):
+    """Random codebooks for a random EnCodec: transformers starts them at zero (EnCodec fills
+    them by k-means while training), which would map every input to code 0. Each residual
+    level gets Gaussian entries at the scale of what it quantizes (measured on noise)."""
+    probe = torch.randn(1, 1, 32000) * 0.3
+    residual = codec.encoder(probe).transpose(1, 2).reshape(-1, codec.config.codebook_dim)  # (frames, dim)
+    for layer in codec.quantizer.layers:
+        book = layer.codebook
+        entries = torch.randn(book.embed.shape) * residual.std(0, keepdim=True) + residual.mean(0, keepdim=True)
+        book.embed.copy_(entries)
+        book.embed_avg.copy_(entries)
+        residual = residual - entries[torch.cdist(residual, entries).argmin(-1)]
+    return codec
 
 
 def encodec_32khz_config(config_cls, tiny: bool = False):

@@ -335,7 +335,9 @@ class MusicGen(nn.Module):
         return self.forward(codes, torch.arange(T, device=codes.device), kv_len=T)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "MusicGen":
-        """Random weights with the real shapes (for presets): normal(0, std), norms at identity."""
+        """Random weights with the real shapes (for presets): normal(0, std) projections, unit-variance
+        code embeddings (as large as the positions, so hidden states depend on the codes, as in a
+        trained model), norms at identity."""
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -344,5 +346,5 @@ class MusicGen(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                    p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name == "embed.weight" else std))
         return self

@@ -154,14 +154,15 @@ def families_of(store: FeatureStore, wanted: list[str] | None = None) -> list[Fa
         if has_value.any() and not has_value.all():
             raise ProbeError(f"family {name!r}: {int(has_value.sum())} of {len(rows)} rows carry a value; "
                              "a regression family needs a value on every row, a label family on none")
-        labels, ids = np.unique(store.label[rows], return_inverse=True)
+        uniq, ids = np.unique(store.label[rows], return_inverse=True)
+        labels = [str(lab) for lab in uniq]
         task = "regression" if has_value.all() else "classification"
         if task == "classification" and len(labels) < 2:
             raise ProbeError(f"family {name!r} has a single label {labels[0]!r}; one-vs-rest probes need "
                              "at least two labels in a family")
         if task == "regression" and np.ptp(store.value[rows]) == 0:
             raise ProbeError(f"family {name!r}: every clip has the value {store.value[rows][0]}; nothing to regress")
-        out.append(Family(name, rows, task, tuple(labels.tolist()), ids, store.value[rows], store.program[rows]))
+        out.append(Family(name, rows, task, tuple(labels), ids, store.value[rows], store.program[rows]))
     return out
 
 
@@ -233,7 +234,7 @@ def split_family(fam: Family, val_fraction: float, seed: int) -> Split:
     val = []
     for k in np.unique(s):
         idx = rng.permutation(np.flatnonzero(s == k))
-        n_val = min(max(1, int(round(val_fraction * len(idx)))), len(idx) - 1)
+        n_val = min(max(1, round(val_fraction * len(idx))), len(idx) - 1)
         val.extend(idx[:n_val].tolist())
     is_val = np.zeros(len(s), dtype=bool)
     is_val[val] = True

@@ -47,6 +47,8 @@ def _ridge_path(Xc: np.ndarray, Yc: np.ndarray, alphas) -> tuple[list[np.ndarray
     """Ridge weights (D, C) for every alpha, from one SVD of the centred data Xc (n, D)."""
     U, s, Vt = np.linalg.svd(Xc, full_matrices=False)  # (n, r), (r,), (r, D)
     mean_eig = float((s ** 2).sum() / Xc.shape[1])
+    if not np.isfinite(mean_eig) or mean_eig <= np.finfo(np.float64).tiny:
+        raise ProbeError("the features do not vary across clips: nothing for a probe to learn")
     UtY = U.T @ Yc  # (r, C)
     return [Vt.T @ ((s / (s ** 2 + a * mean_eig))[:, None] * UtY) for a in alphas], mean_eig
 

@@ -110,7 +110,7 @@ class RfmProbe:
 
 
 def xrfm_model(params: RfmParams, task: str, device: str | None = None):
-    """The xrfm.RFM object for one configuration (exposed for the parity test)."""
+    """The xrfm.RFM object for one configuration (binary classification gets xrfm's 0/1 converter)."""
     from xrfm import RFM
     from xrfm.rfm_src.class_conversion import ClassificationConverter
 

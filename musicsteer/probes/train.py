@@ -17,6 +17,7 @@ Nothing here knows of the decoder: the pack is checked against a model when load
 from __future__ import annotations
 
 import csv
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .linear import RIDGE_ALPHAS, fit_diffmean, fit_logistic, fit_multiclass, fi
 from .pack import SIGN, Concept, ConceptPack
 from .rfm import RfmSearch, fit_rfm, fit_rfm_multiclass
 
-__all__ = ["ProbeError", "METHODS", "train_pack", "evaluation_table", "plot_scores"]
+__all__ = ["METHODS", "ProbeError", "evaluation_table", "plot_scores", "train_pack"]
 
 METHODS = ("rfm", "linear", "logistic", "diffmean")
 DIRECTION_RULE = {
@@ -66,7 +67,7 @@ def _capped(idx: np.ndarray, cap: int | None, rng) -> np.ndarray:
 def _jobs(fam: Family, specs: list[ConceptSpec], split: Split, seed: int, max_train: int | None) -> list[_Job]:
     jobs = []
     for spec in specs:
-        rng = np.random.default_rng([seed, 0 if spec.label_id is None else spec.label_id + 1, len(fam.rows)])
+        rng = np.random.default_rng([seed, zlib.crc32(fam.name.encode()), 0 if spec.label_id is None else spec.label_id + 1])
         if fam.task == "regression":
             tr, va = _capped(split.train, max_train, rng), split.val
             jobs.append(_Job(spec, "regression", tr, va, fam.values[tr], fam.values[va]))
@@ -143,7 +144,7 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
             fam_specs = [s for s in specs if s.family == fam.name]
             jobs = _jobs(fam, fam_specs, split, seed, max_train)
             fam_summary[fam.name] = _family_summary(fam, split)
-            mc_rng = np.random.default_rng([seed, 7, len(fam.rows)])
+            mc_rng = np.random.default_rng([seed, zlib.crc32(fam.name.encode()), 1 << 20])
             mc_train = _stratified_cap(split.train, strata(fam), max_train, mc_rng)
             if evaluate and fam.task == "classification":
                 evaluation[fam.name] = {"metric": "accuracy", "classes": len(fam.labels), "train": len(mc_train),
@@ -181,8 +182,9 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
         "model": {"id": model_id or store.meta["model"].get("id", "unknown"), "layers": L, "hidden": D},
         "method": method,
         "hyperparameters": _hyper_summary(method, search, max_train),
-        "sign": SIGN + " (each layer's direction is flipped so the training projection correlates "
-                       "positively with the concept's 0/1 label or value)",
+        "sign": SIGN,
+        "sign_rule": "each layer's direction is flipped so that the projection of the training clips on it "
+                     "correlates positively with the concept's 0/1 label or value",
         "direction": DIRECTION_RULE[method],
         "scores": SCORES,
         "targets": "mean projection of the concept's training clips on the direction (classification only)",
@@ -210,7 +212,7 @@ def _stratified_cap(idx: np.ndarray, s: np.ndarray, cap: int | None, rng) -> np.
     keep = []
     for k in np.unique(s[idx]):
         members = idx[s[idx] == k]
-        n = max(1, int(round(cap * len(members) / len(idx))))
+        n = max(1, round(cap * len(members) / len(idx)))
         keep.append(rng.choice(members, min(n, len(members)), replace=False))
     return np.sort(np.concatenate(keep))
 
@@ -223,7 +225,7 @@ def _multiclass(method, X, fam: Family, train, val, search, device) -> float:
 
 
 def _family_summary(fam: Family, split: Split) -> dict:
-    out = {"task": fam.task, "clips": len(fam.rows), "programs": int(len(np.unique(fam.programs))),
+    out = {"task": fam.task, "clips": len(fam.rows), "programs": len(np.unique(fam.programs)),
            "split": {"grouped_by_program": split.grouped, "note": split.note, "train": len(split.train),
                      "val": len(split.val)}}
     if fam.task == "classification":
@@ -239,7 +241,7 @@ def _hyper_summary(method: str, search: RfmSearch, max_train) -> dict:
         out |= {"search": search.describe(), "library": _xrfm_version(),
                 "selection": "per concept and layer, the configuration with the lowest validation MSE "
                              "(xrfm keeps its best iteration by the same metric)",
-                "per_layer": "concept_info[*].layers: reg, bandwidth, exponent, center_grads, best_iter, scale"}
+                "per_layer": "concepts[*].layers: reg, bandwidth, exponent, center_grads, best_iter, scale"}
     elif method in ("linear", "logistic"):
         out |= {"alpha_grid": list(RIDGE_ALPHAS) if method == "linear" else "logspace(-4, 1, 6)",
                 "reg": "alpha x mean eigenvalue of the training covariance, alpha picked by validation "
@@ -256,14 +258,23 @@ def _xrfm_version() -> str:
         return "xrfm"
 
 
+def _info(pack: ConceptPack) -> dict:
+    """Per-concept info: `concept_info` before saving, the `concepts` entries after loading."""
+    if "concept_info" in pack.meta:
+        return pack.meta["concept_info"]
+    return {c["name"]: c for c in pack.meta.get("concepts", []) if isinstance(c, dict) and "name" in c}
+
+
 def evaluation_table(pack: ConceptPack) -> list[dict]:
     """Rows {family, layer, metric, score}: multiclass accuracy per classification family,
     R^2 per regression concept."""
     rows = []
     for fam, e in pack.meta.get("evaluation", {}).items():
-        rows += [{"family": fam, "layer": i, "metric": e["metric"], "score": float(s)} for i, s in enumerate(e["scores"])]
+        rows += [{"family": fam, "layer": i, "metric": e["metric"], "score": float(s)}
+                 for i, s in enumerate(e["scores"])]
+    info = _info(pack)
     for name, c in pack.concepts.items():
-        ci = pack.meta.get("concept_info", {}).get(name, {})
+        ci = info.get(name, {})
         if ci.get("task") == "regression":
             rows += [{"family": ci["family"], "layer": i, "metric": "r2", "score": float(s)}
                      for i, s in enumerate(c.scores.tolist())]
@@ -282,8 +293,9 @@ def plot_scores(pack: ConceptPack, path: Path | str) -> None:
     (dashed, black) the family's multiclass accuracy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    info = pack.meta.get("concept_info", {})
+    info = _info(pack)
     fams = list(dict.fromkeys(info.get(n, {}).get("family", "concepts") for n in pack.names))
     fig = Figure(figsize=(6.5, 3.2 * len(fams)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -297,6 +309,7 @@ def plot_scores(pack: ConceptPack, path: Path | str) -> None:
             ax.plot(ev["scores"], "k--", lw=2, label="multiclass accuracy")
         metric = info.get(names[0], {}).get("score", "score")
         ax.set(title=f"{fam} ({pack.meta.get('method', '')}, {metric})", xlabel="layer", ylabel="validation score")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)

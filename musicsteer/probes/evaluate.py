@@ -1,0 +1,136 @@
+"""`musicsteer probes eval`: MusicRFM's "probe accuracy on generations".
+
+A multiclass probe for one family is fitted on the training features at the family's
+best layer (the pack's multiclass evaluation, else the concepts' best mean score).
+Then, for each strength and each concept of the family, the model generates clips
+steered toward that concept (strength 0: unsteered); each clip is decoded to audio,
+re-encoded by EnCodec, run through the decoder exactly as the training clips were
+(the feature store's conditioning and layout), pooled, and classified. The table is
+the fraction of generations classified as the concept they were steered toward.
+
+A CLAP text-adherence column needs a CLAP model in the local Hugging Face cache;
+without one the column is absent and the record says why.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.generate import generate
+from ..engine.loading import LoadedModel, hf_cache_snapshot
+from ..engine.sampling import SamplingSettings
+from ..engine.steering import SteeringSettings, build_steering
+from .common import ProbeError
+from .extract import ExtractSettings, hidden_states, layout
+from .features import concept_name, families_of, load_features
+from .pack import ConceptPack
+
+CLAP_REPOS = ("laion/larger_clap_music", "laion/clap-htsat-unfused")
+
+
+class OneHotRidge:
+    """Multiclass ridge on one-hot targets (closed form), predicting the argmax."""
+
+    def __init__(self, X: np.ndarray, labels: np.ndarray, n_classes: int, rel_alpha: float = 1e-2) -> None:
+        X = X.astype(np.float64)
+        self.mu = X.mean(0)
+        Xc = X - self.mu
+        Y = np.eye(n_classes)[labels]
+        self.ybar = Y.mean(0)
+        alpha = rel_alpha * (Xc * Xc).sum() / max(len(X), 1)
+        self.W = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ (Y - self.ybar))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return ((X.astype(np.float64) - self.mu) @ self.W + self.ybar).argmax(-1)
+
+
+def best_layer(pack: ConceptPack, family: str, names: list[str]) -> int:
+    evaluation = pack.meta.get("evaluation", {}).get(family)
+    if evaluation and evaluation.get("scores"):
+        return int(np.argmax(evaluation["scores"]))
+    return int(np.argmax(np.mean([pack[n].scores.numpy() for n in names], axis=0)))
+
+
+def clap_status() -> tuple[str | None, str]:
+    for repo in CLAP_REPOS:
+        if hf_cache_snapshot(repo) is not None:
+            return repo, f"CLAP {repo} found in the Hugging Face cache"
+    return None, ("no CLAP column: no CLAP model (" + ", ".join(CLAP_REPOS) +
+                  ") in the local Hugging Face cache, and none can be downloaded here")
+
+
+def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, family: str, strengths: list[float],
+                        per_concept: int, duration: float, prompt: str, gate: float, seed: int) -> dict:
+    store = load_features(features)
+    pack = ConceptPack.load(pack_dir)
+    pack.check_fits(model.cfg)
+    (fam,) = families_of(store, [family])
+    if fam.task != "classification":
+        raise ProbeError(f"family {family!r} is a regression family; generation accuracy needs labels")
+    names = [concept_name(family, label) for label in fam.labels]
+    missing = [n for n in names if n not in pack.concepts]
+    if missing:
+        raise ProbeError(f"the pack has no concept {missing[0]!r} for family {family!r}")
+    layer = best_layer(pack, family, names)
+    classifier = OneHotRidge(store.layer(layer, fam.rows), fam.label_ids, len(fam.labels))
+    meta = store.meta
+    settings = ExtractSettings(prompt=meta["conditioning"].get("prompt") or "",
+                               text=meta["conditioning"].get("prompt") is not None,
+                               delay=meta.get("layout", "delay") == "delay")
+    frames = max(int(duration * 50), 8)
+    sampling = SamplingSettings(seed=seed)
+    steering = SteeringSettings(gate=gate, seed=seed)
+    steerer, plan = build_steering(model.decoder, pack, steering, sampling.batch, names)
+
+    def classify(codes: torch.Tensor) -> int:
+        audio = model.codec.decode(codes)
+        recoded = model.codec.encode(audio, model.cfg.codebooks)
+        states = hidden_states(model, layout(recoded, model.cfg.special_token, settings.delay)[None], settings)
+        pooled = states[layer, 0, 1:].float().mean(0).cpu().numpy()[None]  # (1, D)
+        return int(classifier.predict(pooled)[0])
+
+    t0 = time.monotonic()
+    table = []
+    for strength in strengths:
+        hits = per_label = 0
+        per_concept_acc = {}
+        unsteered_preds = None
+        if strength == 0.0:  # one set of unsteered generations, scored against every label
+            unsteered_preds = [classify(generate(model.decoder, model.text, prompt, frames,
+                                                 SamplingSettings(seed=seed + i)).codes)
+                               for i in range(per_concept)]
+        for k, name in enumerate(names):
+            if unsteered_preds is not None:
+                correct = sum(p == k for p in unsteered_preds)
+            else:
+                for n in names:
+                    plan.set_strength(n, strength if n == name else 0.0)
+                correct = 0
+                with steerer:
+                    for i in range(per_concept):
+                        codes = generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i),
+                                         before_step=lambda s: plan.write(s, steerer)).codes
+                        correct += classify(codes) == k
+            per_concept_acc[name] = correct / per_concept
+            hits += correct
+            per_label += per_concept
+        table.append({"strength": strength, "accuracy": hits / per_label, "per_concept": per_concept_acc})
+    repo, clap_note = clap_status()
+    return {"evaluation": "generation", "family": family, "layer": layer, "labels": list(fam.labels),
+            "chance": 1.0 / len(fam.labels), "per_concept": per_concept, "duration_s": frames / 50,
+            "gate": gate, "prompt": prompt, "table": table, "clap": None, "clap_note": clap_note,
+            "held_out": pack.meta.get("evaluation", {}).get(family), "seconds": time.monotonic() - t0}
+
+
+def format_eval(record: dict) -> str:
+    lines = [f"probe accuracy on generations: family {record['family']} (layer {record['layer']}, "
+             f"{len(record['labels'])} labels, chance {record['chance']:.3f}, {record['per_concept']} clips per cell)",
+             f"{'strength':>9} {'accuracy':>9}"]
+    for row in record["table"]:
+        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f}")
+    lines.append(record["clap_note"])
+    return "\n".join(lines)

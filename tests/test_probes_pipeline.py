@@ -1,0 +1,133 @@
+"""The probe pipeline end to end with the tiny preset: FluidSynth clips of two concept
+families, extraction, RFM and linear probes, a pack, steering with it, and probe
+accuracy on generations. Accuracies on a random model mean nothing musically; the
+pipeline, the numerics and the file formats are what this proves."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from musicsteer.cli import main
+from musicsteer.engine.delay import interleave
+from musicsteer.engine.text import condition_rows
+from musicsteer.probes.common import ProbeError
+from musicsteer.probes.dataset import build_dataset
+from musicsteer.probes.evaluate import run_generation_eval
+from musicsteer.probes.extract import ExtractError, ExtractSettings, extract
+from musicsteer.probes.pack import ConceptPack
+from musicsteer.probes.train import train_pack
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("concept-data")
+    build_dataset(out, families=["chords", "intervals"], programs=[0, 24], per_label=1, seed=3, workers=2,
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(data, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "f"
+    extract(tiny, data, out, ExtractSettings(prompt="music", batch=8), progress=False)
+    return out
+
+
+def test_extraction_matches_a_direct_forward(tiny, data, features):
+    """Row 5 of the store equals: encode, interleave, forward the CFG batch, pool row 0."""
+    with open(features / "index.csv") as f:
+        row = list(csv.DictReader(f))[5]
+    audio, _ = sf.read(data / row["clip"], dtype="float32")
+    codes = tiny.codec.encode(audio, 4)
+    seq = interleave(codes, 2048)  # (K, F + K)
+    dec = tiny.decoder
+    outs = []
+    for i in range(dec.cfg.layers):
+        dec.add_hook(f"blocks.{i}.out", lambda h, _o=outs: (_o.append(h[0]), h)[1])
+    try:
+        states, mask = tiny.text.encode("music")
+        dec.setup_caches(2, max_len=seq.shape[1], self_attention=False)
+        dec.set_condition(*condition_rows(states, mask, 2))
+        with torch.inference_mode():
+            dec.hidden_states(seq[None].expand(2, -1, -1), torch.arange(seq.shape[1]), use_cache=False)
+    finally:
+        dec.clear_hooks()
+    want = torch.stack([o[1:].mean(0) for o in outs]).numpy()  # (L, D)
+    pooled = np.load(features / "pooled.npy", mmap_mode="r")
+    np.testing.assert_allclose(pooled[:, 5], want, rtol=1e-4, atol=1e-5)
+    meta = json.loads((features / "meta.json").read_text())
+    assert meta["layout"] == "delay" and meta["conditioning"]["prompt"] == "music"
+    assert np.load(features / "done.npy").all()
+
+
+def test_extraction_resumes_and_refuses_other_settings(tiny, data, features):
+    before = np.load(features / "pooled.npy").copy()
+    extract(tiny, data, features, ExtractSettings(prompt="music"), progress=False)  # nothing left to do
+    assert np.array_equal(np.load(features / "pooled.npy"), before)
+    with pytest.raises(ExtractError, match="other settings"):
+        extract(tiny, data, features, ExtractSettings(prompt="music", delay=False), progress=False)
+
+
+@pytest.mark.parametrize("method", ["rfm", "linear"])
+def test_train_pack_and_steer_with_it(features, tmp_path, method, capsys):
+    pack_dir = tmp_path / "pack"
+    pack = train_pack(features, method=method, budget=1, out_dir=pack_dir, seed=0, progress=False)
+    loaded = ConceptPack.load(pack_dir)
+    assert set(loaded.names) == set(pack.names) and len(loaded.names) == 24
+    want = {f"chords-{q}-{inv}" for q in ("major", "minor", "augmented", "diminished")
+            for inv in ("root", "first", "second")}
+    want |= {f"intervals-{i}" for i in ("m2", "M2", "m3", "M3", "P4", "TT", "P5", "m6", "M6", "m7", "M7", "P8")}
+    assert set(loaded.names) == want
+    for c in loaded.concepts.values():
+        torch.testing.assert_close(c.directions.norm(dim=-1), torch.ones(2), atol=1e-4, rtol=0)
+        assert c.scores.shape == (2,)
+    assert (pack_dir / "scores.png").exists()
+    name = loaded.names[0]
+    base = ["render", "--model", "tiny", "--prompt", "x", "--duration", "0.6", "--greedy", "--no-progress",
+            "--out", str(tmp_path / "o.wav")]
+    assert main(base + ["--save-tokens", str(tmp_path / "plain.npy")]) == 0
+    assert main(base + ["--save-tokens", str(tmp_path / "steered.npy"), "--concepts", str(pack_dir),
+                        "--steer", f"{name}=40"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "plain.npy"), np.load(tmp_path / "steered.npy"))
+
+
+def test_probe_accuracy_on_generations(tiny, features, tmp_path):
+    pack_dir = tmp_path / "pack"
+    train_pack(features, method="linear", families=["intervals"], out_dir=pack_dir, progress=False)
+    record = run_generation_eval(tiny, features, pack_dir, "intervals", [0.0, 2.0], per_concept=1, duration=0.4,
+                                 prompt="music", gate=1.0, seed=0)
+    assert [r["strength"] for r in record["table"]] == [0.0, 2.0]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and len(r["per_concept"]) == 12 for r in record["table"])
+    # the unsteered row scores one set of generations against every label: accuracies sum to 1 per clip
+    assert sum(record["table"][0]["per_concept"].values()) == pytest.approx(1.0)
+    assert record["clap"] is None and "no CLAP" in record["clap_note"]
+
+
+def test_pack_for_another_model_is_refused(tmp_path, features):
+    pack_dir = tmp_path / "pack"
+    train_pack(features, method="linear", families=["chords"], out_dir=pack_dir, progress=False)
+    rc = main(["render", "--model", "small", "--prompt", "x", "--duration", "0.2", "--no-progress",
+               "--out", str(tmp_path / "o.wav"), "--concepts", str(pack_dir)])
+    assert rc == 2
+
+
+def test_dataset_with_missing_files_is_a_clear_error(tiny, data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    victim = next((broken / "clips" / "chords").glob("*.wav"))
+    victim.unlink()
+    with pytest.raises(Exception) as info:
+        extract(tiny, broken, tmp_path / "f", progress=False)
+    assert "missing" in str(info.value) or "No such file" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_family_in_features(features):
+    with pytest.raises(ProbeError):
+        train_pack(features, families=["tempos"], progress=False)
