@@ -6,9 +6,9 @@ when FluidSynth or the soundfont is missing: scripts/setup.sh installs both."""
 import argparse
 import csv
 import io
+import itertools
 import json
 import shutil
-from pathlib import Path
 
 import mido
 import numpy as np
@@ -17,9 +17,22 @@ import soundfile as sf
 
 from musicsteer.errors import MusicsteerError, UsageError
 from musicsteer.probes import dataset_cli, theory
-from musicsteer.probes.dataset import (COLUMNS, FULL_PRESET, SYNTHEORY_COUNTS, ClipTask, DatasetError, Renderer,
-                                       build_dataset, clip_seed, find_fluidsynth, find_soundfont, full_preset,
-                                       load_manifest, plan_clips, render_task)
+from musicsteer.probes.dataset import (
+    COLUMNS,
+    FULL_PRESET,
+    SYNTHEORY_COUNTS,
+    ClipTask,
+    DatasetError,
+    Renderer,
+    build_dataset,
+    clip_seed,
+    find_fluidsynth,
+    find_soundfont,
+    full_preset,
+    load_manifest,
+    plan_clips,
+    render_task,
+)
 from musicsteer.probes.theory import STRONG, WEAK, make_clip
 
 FAMILIES = ["chords", "time_signatures"]
@@ -41,7 +54,7 @@ def onsets(clip):
 
 
 # --- theory -----------------------------------------------------------------------------
-def test_programs_are_synthoerys_92():
+def test_programs_are_syntheorys_92():
     assert len(theory.KEPT_PROGRAMS) == 92
     for dropped in (8, 9, 14, 21, 22, 23, 31, 47, 55, 77, 78, 86, 96, 103, 112, 118, 127):
         assert dropped not in theory.KEPT_PROGRAMS
@@ -103,7 +116,7 @@ def test_scale_step_patterns():
         up = make_clip("scales", mode, 0, seed_for("scales", root=2, style="up"))
         pitches = [n.pitch for n in up.pitched()]
         assert pitches[0] == 62 and pitches[-1] == 74
-        assert "".join(str(b - a) for a, b in zip(pitches, pitches[1:])) == steps
+        assert "".join(str(b - a) for a, b in itertools.pairwise(pitches)) == steps
         down = make_clip("scales", mode, 0, seed_for("scales", root=2, style="down"))
         assert [n.pitch for n in down.pitched()] == pitches[::-1]
         assert [n.start for n in up.pitched()] == [float(i) for i in range(8)]
@@ -180,7 +193,7 @@ def test_time_signature_accent_patterns():
         ons, _ = midi_note_ons(clip)
         pitched = [(t, note, vel) for t, ch, note, vel in ons if ch == 0]
         assert [t for t, _, _ in pitched] == pytest.approx([k * period for k in range(len(pitched))])
-        assert len(pitched) == int(round(4.0 / period))
+        assert len(pitched) == round(4.0 / period)
         assert [v for _, _, v in pitched] == [bar[k % len(bar)] for k in range(len(pitched))]
         assert all(note == (72 if v == 120 else 60) for _, note, v in pitched)  # downbeat an octave up
         drums = [note for _, ch, note, _ in ons if ch == theory.DRUM_CHANNEL]
@@ -220,7 +233,7 @@ def test_clip_seeds_cover_the_variations_once():
         assert seeds != [clip_seed(1, family, theory.FAMILIES[family].labels[1], 24, i) for i in range(n)]
 
 
-def test_full_preset_reproduces_synthoery_counts():
+def test_full_preset_reproduces_syntheory_counts():
     programs, per_label = full_preset()
     tasks = plan_clips(list(theory.FAMILY_NAMES), programs, per_label, 0)
     counts = {f: sum(t.family == f for t in tasks) for f in theory.FAMILY_NAMES}
@@ -309,7 +322,7 @@ def test_time_signature_audio_accents_the_downbeats(built):
         for n in clip.pitched():
             level = {120: STRONG, 72: WEAK}.get(n.velocity)
             if level is not None:
-                i = int(round(clip.seconds(n.start) * sr))
+                i = round(clip.seconds(n.start) * sr)
                 loud[level].append(np.sqrt(np.mean(audio[i:i + sr // 50] ** 2)))  # first 20 ms
         assert min(loud[STRONG]) > 1.5 * np.mean(loud[WEAK]), row.clip
 
@@ -410,6 +423,9 @@ def test_regression_rows_carry_the_bpm(built, tmp_path):
 def test_user_errors_are_one_line(built, tmp_path):
     with pytest.raises(DatasetError, match="timgm6mb-soundfont"):
         build_dataset(tmp_path / "x", ["chords"], [0], 1, soundfont=tmp_path / "none.sf2", workers=1)
+    (tmp_path / "text.sf2").write_text("not a soundfont")
+    with pytest.raises(DatasetError, match="is not a SoundFont"):
+        build_dataset(tmp_path / "x", ["chords"], [0], 1, soundfont=tmp_path / "text.sf2", workers=1)
     with pytest.raises(DatasetError, match="another seed"):
         build_dataset(built[0], FAMILIES, PROGRAMS, 1, seed=1, workers=1)
     with pytest.raises(DatasetError, match="unknown concept family 'genres'"):

@@ -15,14 +15,14 @@ Layout of a dataset directory:
 
 `<id>` is `<label slug>_p<program>_<index>`. Each (family, label, program) gets
 `per_label` clips; their seeds walk a seeded permutation of the family's variations
-(`theory.variations`), so `per_label` = the variation count covers each root/octave/
+(`theory.FAMILIES[family].variations`), so `per_label` = the variation count covers each root/octave/
 style exactly once. The whole content of a clip follows from (family, label, program,
 seed): re-rendering gives identical bytes (FluidSynth is deterministic for one build and
 soundfont; it reads no user configuration here, `-f /dev/null`).
 
 Audio: FluidSynth renders stereo float at `sample_rate` (reverb and chorus at their
 defaults, gain 0.5); the two channels are averaged; the release tail is cut at 4 s with
-a 10 ms cosine fade (or zeros appended, if FluidSynth stopped early); the clip is then
+a 10 ms cosine fade (a render shorter than 4 s is an error); the clip is then
 peak-normalised to -3 dBFS, so loudness carries no label. A clip whose raw render peaks
 under -80 dBFS is an error (a program without samples for those keys), not data.
 
@@ -35,17 +35,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing import get_context
@@ -131,7 +133,7 @@ class Renderer:
 
     @property
     def frames(self) -> int:
-        return int(round(CLIP_SECONDS * self.sample_rate))
+        return round(CLIP_SECONDS * self.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,13 @@ def _hash(*parts) -> int:
 def clip_seed(seed: int, family: str, label: str, program: int, index: int) -> int:
     """The seed of the index-th clip of (family, label, program): its residue walks a seeded
     permutation of the family's variations, its quotient is a hash (theory.make_clip)."""
+    return _clip_seeds(seed, family, label, program, index + 1)[index]
+
+
+def _clip_seeds(seed: int, family: str, label: str, program: int, count: int) -> list[int]:
     n = theory.variation_count(family)
     order = random.Random(_hash(seed, family, label, program)).sample(range(n), n)
-    cycle, slot = divmod(index, n)
-    return _hash(seed, family, label, program, cycle) * n + order[slot]
+    return [_hash(seed, family, label, program, i // n) * n + order[i % n] for i in range(count)]
 
 
 def resolve_plan(families: Sequence[str] | None, programs: Sequence[int] | Mapping[str, Sequence[int]] | None,
@@ -189,8 +194,9 @@ def resolve_plan(families: Sequence[str] | None, programs: Sequence[int] | Mappi
 def plan_clips(families: Sequence[str], programs: Mapping[str, Sequence[int]], per_label: Mapping[str, int],
                seed: int) -> list[ClipTask]:
     """Every clip of the dataset, in manifest order: family, label, program, index."""
-    return [ClipTask(f, label, p, i, clip_seed(seed, f, label, p, i))
-            for f in families for label in FAMILIES[f].labels for p in programs[f] for i in range(per_label[f])]
+    return [ClipTask(f, label, p, i, s)
+            for f in families for label in FAMILIES[f].labels for p in programs[f]
+            for i, s in enumerate(_clip_seeds(seed, f, label, p, per_label[f]))]
 
 
 def full_preset(families: Sequence[str] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
@@ -214,6 +220,10 @@ def find_soundfont(soundfont: str | os.PathLike | None = None) -> Path:
         if not path.is_file():
             raise DatasetError(f"soundfont {path} not found; the Debian package timgm6mb-soundfont provides "
                                f"{SOUNDFONTS[0]} (fluid-soundfont-gm a larger one)")
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"sfbk":
+            raise DatasetError(f"{path} is not a SoundFont (.sf2/.sf3 files start with RIFF....sfbk)")
         return path.resolve()
     for candidate in SOUNDFONTS:
         if Path(candidate).is_file():
@@ -248,24 +258,29 @@ def render_midi(midi_path: Path, renderer: Renderer, name: str = "") -> np.ndarr
     """FluidSynth's render of a MIDI file: mono float32, exactly the clip's frames,
     peak-normalised; DatasetError if FluidSynth fails or the render is silent."""
     raw = midi_path.with_name(f".{midi_path.stem}.raw.partial")
-    cmd = [renderer.fluidsynth, "-f", os.devnull, "-n", "-i", "-q", "-F", str(raw), "-T", "raw", "-O", "float",
-           "-E", "little", "-r", str(renderer.sample_rate), "-g", str(GAIN), renderer.soundfont, str(midi_path)]
+    # -f /dev/null: no user or system configuration; no default soundfont to fall back on
+    cmd = [renderer.fluidsynth, "-f", os.devnull, "-n", "-i", "-q", "-o", f"synth.default-soundfont={os.devnull}",
+           "-F", str(raw), "-T", "raw", "-O", "float", "-E", "little", "-r", str(renderer.sample_rate),
+           "-g", str(GAIN), renderer.soundfont, str(midi_path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not raw.exists():
-            why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise DatasetError(f"fluidsynth failed on {name or midi_path}: {why}")
+        problems = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "No preset" in line]
+        if proc.returncode != 0 or not raw.exists() or problems:
+            why = (problems or proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise DatasetError(f"fluidsynth failed on {name or midi_path}: {why.strip()}")
         stereo = np.fromfile(raw, dtype="<f4")
     finally:
         raw.unlink(missing_ok=True)
     audio = stereo[: stereo.size // 2 * 2].reshape(-1, 2).mean(axis=1)  # (T,)
     n = renderer.frames
-    audio = np.pad(audio[:n], (0, max(0, n - audio.size)))  # (n,)
+    if audio.size < n:  # it renders the whole MIDI file (4 s) and the release tail after it
+        raise DatasetError(f"fluidsynth stopped early on {name or midi_path} ({audio.size} of {n} frames)")
+    audio = audio[:n].copy()  # (n,)
     peak = float(np.abs(audio).max())
     if peak < 10 ** (SILENCE_DBFS / 20):
         raise DatasetError(f"{name or midi_path} rendered silent (peak {peak:.1e}): the soundfont has no "
                            "samples for these keys on this program")
-    fade = int(round(FADE_S * renderer.sample_rate))
+    fade = round(FADE_S * renderer.sample_rate)
     audio[n - fade:] *= 0.5 * (1 + np.cos(np.linspace(0, math.pi, fade)))
     return (audio * (10 ** (PEAK_DBFS / 20) / peak)).astype(np.float32)
 
@@ -282,11 +297,6 @@ def render_task(task: ClipTask, out_dir: Path, renderer: Renderer) -> None:
     tmp_wav = wav.with_name(f".{wav.name}.partial")
     sf.write(tmp_wav, audio, renderer.sample_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp_wav, wav)
-
-
-def _run(args: tuple[ClipTask, str, Renderer]) -> None:
-    task, out_dir, renderer = args
-    render_task(task, Path(out_dir), renderer)
 
 
 def is_complete(out_dir: Path, task: ClipTask, renderer: Renderer) -> bool:
@@ -349,6 +359,8 @@ def build_dataset(out_dir: str | os.PathLike, families: Sequence[str] | None = N
 
 
 def _render_all(todo: list[ClipTask], out: Path, renderer: Renderer, workers: int, progress: bool) -> None:
+    """Renders in `workers` processes, keeping a few clips per worker in flight: Ctrl-C or a
+    failing clip stops the run after at most those."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="clip", desc="render", disable=None if progress else True)
@@ -358,17 +370,31 @@ def _render_all(todo: list[ClipTask], out: Path, renderer: Renderer, workers: in
                 render_task(task, out, renderer)
                 bar.update()
             return
-        chunk = max(1, min(16, len(todo) // (workers * 8)))
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context())
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context(),
+                                   initializer=_ignore_sigint)
+        pending, queue = set(), iter(todo)
         try:
-            for _ in pool.map(_run, [(t, str(out), renderer) for t in todo], chunksize=chunk):
-                bar.update()
+            while True:
+                for task in itertools.islice(queue, 4 * workers - len(pending)):
+                    pending.add(pool.submit(render_task, task, out, renderer))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a worker's DatasetError is raised here
+                    bar.update()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
     finally:
         bar.close()
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which cancels what is queued and lets running
+    clips finish (their files are written under .partial names until complete)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _mp_context():

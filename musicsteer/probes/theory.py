@@ -4,7 +4,7 @@ notes of one clip, after SynTheory (Wei et al. 2024).
 A clip is a function of (family, label, program, seed) and nothing else:
 
 - `seed % variation_count(family)` picks the clip's variation (its root or key, octave,
-  play style, reverb level: `variations(family)` lists them), so a label is never tied to
+  play style, reverb level: `FAMILIES[family].variations` lists them), so a label is never tied to
   one absolute pitch; only in `notes` is the pitch class itself the label.
 - `seed // variation_count(family)` seeds the articulation of pitched families (velocity
   and how much of its slot each note sounds), which leaves the label untouched.
@@ -401,4 +401,4 @@ def to_midi(clip: Clip) -> mido.MidiFile:
 
 
 def _tick(beat: float) -> int:
-    return int(round(beat * TICKS_PER_BEAT))
+    return round(beat * TICKS_PER_BEAT)
