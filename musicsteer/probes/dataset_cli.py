@@ -68,7 +68,7 @@ def parse_families(text: str) -> list[str]:
 
 
 def run_dataset(args) -> int:
-    from .dataset import build_dataset, full_preset, resolve_plan
+    from .dataset import build_dataset, find_fluidsynth, find_soundfont, full_preset, resolve_plan
 
     families = parse_families(args.families)
     if args.workers < 1:
@@ -83,6 +83,7 @@ def run_dataset(args) -> int:
         if per_label < 1:
             raise UsageError(f"--per-label must be at least 1 (got {per_label})")
     fams, progs, per = resolve_plan(families, programs, per_label)
+    find_fluidsynth(), find_soundfont(args.soundfont)  # say what is missing before announcing the work
     planned = sum(len(FAMILIES[f].labels) * len(progs[f]) * per[f] for f in fams)
     print(f"{planned} clips into {args.out} with {args.workers} worker(s)", flush=True)
     report = build_dataset(args.out, fams, progs, per, seed=args.seed, soundfont=args.soundfont,

@@ -28,8 +28,9 @@ low block elsewhere), so the pulse is clear even with slow-attack programs. Acce
 have three levels: the downbeat (velocity 120), the beats of a compound meter and the
 third beat of 4/4 (96), the rest (72). Compound meters (6/8, 9/8, 12/8, and 3/8)
 pulse in eighths; simple meters pulse on their denominator (2/2 in halves). As in
-SynTheory, time signatures play at 120 quarter notes per minute, from a downbeat, and
-the variations add a reverb send level (CC91 0, 63 or 127).
+SynTheory, time signatures play at 120 quarter notes per minute, from a downbeat; tempos
+pulse in quarter notes with 4/4's accents. Their variations add a reverb send level
+(CC91 0, 63 or 127) to the pulse note's pitch class.
 
 This module knows nothing of files, soundfonts or audio: `to_midi` gives a mido file.
 """
