@@ -131,3 +131,42 @@ def test_dataset_with_missing_files_is_a_clear_error(tiny, data, tmp_path):
 def test_unknown_family_in_features(features):
     with pytest.raises(ProbeError):
         train_pack(features, families=["tempos"], progress=False)
+
+
+def tiny_clap(directory):
+    """A random CLAP (text and audio towers) with a byte-level BPE tokenizer, saved like a real one."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor,
+                              ClapTextConfig, RobertaTokenizerFast)
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["music with warm piano", "techno beat"] * 10, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    text = ClapTextConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=37, max_position_embeddings=64)
+    audio = ClapAudioConfig(depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1], patch_embeds_hidden_size=16,
+                            hidden_size=128, projection_hidden_size=32)
+    torch.manual_seed(0)
+    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)) \
+        .save_pretrained(directory)
+    ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tok) \
+        .save_pretrained(directory)
+
+
+def test_clap_column_when_a_clap_model_is_cached(tiny, features, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from builders import place_in_hf_cache
+
+    tiny_clap(tmp_path / "clap")
+    place_in_hf_cache(tmp_path / "hub", "laion/clap-htsat-unfused", tmp_path / "clap")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pack_dir = tmp_path / "pack"
+    train_pack(features, method="linear", families=["intervals"], out_dir=pack_dir, progress=False)
+    record = run_generation_eval(tiny, features, pack_dir, "intervals", [0.0, 3.0], per_concept=1, duration=0.4,
+                                 prompt="music", gate=1.0, seed=0)
+    assert record["clap"] == "laion/clap-htsat-unfused"
+    assert all(-1.0 <= row["clap"] <= 1.0 for row in record["table"])
+    assert record["table"][0]["clap"] != record["table"][1]["clap"]

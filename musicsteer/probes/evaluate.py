@@ -55,10 +55,39 @@ def best_layer(pack: ConceptPack, family: str, names: list[str]) -> int:
     return int(np.argmax(np.mean([pack[n].scores.numpy() for n in names], axis=0)))
 
 
-def clap_status() -> tuple[str | None, str]:
+class ClapScorer:
+    """Text adherence: cosine of CLAP's text and audio embeddings (audio resampled to 48 kHz)."""
+
+    def __init__(self, directory: Path, source: str) -> None:
+        from transformers import ClapModel, ClapProcessor
+
+        self.model = ClapModel.from_pretrained(directory, local_files_only=True).eval()
+        self.processor = ClapProcessor.from_pretrained(directory, local_files_only=True)
+        self.source = source
+
+    @torch.inference_mode()
+    def score(self, text: str, audio: np.ndarray, sample_rate: int) -> float:
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        rate = self.processor.feature_extractor.sampling_rate
+        g = gcd(rate, sample_rate)
+        audio = resample_poly(audio, rate // g, sample_rate // g).astype(np.float32)
+        inputs = self.processor(text=[text], audio=[audio], sampling_rate=rate, return_tensors="pt", padding=True)
+        t = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        a = self.model.get_audio_features(input_features=inputs["input_features"],
+                                          is_longer=inputs.get("is_longer"))
+        t, a = (getattr(x, "pooler_output", x) for x in (t, a))  # tensors, or outputs holding them
+        return float(torch.nn.functional.cosine_similarity(t, a).item())
+
+
+def clap_scorer() -> tuple[ClapScorer | None, str]:
+    """The CLAP model in the local cache, or why there is none."""
     for repo in CLAP_REPOS:
-        if hf_cache_snapshot(repo) is not None:
-            return repo, f"CLAP {repo} found in the Hugging Face cache"
+        snapshot = hf_cache_snapshot(repo)
+        if snapshot is not None:
+            return ClapScorer(snapshot, repo), f"CLAP text adherence with {repo} (Hugging Face cache)"
     return None, ("no CLAP column: no CLAP model (" + ", ".join(CLAP_REPOS) +
                   ") in the local Hugging Face cache, and none can be downloaded here")
 
@@ -86,8 +115,13 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
     steering = SteeringSettings(gate=gate, seed=seed)
     steerer, plan = build_steering(model.decoder, pack, steering, sampling.batch, names)
 
+    clap, clap_note = clap_scorer()
+    clap_scores: list[float] = []
+
     def classify(codes: torch.Tensor) -> int:
         audio = model.codec.decode(codes)
+        if clap is not None:
+            clap_scores.append(clap.score(prompt, audio, model.codec.sample_rate))
         recoded = model.codec.encode(audio, model.cfg.codebooks)
         states = hidden_states(model, layout(recoded, model.cfg.special_token, settings.delay)[None], settings)
         pooled = states[layer, 0, 1:].float().mean(0).cpu().numpy()[None]  # (1, D)
@@ -98,6 +132,7 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
     for strength in strengths:
         hits = per_label = 0
         per_concept_acc = {}
+        clap_scores.clear()
         unsteered_preds = None
         if strength == 0.0:  # one set of unsteered generations, scored against every label
             unsteered_preds = [classify(generate(model.decoder, model.text, prompt, frames,
@@ -118,19 +153,23 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
             per_concept_acc[name] = correct / per_concept
             hits += correct
             per_label += per_concept
-        table.append({"strength": strength, "accuracy": hits / per_label, "per_concept": per_concept_acc})
-    repo, clap_note = clap_status()
+        row = {"strength": strength, "accuracy": hits / per_label, "per_concept": per_concept_acc}
+        if clap is not None:
+            row["clap"] = float(np.mean(clap_scores))
+        table.append(row)
     return {"evaluation": "generation", "family": family, "layer": layer, "labels": list(fam.labels),
             "chance": 1.0 / len(fam.labels), "per_concept": per_concept, "duration_s": frames / 50,
-            "gate": gate, "prompt": prompt, "table": table, "clap": None, "clap_note": clap_note,
+            "gate": gate, "prompt": prompt, "table": table, "clap": clap.source if clap else None,
+            "clap_note": clap_note,
             "held_out": pack.meta.get("evaluation", {}).get(family), "seconds": time.monotonic() - t0}
 
 
 def format_eval(record: dict) -> str:
     lines = [f"probe accuracy on generations: family {record['family']} (layer {record['layer']}, "
              f"{len(record['labels'])} labels, chance {record['chance']:.3f}, {record['per_concept']} clips per cell)",
-             f"{'strength':>9} {'accuracy':>9}"]
+             f"{'strength':>9} {'accuracy':>9}" + (f" {'CLAP':>7}" if record["clap"] else "")]
     for row in record["table"]:
-        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f}")
+        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f}" +
+                     (f" {row['clap']:7.3f}" if "clap" in row else ""))
     lines.append(record["clap_note"])
     return "\n".join(lines)
