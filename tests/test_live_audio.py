@@ -32,7 +32,7 @@ def wait_for_port(server, proc, timeout=90.0) -> str:
 def test_live_plays_into_jack_without_underruns(jack, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", "warm lofi piano",
-         "--seconds", "9", "--no-status", "--record", str(tmp_path / "session")],
+         "--seconds", "9", "--no-status", "--osc-port", "0", "--record", str(tmp_path / "session")],
         env=jack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         port = wait_for_port(jack, proc)

@@ -182,7 +182,7 @@ def test_replay_gives_identical_tokens(tiny, tmp_path):
 def test_killed_session_leaves_files_that_load(tmp_path):
     session = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", PROMPT,
-                             "--null", "--record", str(session), "--no-status"],
+                             "--null", "--record", str(session), "--no-status", "--osc-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -209,7 +209,7 @@ def test_killed_session_leaves_files_that_load(tmp_path):
 def test_sigterm_finishes_the_recording(tmp_path):
     session = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", PROMPT,
-                             "--null", "--record", str(session), "--no-status"],
+                             "--null", "--record", str(session), "--no-status", "--osc-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (session / "audio.wav").exists():
