@@ -31,7 +31,9 @@ def step_weight_bytes(model: LoadedModel) -> int:
     """Bytes of weights a one-token step reads: every block (without the cross-attention K/V
     projection, used once per prompt), the final norm and the heads; embeddings are gathered."""
     total = 0
-    for name, p in model.decoder.named_parameters():
+    weights = list(model.decoder.named_parameters()) + [
+        (n, b) for n, b in model.decoder.named_buffers() if n.endswith(("weight_int8", "scales"))]
+    for name, p in weights:
         if name.startswith(("embed", "text_proj")) or ".cross_attn.wkv." in name:
             continue
         total += p.numel() * p.element_size()

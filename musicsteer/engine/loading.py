@@ -37,8 +37,10 @@ class LoadedModel:
 
 
 def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Resolve `spec` and load decoder, text encoder and codec."""
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               weights: str = "full") -> LoadedModel:
+    """Resolve `spec` and load decoder, text encoder and codec; `weights="int8"` stores the
+    decoder's linear weights as int8 (CPU)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     if spec in PRESETS:
         loaded = load_preset(spec)
@@ -57,6 +59,14 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         loaded.codec = load_codec_dir(Path(codec), "--codec")
     check_compatible(loaded)
     loaded.decoder.to(device=device, dtype=dtype)
+    if weights == "int8":
+        from .quant import quantize_int8
+
+        if torch.device(device).type != "cpu":
+            raise ModelLoadError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
+        quantize_int8(loaded.decoder)
+    elif weights != "full":
+        raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
     loaded.text.model.to(device)
     loaded.codec.model.to(device)
     return loaded
