@@ -139,3 +139,15 @@ def test_linear_fast_path_equals_f_linear(rows):
     x = torch.randn(rows, 1, 96)
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
     assert lin(x).shape == (rows, 1, 40)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_chunked_linear_equals_the_wide_layer(rows):
+    from musicsteer.engine.linear import ChunkedLinear, Linear, optimize_for_cpu
+
+    lin = Linear(256, 64, bias=False)
+    x = torch.randn(rows, 1, 256)
+    torch.testing.assert_close(ChunkedLinear(lin.weight)(x), lin(x), atol=1e-5, rtol=1e-5)
+    model = torch.nn.Sequential(Linear(64, 256, bias=False), lin)
+    optimize_for_cpu(model)
+    assert isinstance(model[0], Linear) and isinstance(model[1], ChunkedLinear)  # only the wide one

@@ -67,6 +67,10 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         quantize_int8(loaded.decoder)
     elif weights != "full":
         raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
+    elif torch.device(device).type == "cpu" and dtype == torch.float32:
+        from .linear import optimize_for_cpu
+
+        optimize_for_cpu(loaded.decoder)
     loaded.text.model.to(device)
     loaded.codec.model.to(device)
     return loaded
