@@ -32,7 +32,7 @@ def step_weight_bytes(model: LoadedModel) -> int:
     projection, used once per prompt), the final norm and the heads; embeddings are gathered."""
     total = 0
     weights = list(model.decoder.named_parameters()) + [
-        (n, b) for n, b in model.decoder.named_buffers() if n.endswith(("weight_int8", "scales"))]
+        (n, b) for n, b in model.decoder.named_buffers() if n.endswith(("weight_int8", "scales", "blocks"))]
     for name, p in weights:
         if name.startswith(("embed", "text_proj")) or ".cross_attn.wkv." in name:
             continue
