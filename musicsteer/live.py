@@ -163,7 +163,7 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
         if recorder is not None:
             recorder.close({"underruns": stats.underruns, "reprimes": stats.reprimes, "error": stats.error})
     first = producer.first_audio_at - started if producer.first_audio_at else None
-    frames_played = sink.stats().frames_played if hasattr(sink, "stats") else 0
+    frames_played = sink.stats().frames_played
     return LiveResult(stats, frames_played, first)
 
 
