@@ -1,8 +1,6 @@
 """OSC control of a running stream: the router's rules, replies to /get, meters to
 listeners, an outside client (liblo's oscsend), and bad input that never stops the music."""
 
-import json
-import math
 import os
 import random
 import socket

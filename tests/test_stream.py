@@ -16,7 +16,6 @@ import soundfile as sf
 import torch
 
 from musicsteer.controllers.state import ControlState
-from musicsteer.engine.codec_stream import StreamingCodecSettings
 from musicsteer.engine.delay import interleave
 from musicsteer.engine.generate import generate
 from musicsteer.engine.recorder import load_session

@@ -35,7 +35,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
 from ..errors import MusicsteerError
-from .state import ControlError, ControlState
+from .state import ControlState
 
 log = logging.getLogger("musicsteer.osc")
 PREFIX = "/musicsteer/"

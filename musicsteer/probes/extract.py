@@ -46,18 +46,10 @@ class ExtractSettings:
 
 
 def read_manifest(dataset: Path) -> list[dict]:
-    """Rows of the dataset's manifest, validated by the dataset module when it is present."""
-    try:
-        from .dataset import load_manifest
-    except ImportError:  # pragma: no cover - the dataset module ships with the package
-        load_manifest = None
-    if load_manifest is not None:
-        return [asdict(r) if hasattr(r, "__dataclass_fields__") else dict(r) for r in load_manifest(dataset)]
-    path = dataset / "manifest.csv"
-    if not path.exists():
-        raise ExtractError(f"{dataset} has no manifest.csv; make one with `musicsteer probes dataset`")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows of the dataset's manifest, validated (files present, known families and labels)."""
+    from .dataset import load_manifest
+
+    return [asdict(r) for r in load_manifest(dataset)]
 
 
 def layout(codes: torch.Tensor, special: int, delay: bool) -> torch.Tensor:
