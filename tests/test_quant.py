@@ -5,7 +5,7 @@ import torch
 
 from musicsteer.engine.linear import Linear
 from musicsteer.engine.loading import load_model
-from musicsteer.engine.quant import Int8Linear, quantize_int8
+from musicsteer.engine.quant import Int8Linear, PackedInt8Linear, quantize_int8
 from musicsteer.errors import ModelLoadError
 
 
@@ -24,7 +24,8 @@ def test_int8_linear_is_close_to_float(rows):
 def test_quantized_decoder_logits_follow_the_float_ones(tiny):
     q = load_model("tiny", weights="int8")
     assert not any(isinstance(m, Linear) for m in q.decoder.modules())
-    assert sum(isinstance(m, Int8Linear) for m in q.decoder.modules()) == 2 * 7 + 1  # per block: qkv, out, cross q, cross kv, cross out, fc1, fc2; and the heads
+    # per block: qkv, out, cross q, cross kv, cross out, fc1, fc2; and the heads
+    assert sum(isinstance(m, (Int8Linear, PackedInt8Linear)) for m in q.decoder.modules()) == 2 * 7 + 1
     codes = torch.randint(0, 2048, (2, 4, 30), generator=torch.Generator().manual_seed(0))
     for model in (tiny, q):
         model.decoder.setup_caches(2, max_len=30)
@@ -44,5 +45,5 @@ def test_unknown_weight_format():
 
 def test_quantize_leaves_biased_layers_alone():
     m = torch.nn.Sequential(Linear(8, 8, bias=True), Linear(8, 8, bias=False))
-    quantize_int8(m)
+    quantize_int8(m, packed=False)
     assert isinstance(m[0], Linear) and isinstance(m[1], Int8Linear)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
 from .config import ModelConfig
 from .kv_cache import CrossCache, KVCache
 from .linear import Linear
@@ -61,6 +62,12 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
+def cpu_fast_path(x: torch.Tensor) -> bool:
+    """Whether a one-token float32 CPU step can use the C attention kernel (kernels/cpu.py)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and cpu_kernels.library() is not None)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -72,6 +79,11 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
+        if T == 1 and kv_len is not None and mask is None and cpu_fast_path(x):
+            qkv = self.wqkv(x).reshape(B, 3 * D).contiguous()
+            out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), self.cache.k, self.cache.v,
+                                     int(input_pos[0]), kv_len)
+            return self.wo(out.view(B, 1, D))
         q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if input_pos is None:  # uncached: attend within this call, causally
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
@@ -102,7 +114,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
         assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
         B, T, D = x.shape
-        q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = self.wq(x)
+        if not static and T == 1 and cpu_fast_path(x):
+            out = cpu_kernels.attend(q.reshape(B, D).contiguous(), None, self.cache.k, self.cache.v, -1,
+                                     self.cache.length)
+            return self.wo(out.view(B, 1, D))
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if static:  # fixed shapes: all slots, padding masked out
             out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=self.cache.mask)
         else:

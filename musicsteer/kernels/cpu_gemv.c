@@ -1,0 +1,354 @@
+/* The decoder's weight products for a few rows on CPU: y[r] = W x[r] for the CFG pair of a
+ * one-token step (and the short chunks of a re-prime), streaming each weight byte once.
+ *
+ * Weights are packed so that one block of 16 output channels is a single contiguous run:
+ *   float32  [N/16][D][16]        one 64-byte vector per input index, times a broadcast x[r][d]
+ *   int8     [N/16][D/4][16][4]   unsigned (q + 128), four inputs per 32-bit lane, for VNNI
+ * Each thread reads one sequential stream, there are no horizontal sums, and the activations
+ * stay in L1. The int8 form quantizes x per row in groups of 64 inputs (symmetric, one scale
+ * per group) and uses vpdpbusd; the +128 offset of the weights is taken back per group with
+ * 128 * sum(x_q), which depends on x only, so the weights need no extra bytes.
+ *
+ * Threads: OpenMP, sharing torch's team (see run()).
+ *
+ * Built by musicsteer/kernels/cpu.py with -O3 -march=native; without AVX-512 a portable
+ * float32 loop is compiled instead and the int8 entry point reports itself absent.
+ */
+#include <omp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define MS_MAX_ROWS 8
+#define MS_GROUP 64
+
+int ms_caps(void) {
+    int caps = 1; /* portable float32 */
+#if defined(__AVX512F__)
+    caps |= 2;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    caps |= 4;
+#endif
+    return caps;
+}
+
+/* ---------------------------------------------------------------- threads */
+
+typedef void (*ms_task)(void *args, int begin, int end);
+
+/* The work is split in contiguous runs of blocks over OpenMP's threads. The library links the
+ * libgomp that torch already loaded (same soname), so the decoder's products and torch's own
+ * operations share one team of threads instead of two pools fighting for the cores. */
+static void run(ms_task task, void *args, int blocks) {
+    int threads = omp_get_max_threads();
+    if (threads > blocks / 2) threads = blocks / 2 > 0 ? blocks / 2 : 1;
+    if (threads <= 1) { task(args, 0, blocks); return; }
+#pragma omp parallel num_threads(threads)
+    {
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
+        int per = blocks / team, extra = blocks % team;
+        int begin = me * per + (me < extra ? me : extra);
+        int end = begin + per + (me < extra);
+        if (begin < end) task(args, begin, end);
+    }
+}
+
+/* ---------------------------------------------------------------- float32 */
+
+typedef struct {
+    const float *w, *x;
+    float *y;
+    int n, d, rows;
+} f32_args;
+
+#if defined(__AVX512F__)
+/* One block of 16 outputs for R rows; U partial sums per row keep four FMA chains in flight. */
+static inline __attribute__((always_inline)) void f32_block(const float *w, const float *x, float *y,
+                                                            int n, int d, const int R, const int U) {
+    __m512 acc[MS_MAX_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < U; u++) acc[r][u] = _mm512_setzero_ps();
+    const int body = d - d % U;
+    for (int i = 0; i < body; i += U) {
+        _mm_prefetch((const char *)(w + (size_t)(i + 64) * 16), _MM_HINT_T0);
+        for (int u = 0; u < U; u++) {
+            __m512 wv = _mm512_loadu_ps(w + (size_t)(i + u) * 16);
+            for (int r = 0; r < R; r++) acc[r][u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * d + i + u]), acc[r][u]);
+        }
+    }
+    for (int i = body; i < d; i++) {
+        __m512 wv = _mm512_loadu_ps(w + (size_t)i * 16);
+        for (int r = 0; r < R; r++) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * d + i]), acc[r][0]);
+    }
+    for (int r = 0; r < R; r++) {
+        __m512 s = acc[r][0];
+        for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[r][u]);
+        _mm512_storeu_ps(y + (size_t)r * n, s);
+    }
+}
+
+#define F32_CASE(R, U) \
+    case R: for (int b = begin; b < end; b++) f32_block(a->w + (size_t)b * a->d * 16, a->x, a->y + b * 16, a->n, a->d, R, U); break;
+
+static void f32_task(void *args, int begin, int end) {
+    f32_args *a = args;
+    switch (a->rows) {
+        F32_CASE(1, 4) F32_CASE(2, 2) F32_CASE(3, 2) F32_CASE(4, 1)
+        F32_CASE(5, 1) F32_CASE(6, 1) F32_CASE(7, 1) F32_CASE(8, 1)
+    }
+}
+#else
+static void f32_task(void *args, int begin, int end) {
+    f32_args *a = args;
+    for (int b = begin; b < end; b++) {
+        const float *w = a->w + (size_t)b * a->d * 16;
+        for (int r = 0; r < a->rows; r++) {
+            float acc[16] = {0};
+            const float *x = a->x + (size_t)r * a->d;
+            for (int i = 0; i < a->d; i++)
+                for (int j = 0; j < 16; j++) acc[j] += w[(size_t)i * 16 + j] * x[i];
+            memcpy(a->y + (size_t)r * a->n + b * 16, acc, sizeof acc);
+        }
+    }
+}
+#endif
+
+/* y (rows, n) = x (rows, d) @ W.T with W packed [n/16][d][16]; rows beyond 8 go in passes. */
+void ms_linear_f32(const float *w, const float *x, float *y, int n, int d, int rows) {
+    for (int r0 = 0; r0 < rows; r0 += MS_MAX_ROWS) {
+        int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
+        f32_args a = {w, x + (size_t)r0 * d, y + (size_t)r0 * n, n, d, chunk};
+        run(f32_task, &a, n / 16);
+    }
+}
+
+/* ---------------------------------------------------------------- int8 (VNNI) */
+
+typedef struct {
+    const uint8_t *w;
+    const float *scale;
+    const int8_t *xq;     /* (rows, d) */
+    const float *xscale;  /* (rows, d/64) */
+    const int32_t *xcomp; /* (rows, d/64): 128 * sum of the group's x_q */
+    float *y;
+    int n, d, rows;
+} i8_args;
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER; /* the activations' scratch */
+
+static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int b, const int R) {
+    const int d = a->d, groups = d / MS_GROUP;
+    const uint8_t *w = a->w + (size_t)b * d * 16;
+    __m512 out[MS_MAX_ROWS];
+    for (int r = 0; r < R; r++) out[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i acc[MS_MAX_ROWS][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        const uint8_t *wg = w + (size_t)g * MS_GROUP * 16;
+        _mm_prefetch((const char *)(wg + 4096), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wg + 4096 + 512), _MM_HINT_T0);
+        for (int q = 0; q < MS_GROUP / 4; q += 2) {
+            __m512i w0 = _mm512_loadu_si512(wg + q * 64), w1 = _mm512_loadu_si512(wg + q * 64 + 64);
+            for (int r = 0; r < R; r++) {
+                const int32_t *xr = (const int32_t *)(a->xq + (size_t)r * d + g * MS_GROUP);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, _mm512_set1_epi32(xr[q]));
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, _mm512_set1_epi32(xr[q + 1]));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i s = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]),
+                                         _mm512_set1_epi32(a->xcomp[r * groups + g]));
+            out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a->xscale[r * groups + g]), out[r]);
+        }
+    }
+    __m512 sc = _mm512_loadu_ps(a->scale + b * 16);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(a->y + (size_t)r * a->n + b * 16, _mm512_mul_ps(out[r], sc));
+}
+
+#define I8_CASE(R) case R: for (int b = begin; b < end; b++) i8_block(a, b, R); break;
+
+static void i8_task(void *args, int begin, int end) {
+    i8_args *a = args;
+    switch (a->rows) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) I8_CASE(7) I8_CASE(8) }
+}
+
+/* Quantize x per row in groups of 64: scale = max|x| / 127, x_q = round(x / scale). */
+static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xscale, int32_t *xcomp) {
+    const int groups = d / MS_GROUP;
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < groups; g++) {
+            const float *xs = x + (size_t)r * d + g * MS_GROUP;
+            __m512 v[4], m = _mm512_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm512_loadu_ps(xs + 16 * i);
+                m = _mm512_max_ps(m, _mm512_abs_ps(v[i]));
+            }
+            float top = _mm512_reduce_max_ps(m);
+            float scale = top > 0.f ? top / 127.f : 1.f;
+            __m512 inv = _mm512_set1_ps(1.f / scale);
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv)); /* round to nearest even */
+                q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                sum = _mm512_add_epi32(sum, q);
+                _mm_storeu_si128((__m128i *)(xq + (size_t)r * d + g * MS_GROUP + 16 * i), _mm512_cvtepi32_epi8(q));
+            }
+            xscale[r * groups + g] = scale;
+            xcomp[r * groups + g] = 128 * _mm512_reduce_add_epi32(sum);
+        }
+}
+
+/* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
+ * success, -1 where the CPU or the build lacks VNNI, -2 for unsupported shapes. */
+int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows) {
+    if (d % MS_GROUP || n % 16 || d > 65536) return -2;
+    static int8_t q[MS_MAX_ROWS * 65536];
+    static float xs[MS_MAX_ROWS * 65536 / MS_GROUP];
+    static int32_t xc[MS_MAX_ROWS * 65536 / MS_GROUP];
+    pthread_mutex_lock(&scratch_lock);
+    for (int r0 = 0; r0 < rows; r0 += MS_MAX_ROWS) {
+        int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
+        quantize_rows(x + (size_t)r0 * d, chunk, d, q, xs, xc);
+        i8_args a = {w, scale, q, xs, xc, y + (size_t)r0 * n, n, d, chunk};
+        run(i8_task, &a, n / 16);
+    }
+    pthread_mutex_unlock(&scratch_lock);
+    return 0;
+}
+#else
+int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows) {
+    (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows;
+    return -1;
+}
+#endif
+
+/* ---------------------------------------------------------------- attention, one query */
+
+/* One query token per (row, head) against a key/value cache (B, H, Lmax, hd): scores, softmax
+ * and the weighted sum of values in one pass over the first L positions, after writing the new
+ * key and value at `pos` (when given). Only the filled part of the cache is read. q, k_new and
+ * v_new are (B, H * hd) with row stride `stride`; out is (B, H * hd). */
+typedef struct {
+    const float *q, *k_new, *v_new;
+    float *kc, *vc, *out;
+    long stride;
+    int heads, max_len, pos, len, hd;
+    float scale;
+} attend_args;
+
+#if defined(__AVX512F__)
+/* e^x for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, p of degree 6. */
+static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static void attend_head(const attend_args *a, int b, int h, float *scores) {
+    const int hd = a->hd, chunks = (hd + 15) / 16;
+    const __mmask16 tail = (__mmask16)((1u << (hd - 16 * (chunks - 1))) - 1);
+    const float *q = a->q + b * a->stride + h * hd;
+    const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
+    const float *k = a->kc + head, *v = a->vc + head;
+    __m512 qv[16];
+    for (int c = 0; c < chunks; c++)
+        qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, q + 16 * c),
+                              _mm512_set1_ps(a->scale));
+    float top = -INFINITY;
+    for (int j = 0; j < a->len; j++) {
+        const float *kj = k + (size_t)j * hd;
+        __m512 s = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++)
+            s = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, kj + 16 * c), s);
+        float sj = _mm512_reduce_add_ps(s);
+        scores[j] = sj;
+        top = sj > top ? sj : top;
+    }
+    __m512 total = _mm512_setzero_ps(), m = _mm512_set1_ps(top);
+    int j = 0;
+    for (; j + 16 <= a->len; j += 16) {
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), m));
+        _mm512_storeu_ps(scores + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    if (j < a->len) {
+        __mmask16 rest = (__mmask16)((1u << (a->len - j)) - 1);
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, scores + j), m));
+        e = _mm512_maskz_mov_ps(rest, e);
+        _mm512_mask_storeu_ps(scores + j, rest, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float inv = 1.0f / _mm512_reduce_add_ps(total);
+    __m512 acc[16];
+    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+    for (j = 0; j < a->len; j++) {
+        __m512 p = _mm512_set1_ps(scores[j]);
+        const float *vj = v + (size_t)j * hd;
+        for (int c = 0; c < chunks; c++)
+            acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, vj + 16 * c), acc[c]);
+    }
+    float *o = a->out + (size_t)b * a->heads * hd + h * hd;
+    for (int c = 0; c < chunks; c++)
+        _mm512_mask_storeu_ps(o + 16 * c, c == chunks - 1 ? tail : 0xffff, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+}
+#else
+static void attend_head(const attend_args *a, int b, int h, float *scores) {
+    const int hd = a->hd;
+    const float *q = a->q + b * a->stride + h * hd;
+    const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
+    const float *k = a->kc + head, *v = a->vc + head;
+    float top = -INFINITY, total = 0.f;
+    for (int j = 0; j < a->len; j++) {
+        float s = 0.f;
+        for (int i = 0; i < hd; i++) s += q[i] * k[(size_t)j * hd + i];
+        scores[j] = s * a->scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    for (int j = 0; j < a->len; j++) total += (scores[j] = expf(scores[j] - top));
+    float *o = a->out + (size_t)b * a->heads * hd + h * hd;
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (int j = 0; j < a->len; j++)
+        for (int i = 0; i < hd; i++) o[i] += scores[j] / total * v[(size_t)j * hd + i];
+}
+#endif
+
+static void attend_task(void *args, int begin, int end) {
+    const attend_args *a = args;
+    float stack[4096];
+    float *scores = a->len <= 4096 ? stack : malloc(sizeof(float) * a->len);
+    if (!scores) return;
+    for (int i = begin; i < end; i++) attend_head(a, i / a->heads, i % a->heads, scores);
+    if (scores != stack) free(scores);
+}
+
+/* Returns 0, or -2 when `pos`/`len` do not fit the cache. */
+int ms_attend(const float *q, const float *k_new, const float *v_new, long stride, float *kc, float *vc,
+              float *out, int batch, int heads, int max_len, int hd, int pos, int len, float scale) {
+    if (len < 1 || len > max_len || pos >= max_len || (k_new && pos < 0) || hd > 256) return -2;
+    if (k_new)
+        for (int b = 0; b < batch; b++)
+            for (int h = 0; h < heads; h++) {
+                size_t at = (((size_t)b * heads + h) * max_len + pos) * hd;
+                memcpy(kc + at, k_new + b * stride + h * hd, sizeof(float) * hd);
+                memcpy(vc + at, v_new + b * stride + h * hd, sizeof(float) * hd);
+            }
+    attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, scale};
+    run(attend_task, &a, batch * heads);
+    return 0;
+}

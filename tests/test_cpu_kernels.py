@@ -1,0 +1,161 @@
+"""The C kernels for the CPU step: they build, they compute exactly what their formulas say,
+and the decoder layers built on them equal the plain ones."""
+
+import shutil
+
+import pytest
+import torch
+
+from musicsteer.engine.linear import PACKED_ROWS, Linear, PackedLinear, optimize_for_cpu
+from musicsteer.kernels import cpu
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="no C compiler on this machine: the CPU kernels cannot be built")
+needs_vnni = pytest.mark.skipif(not cpu.has_int8(), reason="this CPU or build has no AVX-512 VNNI for the int8 kernel")
+
+
+@needs_cc
+def test_the_library_builds_and_reports_what_it_has():
+    assert cpu.library() is not None, cpu.unavailable()
+    assert cpu.caps() & cpu.CAP_F32
+    assert cpu.unavailable() is None
+
+
+@needs_cc
+@pytest.mark.parametrize("n,d", [(16, 64), (48, 72), (64, 1), (1024, 256), (32, 1030)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 20])
+def test_float32_kernel_equals_the_product(n, d, rows):
+    g = torch.Generator().manual_seed(n * 31 + d + rows)
+    w, x = torch.randn(n, d, generator=g), torch.randn(rows, d, generator=g)
+    packed = cpu.pack_f32(w)
+    assert packed.shape == (n // 16, d, 16)
+    torch.testing.assert_close(cpu.unpack_f32(packed), w, atol=0, rtol=0)
+    want = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(cpu.linear_f32(packed, x), want, atol=2e-5 * d ** 0.5, rtol=1e-5)
+
+
+def reference_int8(packed, scale, x):
+    """What the int8 kernel computes, in float64: x quantized per 64-input group exactly as the C
+    code does (float32 scale and reciprocal, round half to even, clamp to +-127)."""
+    rows, d = x.shape
+    groups = x.view(rows, d // 64, 64)
+    top = groups.abs().amax(-1)
+    xscale = torch.where(top > 0, top / 127.0, torch.ones_like(top))
+    inv = 1.0 / xscale
+    xq = torch.round(groups * inv[..., None]).clamp(-127, 127)  # torch.round: half to even
+    wq = cpu.dequantize_i8(packed, torch.ones_like(scale)).double()  # integers q
+    per_group = torch.einsum("rgi,ngi->rgn", xq.double(), wq.view(-1, d // 64, 64))
+    return (per_group * xscale.double()[..., None]).sum(1) * scale.double()
+
+
+@needs_vnni
+@pytest.mark.parametrize("n,d", [(16, 64), (48, 128), (1024, 512), (64, 4096)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+def test_int8_kernel_computes_its_formula(n, d, rows):
+    g = torch.Generator().manual_seed(n + d * 7 + rows)
+    w, x = torch.randn(n, d, generator=g) / d ** 0.5, torch.randn(rows, d, generator=g)
+    if d > 64:
+        x[0, :64] = 0  # an all-zero group takes the scale-1 branch
+    packed, scale = cpu.quantize_pack_i8(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (n // 16, d // 4, 16, 4)
+    got = cpu.linear_i8(packed, scale, x).double()
+    want = reference_int8(packed, scale, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    exact = x.double() @ w.double().T
+    assert ((got - exact).norm() / exact.norm()) < 0.02  # and it is close to the float32 product
+
+
+@needs_vnni
+def test_int8_kernel_refuses_shapes_it_cannot_take():
+    packed, scale = cpu.quantize_pack_i8(torch.randn(16, 128))
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu.linear_i8(packed[:, :8], scale, torch.randn(1, 32))  # 32 inputs: not whole groups of 64
+
+
+def test_huge_page_tensors_are_aligned_and_usable():
+    t = cpu.huge_page_empty((3, 1024, 1024), torch.float32)
+    assert t.shape == (3, 1024, 1024) and t.is_contiguous()
+    assert t.data_ptr() % cpu.HUGE_PAGE == 0
+    t.fill_(2.0)
+    assert t.sum().item() == 2.0 * t.numel()
+    small = cpu.huge_page_empty((10,), torch.float32)
+    assert small.shape == (10,)
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (2, 16), (PACKED_ROWS + 1, 1), (3, 50)])
+def test_packed_linear_equals_linear_for_steps_and_prefill(shape):
+    lin = Linear(96, 48, bias=False)
+    packed = PackedLinear(lin.weight)
+    x = torch.randn(*shape, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_optimize_for_cpu_packs_every_float32_bias_free_layer():
+    model = torch.nn.Sequential(Linear(64, 256, bias=False), Linear(256, 64, bias=False),
+                                Linear(64, 64, bias=True), Linear(64, 40, bias=False))
+    optimize_for_cpu(model, packed=True)
+    assert [type(m).__name__ for m in model] == ["PackedLinear", "PackedLinear", "Linear", "Linear"]
+
+
+@needs_cc
+def test_packed_decoder_steps_equal_the_plain_decoder():
+    from musicsteer.engine.config import PRESETS
+    from musicsteer.engine.musicgen import MusicGen
+
+    cfg = PRESETS["tiny"]
+    plain = MusicGen.random(cfg, seed=3).eval()
+    fast = MusicGen.random(cfg, seed=3).eval()
+    optimize_for_cpu(fast, packed=True)
+    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 5, cfg.text_hidden, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    codes = torch.randint(0, cfg.vocab, (2, cfg.codebooks, 12), generator=g)
+    outs = []
+    for m in (plain, fast):
+        m.setup_caches(2, max_len=16, max_text=5)
+        m.set_condition(text, mask)
+        with torch.inference_mode():
+            first = m.prefill(codes[..., :8])[:, -1]  # 16 rows: the packed kernel in 2 passes
+            steps = [m.step(codes[..., t:t + 1], torch.tensor([t])) for t in range(8, 12)]
+        outs.append(torch.stack([first, *steps]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@needs_cc
+@pytest.mark.parametrize("batch,heads,hd,max_len,length", [(2, 16, 64, 64, 1), (2, 16, 64, 1500, 1499), (1, 4, 12, 40, 17),
+                                                        (2, 3, 100, 9, 9), (2, 2, 256, 5000, 4500), (3, 1, 16, 33, 20)])
+def test_attention_kernel_writes_the_cache_and_equals_sdpa(batch, heads, hd, max_len, length):
+    g = torch.Generator().manual_seed(length + hd)
+    D = heads * hd
+    kc, vc = torch.randn(batch, heads, max_len, hd, generator=g), torch.randn(batch, heads, max_len, hd, generator=g)
+    qkv = torch.randn(batch, 3 * D, generator=g) * 2
+    before_k, before_v = kc.clone(), vc.clone()
+    pos = length - 1
+    out = cpu.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), kc, vc, pos, length)
+    want_k, want_v = before_k.clone(), before_v.clone()
+    want_k[:, :, pos] = qkv[:, D:2 * D].view(batch, heads, hd)
+    want_v[:, :, pos] = qkv[:, 2 * D:].view(batch, heads, hd)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # written at pos, nothing else touched
+    q = qkv[:, :D].reshape(batch, heads, 1, hd)
+    want = torch.nn.functional.scaled_dot_product_attention(q, want_k[:, :, :length], want_v[:, :, :length])
+    torch.testing.assert_close(out, want.reshape(batch, D), atol=2e-5, rtol=1e-4)
+
+
+@needs_cc
+def test_attention_kernel_reads_only_the_filled_part_and_refuses_overruns():
+    kc, vc = torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    q = torch.randn(2, 32)
+    a = cpu.attend(q, None, kc, vc, -1, 4)
+    kc[:, :, 4:] = float("nan")  # past the length: never read
+    vc[:, :, 4:] = float("nan")
+    torch.testing.assert_close(cpu.attend(q, None, kc, vc, -1, 4), a)
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu.attend(q, None, kc, vc, -1, 11)
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu.attend(q, (q, q), kc, vc, 10, 10)
