@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
                      help="also time a reference implementation on the same shape (repeatable)")
     lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
+    lat.add_argument("--cuda-graph", action="store_true",
+                     help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_bench_latency)
     stream = bsub.add_parser("stream", help="a long live stream: gaps, re-primes, memory over time")
     _add_model_args(stream)
@@ -343,11 +345,13 @@ def run_bench_latency(args) -> int:
     if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0:
         raise UsageError("--concepts, --steps and --warmup must not be negative (and --steps at least 1)")
     model = _load(args)
+    if args.cuda_graph and model.decoder.embed.weight.device.type != "cuda":
+        raise UsageError("--cuda-graph needs the model on a CUDA device (--compute cuda)")
     if args.steps + args.warmup + 1 > model.cfg.max_positions:
         raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
     record = run_latency(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
-                         args.dtype, baselines=args.baseline, floor=not args.no_floor)
+                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph)
     print(format_report(record))
     if args.json:
         write_json(record, args.json)

@@ -29,3 +29,14 @@ def test_bench_latency_json(tmp_path, capsys):
 def test_bench_rejects_bad_counts(capsys):
     assert main(["bench", "latency", "--model", "tiny", "--concepts", "one"]) == 2
     assert "--concepts 'one'" in capsys.readouterr().err
+
+
+def test_cuda_graph_flag_needs_a_cuda_model(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA: the flag is valid here")
+    assert main(["bench", "latency", "--model", "tiny", "--steps", "2", "--cuda-graph", "--no-floor"]) == 2
+    assert "--cuda-graph needs the model on a CUDA device" in capsys.readouterr().err

@@ -53,7 +53,7 @@ class StepStats:
 
 def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
                     sampling: SamplingSettings, steering: SteeringSettings = SteeringSettings(),
-                    prompt: str = "benchmark prompt") -> np.ndarray:
+                    prompt: str = "benchmark prompt", graph: bool = False) -> np.ndarray:
     """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active."""
     decoder = model.decoder
     device = decoder.embed.weight.device
@@ -77,7 +77,7 @@ def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
         sync()
         stamps.append(time.perf_counter())
         generate(decoder, model.text, prompt, frames, sampling, on_step=on_step,
-                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None)
+                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None, graph=graph)
     finally:
         if steerer is not None:
             steerer.detach()
@@ -136,13 +136,13 @@ def git_commit() -> str | None:
 
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
-                baselines: list[str] = (), floor: bool = True) -> dict:
+                baselines: list[str] = (), floor: bool = True, graph: bool = False) -> dict:
     from .baselines import audiocraft_step_ms, step_weight_bytes, stream_bandwidth, transformers_step_ms
 
     device = model.decoder.embed.weight.device
     measure_floor = floor and device.type == "cpu"
     bandwidths = [stream_bandwidth()] if measure_floor else []
-    samples = {k: time_generation(model, steps, warmup, k, sampling, steering) for k in concept_counts}
+    samples = {k: time_generation(model, steps, warmup, k, sampling, steering, graph=graph) for k in concept_counts}
     if measure_floor:  # the host's bandwidth drifts: sample it on both sides and keep the best
         bandwidths.append(stream_bandwidth())
     results = [StepStats.of(k, t) for k, t in samples.items()]
@@ -150,7 +150,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     record = {
         "benchmark": "latency", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
-        "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup,
+        "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph,
         "results": [asdict(r) for r in results],
         "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
     }
@@ -180,7 +180,8 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
 
 
 def format_report(record: dict) -> str:
-    lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}, "
+    graphed = ", CUDA graph" if record.get("cuda_graph") else ""
+    lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}{graphed}, "
              f"CFG {record['cfg']}) on {record['machine'].get('gpu', record['machine']['cpu'])}",
              f"{'concepts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'tok/s':>7} {'RTF':>6}"]
     for r in record["results"]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .delay import deinterleave, steps_for, valid_mask
+from .graph_step import GraphedStep
 from .musicgen import MusicGen
 from .sampling import SamplingSettings, guided_logits, make_generator, sample
 from .text import TextEncoder, condition_rows
@@ -36,9 +37,11 @@ def prepare(decoder: MusicGen, text: TextEncoder, prompt: str, settings: Samplin
 @torch.no_grad()
 def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, settings: SamplingSettings,
              *, record_logits: bool = False, before_step: Callable[[int], None] | None = None,
-             on_step: Callable[[int], None] | None = None) -> Generation:
+             on_step: Callable[[int], None] | None = None, graph: bool = False) -> Generation:
     """Generate `frames` complete frames. `before_step(s)` runs before step s (steering
-    writes its strengths there); `on_step(s)` after it (progress)."""
+    writes its strengths there); `on_step(s)` after it (progress). `graph` runs each step as
+    a replay of one captured CUDA graph (graph_step.py; off CUDA, the same static path eagerly);
+    attach steering before calling."""
     cfg = decoder.cfg
     K, special = cfg.codebooks, cfg.special_token
     steps = steps_for(frames, K)
@@ -52,11 +55,15 @@ def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, set
     valid = torch.stack([valid_mask(s, K, frames, device) for s in range(steps)])  # (steps, K)
     positions = torch.arange(steps, device=device)
     recorded = torch.empty((steps, K, cfg.vocab), dtype=torch.float32) if record_logits else None
+    graphed = GraphedStep(decoder, settings.batch) if graph else None
     for s in range(steps):
         if before_step is not None:
             before_step(s)
         codes_in = sequence[:, s].view(1, K, 1).expand(settings.batch, K, 1)  # (B, K, 1)
-        logits = decoder.step(codes_in, positions[s : s + 1], kv_len=s + 1)  # (B, K, V)
+        if graphed is not None:
+            logits = graphed(codes_in, s)
+        else:
+            logits = decoder.step(codes_in, positions[s : s + 1], kv_len=s + 1)  # (B, K, V)
         guided = guided_logits(logits, settings)  # (K, V)
         if recorded is not None:
             recorded[s] = guided.cpu()

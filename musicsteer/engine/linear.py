@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
+
 FEW_ROWS = 4
 
 
@@ -69,33 +71,25 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        from ..kernels import cpu
-
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", cpu.pack_f32(weight))
+        self.register_buffer("packed", cpu_kernels.pack_f32(weight))
 
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) weight, unpacked (a copy)."""
-        from ..kernels import cpu
-
-        return cpu.unpack_f32(self.packed)
+        return cpu_kernels.unpack_f32(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import cpu
-
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= PACKED_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            y = cpu.linear_f32(self.packed, flat.contiguous())
+            y = cpu_kernels.linear_f32(self.packed, flat.contiguous())
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def packed_kernels() -> bool:
-    from ..kernels import cpu
-
-    return cpu.library() is not None
+    return cpu_kernels.library() is not None
 
 
 def optimize_for_cpu(module: nn.Module, packed: bool | None = None) -> nn.Module:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
 from .linear import PACKED_ROWS, Linear
 
 
@@ -40,35 +41,27 @@ class Int8Linear(nn.Module):
 class PackedInt8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        from ..kernels import cpu
-
         self.out_features, self.in_features = weight.shape
-        packed, scale = cpu.quantize_pack_i8(weight)
+        packed, scale = cpu_kernels.quantize_pack_i8(weight)
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The (out, in) weight, unpacked (a copy)."""
-        from ..kernels import cpu
-
-        return cpu.dequantize_i8(self.packed, self.scale)
+        """The (out, in) weight, dequantized (a copy)."""
+        return cpu_kernels.dequantize_i8(self.packed, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import cpu
-
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= PACKED_ROWS and not torch.is_grad_enabled():
-            y = cpu.linear_i8(self.packed, self.scale, flat.float().contiguous()).to(x.dtype)
+        if flat.shape[0] <= PACKED_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            y = cpu_kernels.linear_i8(self.packed, self.scale, flat.contiguous())
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def packed_int8_kernels() -> bool:
-    from ..kernels import cpu
-
-    return cpu.has_int8()
+    return cpu_kernels.has_int8()
 
 
 def quantize_int8(module: nn.Module, packed: bool | None = None) -> nn.Module:

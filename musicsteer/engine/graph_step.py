@@ -1,0 +1,65 @@
+"""The decoder step as a CUDA graph: captured once over the static caches, replayed per step.
+
+A graphed step has fixed shapes and fixed addresses: the codes and the position are
+copied into static input buffers, the step runs the decoder's static path (the whole
+self-attention cache under a mask built from the position tensor, the cross-attention
+cache under its own mask), and the logits land in a static output buffer. Steering reads
+its strengths from the steerer's device buffers, which the plan rewrites in place before
+each step, so new strengths need no recapture. What must not change after capture: the
+caches (no `setup_caches`, no `use_caches` swap), the prompt's cache length may change
+(it is masked), and the set of attached hooks (attach steering first).
+
+Off CUDA the same object runs the same static path eagerly; tests use that to check that
+the static step gives the tokens of the eager, filled-part-only step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .musicgen import MusicGen
+
+WARMUP = 3  # eager runs on a side stream before capture, as CUDA graphs require
+
+
+class GraphedStep:
+    def __init__(self, decoder: MusicGen, batch: int, capture: bool | None = None) -> None:
+        device = decoder.embed.weight.device
+        self.decoder = decoder
+        self.codes = torch.zeros(batch, decoder.cfg.codebooks, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        if capture if capture is not None else device.type == "cuda":
+            self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Warm up and capture at position 0 (the first real step rewrites that slot)."""
+        if not torch.cuda.is_available() or self.codes.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the decoder on a CUDA device")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP):
+                self.decoder.step(self.codes, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self.decoder.step(self.codes, self.position)
+        self.graph = graph
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    @torch.no_grad()
+    def __call__(self, codes: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (B, K, V) for codes (B, K, 1) at `position`; the returned tensor is the static
+        output buffer on CUDA, valid until the next call."""
+        self.codes.copy_(codes)
+        self.position.fill_(position)
+        if self.graph is None:
+            return self.decoder.step(self.codes, self.position)
+        self.graph.replay()
+        return self.logits
