@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels.dispatch import backend_for
 from .config import ModelConfig
 from .kv_cache import CrossCache, KVCache
 from .linear import Linear
@@ -90,6 +91,12 @@ class SelfAttention(nn.Module):
         else:
             assert self.cache is not None, "call setup_caches() before a cached forward"
             k, v = self.cache.update(input_pos, k, v)  # (B, H, L, hd)
+            if kv_len is None and T == 1 and backend_for(x.device) == "triton":
+                # static (graph) step: the kernel reads the filled length from the position tensor
+                from ..kernels.triton_attention import decode_attention
+
+                out = decode_attention(q, k, v, input_pos + 1)
+                return self.wo(out.transpose(1, 2).reshape(B, T, D))
             if kv_len is not None:  # eager: read only the filled part of the cache
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
