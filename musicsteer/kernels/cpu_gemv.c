@@ -44,9 +44,13 @@ typedef void (*ms_task)(void *args, int begin, int end);
 
 /* The work is split in contiguous runs of blocks over OpenMP's threads. The library links the
  * libgomp that torch already loaded (same soname), so the decoder's products and torch's own
- * operations share one team of threads instead of two pools fighting for the cores. */
-static void run(ms_task task, void *args, int blocks) {
-    int threads = omp_get_max_threads();
+ * operations share one team of threads instead of two pools fighting for the cores. Small
+ * work stays on the calling thread: waking the team costs more than it saves, and its
+ * spinning workers would take a core from the audio threads of a live session. */
+#define MS_PARALLEL_BYTES (512 * 1024) /* less work than this runs on the calling thread alone */
+
+static void run(ms_task task, void *args, int blocks, size_t bytes) {
+    int threads = bytes < MS_PARALLEL_BYTES ? 1 : omp_get_max_threads();
     if (threads > blocks / 2) threads = blocks / 2 > 0 ? blocks / 2 : 1;
     if (threads <= 1) { task(args, 0, blocks); return; }
 #pragma omp parallel num_threads(threads)
@@ -124,7 +128,7 @@ void ms_linear_f32(const float *w, const float *x, float *y, int n, int d, int r
     for (int r0 = 0; r0 < rows; r0 += MS_MAX_ROWS) {
         int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
         f32_args a = {w, x + (size_t)r0 * d, y + (size_t)r0 * n, n, d, chunk};
-        run(f32_task, &a, n / 16);
+        run(f32_task, &a, n / 16, (size_t)n * d * sizeof(float));
     }
 }
 
@@ -217,7 +221,7 @@ int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y,
         int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
         quantize_rows(x + (size_t)r0 * d, chunk, d, q, xs, xc);
         i8_args a = {w, scale, q, xs, xc, y + (size_t)r0 * n, n, d, chunk};
-        run(i8_task, &a, n / 16);
+        run(i8_task, &a, n / 16, (size_t)n * d);
     }
     pthread_mutex_unlock(&scratch_lock);
     return 0;
@@ -349,6 +353,6 @@ int ms_attend(const float *q, const float *k_new, const float *v_new, long strid
                 memcpy(vc + at, v_new + b * stride + h * hd, sizeof(float) * hd);
             }
     attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, scale};
-    run(attend_task, &a, batch * heads);
+    run(attend_task, &a, batch * heads, (size_t)batch * heads * len * hd * 2 * sizeof(float));
     return 0;
 }
