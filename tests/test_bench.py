@@ -23,6 +23,13 @@ def test_bench_latency_json(tmp_path, capsys):
     assert all(r["steps"] == 8 and r["p50_ms"] > 0 for r in record["results"])
     assert record["machine"]["cores"] >= 1 and record["shape"]["layers"] == 2
     assert "2" in record["steering_overhead_pct"]
+    f = record["floor"]  # weights plus the KV cache the timed steps read, at the middle position
+    cfg = record["shape"]
+    assert f["cache_position"] == 2 + 3.5
+    assert f["cache_bytes_per_step"] == cfg["layers"] * 2 * 2 * cfg["hidden"] * (5.5 + 1) * 4
+    assert len(f["stream_read_samples_gb_s"]) == 2 and f["stream_read_gb_s"] == max(f["stream_read_samples_gb_s"])
+    want = (f["weight_bytes_per_step"] + f["cache_bytes_per_step"]) / (f["stream_read_gb_s"] * 1e9) * 1e3
+    assert abs(f["floor_ms"] - want) < 1e-9
     assert "concepts   p50 ms" in capsys.readouterr().out
 
 

@@ -40,6 +40,14 @@ def step_weight_bytes(model: LoadedModel) -> int:
     return total
 
 
+def step_cache_bytes(model: LoadedModel, position: float, batch: int) -> float:
+    """Bytes of self-attention keys and values a step at `position` reads (the filled part of
+    every layer's cache, in the decoder's dtype); the text cache is a few positions and left out."""
+    c = model.cfg
+    item = model.decoder.embed.weight.element_size()
+    return c.layers * 2 * batch * c.hidden * (position + 1) * item
+
+
 def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     """Bytes per second of a streaming read over `mb` MiB, the best of a few ways, over ordinary
     memory and over memory advised for huge pages (which the packed CPU weights use, and which

@@ -137,7 +137,8 @@ def git_commit() -> str | None:
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
                 baselines: list[str] = (), floor: bool = True, graph: bool = False) -> dict:
-    from .baselines import audiocraft_step_ms, step_weight_bytes, stream_bandwidth, transformers_step_ms
+    from .baselines import (audiocraft_step_ms, step_cache_bytes, step_weight_bytes, stream_bandwidth,
+                            transformers_step_ms)
 
     device = model.decoder.embed.weight.device
     measure_floor = floor and device.type == "cpu"
@@ -157,8 +158,11 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     first = results[0]
     if measure_floor:
         nbytes, bw = step_weight_bytes(model), max(bandwidths)
-        floor_ms = nbytes / bw * 1e3
-        record["floor"] = {"weight_bytes_per_step": nbytes, "stream_read_gb_s": bw / 1e9, "floor_ms": floor_ms,
+        position = warmup + (steps - 1) / 2  # the timed steps' middle position
+        cache = step_cache_bytes(model, position, sampling.batch)
+        floor_ms = (nbytes + cache) / bw * 1e3
+        record["floor"] = {"weight_bytes_per_step": nbytes, "cache_bytes_per_step": cache,
+                           "cache_position": position, "stream_read_gb_s": bw / 1e9, "floor_ms": floor_ms,
                            "p50_over_floor": first.p50_ms / floor_ms,
                            "stream_read_samples_gb_s": [b / 1e9 for b in bandwidths]}
     record["baselines"] = {}
@@ -194,8 +198,10 @@ def format_report(record: dict) -> str:
                      f"included)")
     if "floor" in record:
         f = record["floor"]
-        lines.append(f"bandwidth floor: {f['weight_bytes_per_step'] / 1e9:.2f} GB of weights per step at "
-                     f"{f['stream_read_gb_s']:.1f} GB/s = {f['floor_ms']:.1f} ms; p50 is {f['p50_over_floor']:.2f}x")
+        lines.append(f"bandwidth floor: {f['weight_bytes_per_step'] / 1e9:.2f} GB of weights + "
+                     f"{f.get('cache_bytes_per_step', 0) / 1e9:.3f} GB of KV cache (position "
+                     f"{f.get('cache_position', 0):.0f}) per step at {f['stream_read_gb_s']:.1f} GB/s = "
+                     f"{f['floor_ms']:.1f} ms; p50 is {f['p50_over_floor']:.2f}x")
     for name, b in record.get("baselines", {}).items():
         if b["step_ms"] is None:
             lines.append(f"baseline {name}: not run ({b['what']})")
