@@ -63,6 +63,9 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
+CAUSAL = torch.ones(())  # stands for the causal mask of a prompt that fills the cache from position 0
+
+
 def cpu_fast_path(x: torch.Tensor) -> bool:
     """Whether a one-token float32 CPU step can use the C attention kernel (kernels/cpu.py)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
@@ -99,7 +102,10 @@ class SelfAttention(nn.Module):
                 return self.wo(out.transpose(1, 2).reshape(B, T, D))
             if kv_len is not None:  # eager: read only the filled part of the cache
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if mask is CAUSAL:  # flash / memory-efficient kernels where the device has them
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -338,7 +344,9 @@ class MusicGen(nn.Module):
         mask, pos = None, (input_pos if use_cache else None)
         if use_cache:
             length = kv_len if kv_len is not None else self.blocks[0].self_attn.cache.max_len
-            if kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
+            if kv_len is not None and kv_len == codes.shape[-1] > 1:  # a prompt from position 0: fused causal
+                mask = CAUSAL
+            elif kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
                 mask = torch.arange(length, device=codes.device)[None, :] <= input_pos[:, None]  # (T, L)
         static = use_cache and kv_len is None
         for block in self.blocks:
