@@ -21,7 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="where the model runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--weights", default="full", choices=("full", "int8"),
-                   help="int8: the decoder's linear weights as int8 per output channel (CPU, a quarter of the bytes)")
+                   help="int8: the decoder's linear weights as int8 per output channel and its KV cache as "
+                        "bfloat16 (CPU; a quarter of the weight bytes, half the cache bytes)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -159,3 +159,49 @@ def test_attention_kernel_reads_only_the_filled_part_and_refuses_overruns():
         cpu.attend(q, None, kc, vc, -1, 11)
     with pytest.raises(RuntimeError, match="refused"):
         cpu.attend(q, (q, q), kc, vc, 10, 10)
+
+
+@needs_cc
+@pytest.mark.parametrize("hd,length", [(64, 300), (12, 7), (100, 33)])
+def test_attention_kernel_on_a_bfloat16_cache(hd, length):
+    g = torch.Generator().manual_seed(hd)
+    B, H, max_len = 2, 3, 320
+    D = H * hd
+    kc = torch.randn(B, H, max_len, hd, generator=g).bfloat16()
+    vc = torch.randn(B, H, max_len, hd, generator=g).bfloat16()
+    qkv = torch.randn(B, 3 * D, generator=g)
+    want_k, want_v = kc.clone(), vc.clone()
+    pos = length - 1
+    want_k[:, :, pos] = qkv[:, D:2 * D].view(B, H, hd).bfloat16()  # torch's rounding: nearest even
+    want_v[:, :, pos] = qkv[:, 2 * D:].view(B, H, hd).bfloat16()
+    out = cpu.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), kc, vc, pos, length)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    q = qkv[:, :D].reshape(B, H, 1, hd)
+    want = torch.nn.functional.scaled_dot_product_attention(q, want_k[:, :, :length].float(),
+                                                            want_v[:, :, :length].float())
+    torch.testing.assert_close(out, want.reshape(B, D), atol=2e-5, rtol=1e-4)
+
+
+def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
+    from musicsteer.engine.config import PRESETS
+    from musicsteer.engine.musicgen import MusicGen
+
+    cfg = PRESETS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    text, mask = torch.randn(2, 5, cfg.text_hidden, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    codes = torch.randint(0, cfg.vocab, (2, cfg.codebooks, 12), generator=g)
+    outs = []
+    for cache_dtype in (None, torch.bfloat16):
+        m = MusicGen.random(cfg, seed=3).eval()
+        m.cache_dtype = cache_dtype
+        m.setup_caches(2, max_len=16, max_text=5)
+        assert m.caches[0].k.dtype == (cache_dtype or torch.float32)
+        m.set_condition(text, mask)
+        with torch.inference_mode():
+            first = m.prefill(codes[..., :8])[:, -1]
+            steps = [m.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(8, 12)]
+            static = m.step(codes[..., 11:12], torch.tensor([11]))  # the masked path reads it too
+        outs.append(torch.stack([first, *steps, static]))
+    a, b = outs
+    assert ((a - b).norm() / a.norm()) < 0.01
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9

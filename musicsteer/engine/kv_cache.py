@@ -25,9 +25,10 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (B, H, T, hd) at positions `input_pos` (T,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)  # (B, H, L, hd)
-        self.v.index_copy_(2, input_pos, v)
+        """Write `k`, `v` (B, H, T, hd) at positions `input_pos` (T,); return the whole cache (in its
+        storage dtype, which may be narrower than the model's: see `MusicGen.cache_dtype`)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # (B, H, L, hd)
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 

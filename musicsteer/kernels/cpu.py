@@ -99,7 +99,7 @@ def library() -> ctypes.CDLL | None:
     lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.ms_linear_i8.restype = ctypes.c_int
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
-        ctypes.c_float]
+        ctypes.c_float, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
     _lib = lib
     return lib
@@ -203,18 +203,20 @@ def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> tor
 
 def attend(q: torch.Tensor, kv_new: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
            v_cache: torch.Tensor, pos: int, length: int) -> torch.Tensor:
-    """One query per row and head against a float32 cache (B, H, Lmax, hd), reading only its first
-    `length` positions; with `kv_new`, the new key and value are written at `pos` first.
+    """One query per row and head against a float32 or bfloat16 cache (B, H, Lmax, hd), reading only
+    its first `length` positions; with `kv_new`, the new key and value are written at `pos` first
+    (rounded to nearest even for a bfloat16 cache).
     q and the new key/value are (B, H * hd) views with a shared row stride (e.g. thirds of one
     fused projection's output). Returns (B, H * hd)."""
     B, H, max_len, hd = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(1) == 1
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
     out = torch.empty(B, H * hd)
     k_new, v_new = kv_new if kv_new is not None else (None, None)
     rc = (_lib or library()).ms_attend(
         q.data_ptr(), k_new.data_ptr() if k_new is not None else None, v_new.data_ptr() if v_new is not None else None,
         q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), B, H, max_len, hd, pos, length,
-        hd ** -0.5)
+        hd ** -0.5, int(k_cache.dtype == torch.bfloat16))
     if rc != 0:
         raise RuntimeError(f"attention kernel refused position {pos}, length {length} for a cache of {max_len}")
     return out

@@ -241,11 +241,27 @@ int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y,
  * v_new are (B, H * hd) with row stride `stride`; out is (B, H * hd). */
 typedef struct {
     const float *q, *k_new, *v_new;
-    float *kc, *vc, *out;
+    void *kc, *vc; /* float, or bfloat16 (uint16_t) when bf16 is set */
+    float *out;
     long stride;
-    int heads, max_len, pos, len, hd;
+    int heads, max_len, pos, len, hd, bf16;
     float scale;
 } attend_args;
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 #if defined(__AVX512F__)
 /* e^x for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, p of degree 6. */
@@ -264,29 +280,64 @@ static inline __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static void attend_head(const attend_args *a, int b, int h, float *scores) {
-    const int hd = a->hd, chunks = (hd + 15) / 16;
+/* 16 cache values (or the masked head of them) as float32, from float32 or bfloat16 storage. */
+static inline __attribute__((always_inline)) __m512 load_cache(const int bf16, const void *base, size_t at,
+                                                              __mmask16 m) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)base + at);
+}
+
+/* CH (chunks of 16 in a head) and BF (bfloat16 cache) are constants in the common cases, so the
+ * query and the accumulators stay in registers and the loads need no branch. */
+static inline __attribute__((always_inline)) void attend_head_impl(const attend_args *a, int b, int h, float *scores,
+                                                                  const int CH, const int BF) {
+    const int hd = a->hd, chunks = CH;
     const __mmask16 tail = (__mmask16)((1u << (hd - 16 * (chunks - 1))) - 1);
     const float *q = a->q + b * a->stride + h * hd;
     const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
-    const float *k = a->kc + head, *v = a->vc + head;
     __m512 qv[16];
     for (int c = 0; c < chunks; c++)
         qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, q + 16 * c),
                               _mm512_set1_ps(a->scale));
-    float top = -INFINITY;
-    for (int j = 0; j < a->len; j++) {
-        const float *kj = k + (size_t)j * hd;
+    /* Scores four keys at a time: four lane-wise products, then one transposing reduction
+     * gives the four sums (a horizontal sum per key would cost twice the work and a long chain). */
+    __m128 top4 = _mm_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 4 <= a->len; j += 4) {
+        __m512 s[4];
+        for (int t = 0; t < 4; t++) {
+            const size_t kj = head + (size_t)(j + t) * hd;
+            s[t] = _mm512_setzero_ps();
+            for (int c = 0; c < chunks; c++)
+                s[t] = _mm512_fmadd_ps(qv[c], load_cache(BF, a->kc, kj + 16 * c, c == chunks - 1 ? tail : 0xffff), s[t]);
+        }
+        __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(s[0], s[1]), _mm512_unpackhi_ps(s[0], s[1]));
+        __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(s[2], s[3]), _mm512_unpackhi_ps(s[2], s[3]));
+        __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+        u = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+        u = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+        __m128 r = _mm512_castps512_ps128(u); /* lanes: keys j, j+1, j+2, j+3 */
+        _mm_storeu_ps(scores + j, r);
+        top4 = _mm_max_ps(top4, r);
+    }
+    float t4[4];
+    _mm_storeu_ps(t4, top4);
+    float top = fmaxf(fmaxf(t4[0], t4[1]), fmaxf(t4[2], t4[3]));
+    for (; j < a->len; j++) {
+        const size_t kj = head + (size_t)j * hd;
         __m512 s = _mm512_setzero_ps();
         for (int c = 0; c < chunks; c++)
-            s = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, kj + 16 * c), s);
+            s = _mm512_fmadd_ps(qv[c], load_cache(BF, a->kc, kj + 16 * c, c == chunks - 1 ? tail : 0xffff), s);
         float sj = _mm512_reduce_add_ps(s);
         scores[j] = sj;
         top = sj > top ? sj : top;
     }
     __m512 total = _mm512_setzero_ps(), m = _mm512_set1_ps(top);
-    int j = 0;
-    for (; j + 16 <= a->len; j += 16) {
+    for (j = 0; j + 16 <= a->len; j += 16) {
         __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + j), m));
         _mm512_storeu_ps(scores + j, e);
         total = _mm512_add_ps(total, e);
@@ -301,26 +352,32 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
     float inv = 1.0f / _mm512_reduce_add_ps(total);
     __m512 acc[16];
     for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-    for (j = 0; j < a->len; j++) {
+    for (int j = 0; j < a->len; j++) {
         __m512 p = _mm512_set1_ps(scores[j]);
-        const float *vj = v + (size_t)j * hd;
+        const size_t vj = head + (size_t)j * hd;
         for (int c = 0; c < chunks; c++)
-            acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, vj + 16 * c), acc[c]);
+            acc[c] = _mm512_fmadd_ps(p, load_cache(BF, a->vc, vj + 16 * c, c == chunks - 1 ? tail : 0xffff), acc[c]);
     }
     float *o = a->out + (size_t)b * a->heads * hd + h * hd;
     for (int c = 0; c < chunks; c++)
         _mm512_mask_storeu_ps(o + 16 * c, c == chunks - 1 ? tail : 0xffff, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+}
+
+static void attend_head(const attend_args *a, int b, int h, float *scores) {
+    if (a->hd == 64 && a->bf16) attend_head_impl(a, b, h, scores, 4, 1);
+    else if (a->hd == 64) attend_head_impl(a, b, h, scores, 4, 0);
+    else attend_head_impl(a, b, h, scores, (a->hd + 15) / 16, a->bf16);
 }
 #else
 static void attend_head(const attend_args *a, int b, int h, float *scores) {
     const int hd = a->hd;
     const float *q = a->q + b * a->stride + h * hd;
     const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
-    const float *k = a->kc + head, *v = a->vc + head;
+#define CACHE(base, at) (a->bf16 ? from_bf16(((const uint16_t *)(base))[head + (at)]) : ((const float *)(base))[head + (at)])
     float top = -INFINITY, total = 0.f;
     for (int j = 0; j < a->len; j++) {
         float s = 0.f;
-        for (int i = 0; i < hd; i++) s += q[i] * k[(size_t)j * hd + i];
+        for (int i = 0; i < hd; i++) s += q[i] * CACHE(a->kc, (size_t)j * hd + i);
         scores[j] = s * a->scale;
         top = scores[j] > top ? scores[j] : top;
     }
@@ -328,7 +385,8 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
     float *o = a->out + (size_t)b * a->heads * hd + h * hd;
     for (int i = 0; i < hd; i++) o[i] = 0.f;
     for (int j = 0; j < a->len; j++)
-        for (int i = 0; i < hd; i++) o[i] += scores[j] / total * v[(size_t)j * hd + i];
+        for (int i = 0; i < hd; i++) o[i] += scores[j] / total * CACHE(a->vc, (size_t)j * hd + i);
+#undef CACHE
 }
 #endif
 
@@ -341,18 +399,28 @@ static void attend_task(void *args, int begin, int end) {
     if (scores != stack) free(scores);
 }
 
-/* Returns 0, or -2 when `pos`/`len` do not fit the cache. */
-int ms_attend(const float *q, const float *k_new, const float *v_new, long stride, float *kc, float *vc,
-              float *out, int batch, int heads, int max_len, int hd, int pos, int len, float scale) {
+/* Returns 0, or -2 when `pos`/`len` do not fit the cache. The cache holds float32, or bfloat16
+ * when `bf16` is set (new keys and values are rounded to nearest even when written). */
+int ms_attend(const float *q, const float *k_new, const float *v_new, long stride, void *kc, void *vc,
+              float *out, int batch, int heads, int max_len, int hd, int pos, int len, float scale, int bf16) {
     if (len < 1 || len > max_len || pos >= max_len || (k_new && pos < 0) || hd > 256) return -2;
     if (k_new)
         for (int b = 0; b < batch; b++)
             for (int h = 0; h < heads; h++) {
                 size_t at = (((size_t)b * heads + h) * max_len + pos) * hd;
-                memcpy(kc + at, k_new + b * stride + h * hd, sizeof(float) * hd);
-                memcpy(vc + at, v_new + b * stride + h * hd, sizeof(float) * hd);
+                const float *kn = k_new + b * stride + h * hd, *vn = v_new + b * stride + h * hd;
+                if (bf16) {
+                    for (int i = 0; i < hd; i++) {
+                        ((uint16_t *)kc)[at + i] = to_bf16(kn[i]);
+                        ((uint16_t *)vc)[at + i] = to_bf16(vn[i]);
+                    }
+                } else {
+                    memcpy((float *)kc + at, kn, sizeof(float) * hd);
+                    memcpy((float *)vc + at, vn, sizeof(float) * hd);
+                }
             }
-    attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, scale};
-    run(attend_task, &a, batch * heads, (size_t)batch * heads * len * hd * 2 * sizeof(float));
+    attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, bf16, scale};
+    size_t item = bf16 ? 2 : sizeof(float);
+    run(attend_task, &a, batch * heads, (size_t)batch * heads * len * hd * 2 * item);
     return 0;
 }
