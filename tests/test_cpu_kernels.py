@@ -205,3 +205,24 @@ def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
     a, b = outs
     assert ((a - b).norm() / a.norm()) < 0.01
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+@needs_cc
+def test_packed_layers_follow_a_replaced_buffer():
+    from musicsteer.engine.quant import PackedInt8Linear
+
+    w1, w2 = torch.randn(32, 64), torch.randn(32, 64)
+    x = torch.randn(2, 1, 64)
+    layer = PackedLinear(w1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w1.T, atol=1e-5, rtol=1e-5)
+        layer.packed = cpu.pack_f32(w2)  # as load_state_dict(assign=True) would
+        torch.testing.assert_close(layer(x), x @ w2.T, atol=1e-5, rtol=1e-5)
+    if cpu.has_int8():
+        q = PackedInt8Linear(w1)
+        with torch.no_grad():
+            first = q(x)
+            packed, scale = cpu.quantize_pack_i8(w2)
+            q.packed, q.scale = packed, scale
+            assert ((q(x) - x @ w2.T).norm() / (x @ w2.T).norm()) < 0.02
+            assert not torch.allclose(q(x), first)

@@ -54,18 +54,21 @@ def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     reads up to twice as fast on the test machines): the floor is what the machine can do."""
     from ..kernels.cpu import huge_page_empty
 
-    best = 0.0
-    for a in (torch.empty(mb * 1024 * 1024 // 4), huge_page_empty((mb * 1024 * 1024 // 4,), torch.float32)):
+    def best_read(a: torch.Tensor) -> float:
         a.uniform_()
-        rows = a.view(-1, 4096)
-        v = torch.ones(4096)
+        rows, v = a.view(-1, 4096), torch.ones(4096)
+        best = 0.0
         for f in (lambda: torch.mv(rows, v), lambda: a.max()):
             f()
             for _ in range(repeats):
                 t = time.perf_counter()
                 f()
                 best = max(best, a.numel() * 4 / (time.perf_counter() - t))
-        del a, rows
+        return best
+
+    numel = mb * 1024 * 1024 // 4
+    best = best_read(torch.empty(numel))
+    best = max(best, best_read(huge_page_empty((numel,), torch.float32)))
     return best
 
 

@@ -63,7 +63,34 @@ class ChunkedLinear(nn.Module):
 PACKED_ROWS = 32  # up to here the packed kernel (passes of 8 rows) beats MKL; prefill goes to MKL
 
 
-class PackedLinear(nn.Module):
+class _PackedBase(nn.Module):
+    """What the packed layers share: the one-token path calls the C kernel with the buffers'
+    addresses bound once (a step makes ~150 of these calls, so the per-call Python matters),
+    re-bound whenever a buffer is replaced; more rows go to MKL on the unpacked weight."""
+
+    out_features: int
+    in_features: int
+
+    def _bind(self) -> None:
+        raise NotImplementedError
+
+    def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        if self._bound is not self._buffers["packed"]:  # moved, loaded or replaced since bound
+            self._bind()
+        return self._kernel(x, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        rows = flat.shape[0]
+        if rows <= PACKED_ROWS and x.dtype is torch.float32 and not torch.is_grad_enabled():
+            y = self._fast(flat.contiguous(), rows)
+        else:
+            y = F.linear(flat, self.weight.to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+class PackedLinear(_PackedBase):
     """A bias-free float32 linear layer in the packed layout of the C kernels (CPU only).
 
     Up to `PACKED_ROWS` rows stream the packed weight; more rows (prefill) unpack it for
@@ -73,19 +100,23 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("packed", cpu_kernels.pack_f32(weight))
+        self._bind()
+
+    def _bind(self) -> None:
+        packed = self._bound = self._buffers["packed"]
+        call, w, n, d = cpu_kernels.library().ms_linear_f32, packed.data_ptr(), self.out_features, self.in_features
+
+        def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
+            y = torch.empty(rows, n)
+            call(w, x.data_ptr(), y.data_ptr(), n, d, rows)
+            return y
+
+        self._kernel = kernel
 
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) weight, unpacked (a copy)."""
         return cpu_kernels.unpack_f32(self.packed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= PACKED_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            y = cpu_kernels.linear_f32(self.packed, flat.contiguous())
-        else:
-            y = F.linear(flat, self.weight.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def packed_kernels() -> bool:

@@ -16,11 +16,10 @@ test machines it streams a `small` step's weights at about 36 GB/s against 10-20
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
-from .linear import PACKED_ROWS, Linear
+from .linear import Linear, _PackedBase
 
 
 class Int8Linear(nn.Module):
@@ -38,26 +37,37 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class PackedInt8Linear(nn.Module):
+class PackedInt8Linear(_PackedBase):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         packed, scale = cpu_kernels.quantize_pack_i8(weight)
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
+        self._bind()
+
+    def _bind(self) -> None:
+        packed, scale = self._bound, self._scale = self._buffers["packed"], self._buffers["scale"]
+        call, w, sc = cpu_kernels.library().ms_linear_i8, packed.data_ptr(), scale.data_ptr()
+        n, d = self.out_features, self.in_features
+
+        def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
+            y = torch.empty(rows, n)
+            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows) != 0:
+                raise RuntimeError(f"int8 kernel refused the call: shape ({n}, {d})")
+            return y
+
+        self._kernel = kernel
+
+    def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        if self._scale is not self._buffers["scale"]:
+            self._bind()
+        return super()._fast(x, rows)
 
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) weight, dequantized (a copy)."""
         return cpu_kernels.dequantize_i8(self.packed, self.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= PACKED_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            y = cpu_kernels.linear_i8(self.packed, self.scale, flat.contiguous())
-        else:
-            y = F.linear(flat, self.weight.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def packed_int8_kernels() -> bool:
