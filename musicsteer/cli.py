@@ -352,7 +352,8 @@ def run_bench_latency(args) -> int:
         raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
     record = run_latency(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
-                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph)
+                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
+                         weights=args.weights)
     print(format_report(record))
     if args.json:
         write_json(record, args.json)

@@ -136,7 +136,7 @@ def git_commit() -> str | None:
 
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
-                baselines: list[str] = (), floor: bool = True, graph: bool = False) -> dict:
+                baselines: list[str] = (), floor: bool = True, graph: bool = False, weights: str = "full") -> dict:
     from .baselines import (audiocraft_step_ms, step_cache_bytes, step_weight_bytes, stream_bandwidth,
                             transformers_step_ms)
 
@@ -151,6 +151,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     record = {
         "benchmark": "latency", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
+        "weights": weights, "cache_dtype": str(model.decoder.cache_dtype or model.decoder.embed.weight.dtype),
         "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph,
         "results": [asdict(r) for r in results],
         "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
@@ -185,6 +186,8 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
 
 def format_report(record: dict) -> str:
     graphed = ", CUDA graph" if record.get("cuda_graph") else ""
+    if record.get("weights", "full") != "full":
+        graphed = f", {record['weights']} weights, {record.get('cache_dtype', '?').replace('torch.', '')} cache" + graphed
     lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}{graphed}, "
              f"CFG {record['cfg']}) on {record['machine'].get('gpu', record['machine']['cpu'])}",
              f"{'concepts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'tok/s':>7} {'RTF':>6}"]
