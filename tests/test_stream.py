@@ -231,3 +231,20 @@ def test_null_sink_in_real_time_plays_at_the_clock(tiny):
     played = sink.stats().frames_played
     assert 0.3 * 32000 < played < 0.7 * 32000
     assert ring.metrics().underruns > 0  # nothing was written: every block was silence
+
+
+def test_reduced_precision_model_streams_and_rolls_over():
+    """int8 weights with a bfloat16 KV cache: the stream equals offline generation with the same
+    model, and windows re-prime into bfloat16 spare caches."""
+    from musicsteer.engine.loading import load_model
+
+    model = load_model("tiny", weights="int8")
+    assert model.decoder.cache_dtype == torch.bfloat16
+    frames = 40
+    _, rec, _ = run_fast(model, StreamConfig(PROMPT, SAMPLING, max_seconds=frames / 50))
+    offline = generate(model.decoder, model.text, PROMPT, frames + 3, SAMPLING).codes.numpy()
+    np.testing.assert_array_equal(np.stack(rec.frames, axis=1), offline[:, :frames])
+    producer, rec, _ = run_fast(model, StreamConfig(PROMPT, SAMPLING, window_s=1.0, keep_s=0.3, reprime_chunk=8,
+                                                    max_seconds=4.0))
+    assert producer.reprimes >= 3 and len(rec.frames) == 200
+    assert all(c.k.dtype == torch.bfloat16 for c in model.decoder.caches)
