@@ -226,3 +226,35 @@ def test_packed_layers_follow_a_replaced_buffer():
             q.packed, q.scale = packed, scale
             assert ((q(x) - x @ w2.T).norm() / (x @ w2.T).norm()) < 0.02
             assert not torch.allclose(q(x), first)
+
+
+PORTABLE_CHECK = """
+import torch
+from musicsteer.kernels import cpu
+assert cpu.caps() == cpu.CAP_F32, cpu.caps()  # no AVX-512 in this build: the portable loops
+assert not cpu.has_int8()
+g = torch.Generator().manual_seed(0)
+w, x = torch.randn(48, 72, generator=g), torch.randn(3, 72, generator=g)
+torch.testing.assert_close(cpu.linear_f32(cpu.pack_f32(w), x), x @ w.T, atol=1e-4, rtol=1e-4)
+for dtype in (torch.float32, torch.bfloat16):
+    kc, vc = torch.randn(2, 3, 20, 12, generator=g).to(dtype), torch.randn(2, 3, 20, 12, generator=g).to(dtype)
+    q = torch.randn(2, 36, generator=g)
+    out = cpu.attend(q, None, kc, vc, -1, 13)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.view(2, 3, 1, 12), kc[:, :, :13].float(), vc[:, :, :13].float())
+    torch.testing.assert_close(out, want.reshape(2, 36), atol=1e-5, rtol=1e-4)
+print("portable ok")
+"""
+
+
+@needs_cc
+def test_the_portable_build_computes_the_same(tmp_path):
+    """Machines without AVX-512 get the plain C loops (-march=x86-64-v2 here builds them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MUSICSTEER_CPU_MARCH="x86-64-v2", MUSICSTEER_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "portable ok" in done.stdout

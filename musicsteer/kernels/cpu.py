@@ -27,7 +27,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
+MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
+FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI = 1, 2, 4
 BLOCK = 16       # output channels per packed block
 GROUP = 64       # int8: inputs per activation scale
