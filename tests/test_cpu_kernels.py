@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from musicsteer.engine.linear import PACKED_ROWS, Linear, PackedLinear, optimize_for_cpu
+from musicsteer.engine.linear import PACKED_ROWS, Linear, PackedLinear, fuse_activations, optimize_for_cpu
 from musicsteer.kernels import cpu
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -112,6 +112,7 @@ def test_packed_decoder_steps_equal_the_plain_decoder():
     fast = MusicGen.random(cfg, seed=3).eval()
     optimize_for_cpu(fast, packed=True)
     assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert fuse_activations(fast) == cfg.layers and all(b.fused_act for b in fast.blocks)
     g = torch.Generator().manual_seed(0)
     text = torch.randn(2, 5, cfg.text_hidden, generator=g)
     mask = torch.ones(2, 5, dtype=torch.bool)
@@ -236,6 +237,8 @@ assert not cpu.has_int8()
 g = torch.Generator().manual_seed(0)
 w, x = torch.randn(48, 72, generator=g), torch.randn(3, 72, generator=g)
 torch.testing.assert_close(cpu.linear_f32(cpu.pack_f32(w), x), x @ w.T, atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(cpu.linear_f32(cpu.pack_f32(w), x, cpu.ACTIVATIONS["gelu"]),
+                           torch.nn.functional.gelu(x @ w.T), atol=1e-4, rtol=1e-4)
 for dtype in (torch.float32, torch.bfloat16):
     kc, vc = torch.randn(2, 3, 20, 12, generator=g).to(dtype), torch.randn(2, 3, 20, 12, generator=g).to(dtype)
     q = torch.randn(2, 36, generator=g)
@@ -258,3 +261,27 @@ def test_the_portable_build_computes_the_same(tmp_path):
     done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "portable ok" in done.stdout
+
+
+@needs_cc
+@pytest.mark.parametrize("name,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+@pytest.mark.parametrize("rows", [1, 2, 9, PACKED_ROWS + 3])
+def test_fused_activation_equals_gelu_after_the_product(name, approximate, rows):
+    from musicsteer.engine.quant import PackedInt8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(48, 128, generator=g) / 4, torch.randn(rows, 1, 128, generator=g)
+    layer = PackedLinear(w)
+    layer.fuse_activation(name)
+    want = torch.nn.functional.gelu(x @ w.T, approximate=approximate)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=2e-6 * 16, rtol=1e-5)
+    if cpu.has_int8():
+        q = PackedInt8Linear(w)
+        with torch.no_grad():
+            plain = q(x)
+            q.fuse_activation(name)
+            torch.testing.assert_close(q(x), torch.nn.functional.gelu(plain, approximate=approximate),
+                                       atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="relu"):
+        layer.fuse_activation("relu")

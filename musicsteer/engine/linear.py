@@ -70,9 +70,18 @@ class _PackedBase(nn.Module):
 
     out_features: int
     in_features: int
+    activation: str | None = None  # applied to the outputs (set by fuse_activations)
 
     def _bind(self) -> None:
         raise NotImplementedError
+
+    def fuse_activation(self, name: str) -> None:
+        """Apply `name` (gelu or gelu_tanh) to the outputs: in the kernel's epilogue for a few rows,
+        after MKL's product otherwise."""
+        if name not in cpu_kernels.ACTIVATIONS:
+            raise ValueError(f"no fused form of activation {name!r}")
+        self.activation, self._act = name, cpu_kernels.ACTIVATIONS[name]
+        self._bind()
 
     def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         if self._bound is not self._buffers["packed"]:  # moved, loaded or replaced since bound
@@ -87,6 +96,8 @@ class _PackedBase(nn.Module):
             y = self._fast(flat.contiguous(), rows)
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
+            if self.activation is not None:
+                y = F.gelu(y, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -105,10 +116,11 @@ class PackedLinear(_PackedBase):
     def _bind(self) -> None:
         packed = self._bound = self._buffers["packed"]
         call, w, n, d = cpu_kernels.library().ms_linear_f32, packed.data_ptr(), self.out_features, self.in_features
+        act = getattr(self, "_act", 0)
 
         def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
             y = torch.empty(rows, n)
-            call(w, x.data_ptr(), y.data_ptr(), n, d, rows)
+            call(w, x.data_ptr(), y.data_ptr(), n, d, rows, act)
             return y
 
         self._kernel = kernel
@@ -117,6 +129,18 @@ class PackedLinear(_PackedBase):
     def weight(self) -> torch.Tensor:
         """The (out, in) weight, unpacked (a copy)."""
         return cpu_kernels.unpack_f32(self.packed)
+
+
+def fuse_activations(decoder: nn.Module) -> int:
+    """Move each block's MLP activation into its packed first projection (one pass less over the
+    hidden vector per block, and one operation less to dispatch); returns how many were fused."""
+    fused = 0
+    for block in getattr(decoder, "blocks", ()):
+        if isinstance(block.fc1, _PackedBase) and block.activation in cpu_kernels.ACTIVATIONS:
+            block.fc1.fuse_activation(block.activation)
+            block.fused_act = True
+            fused += 1
+    return fused
 
 
 def packed_kernels() -> bool:

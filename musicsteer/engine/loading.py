@@ -60,18 +60,21 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     check_compatible(loaded)
     loaded.decoder.to(device=device, dtype=dtype)
     if weights == "int8":
+        from .linear import fuse_activations
         from .quant import quantize_int8
 
         if torch.device(device).type != "cpu":
             raise ModelLoadError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
         quantize_int8(loaded.decoder)
         loaded.decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
+        fuse_activations(loaded.decoder)
     elif weights != "full":
         raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
     elif torch.device(device).type == "cpu" and dtype == torch.float32:
-        from .linear import optimize_for_cpu
+        from .linear import fuse_activations, optimize_for_cpu
 
         optimize_for_cpu(loaded.decoder)
+        fuse_activations(loaded.decoder)
     loaded.text.model.to(device)
     loaded.codec.model.to(device)
     return loaded

@@ -153,7 +153,9 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.fc1 = Linear(cfg.hidden, cfg.ffn, bias=False)
         self.fc2 = Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.activation = cfg.activation
         self.act = _activation(cfg.activation)
+        self.fused_act = False  # fc1 applies the activation itself (linear.fuse_activations)
         # kind -> hooks applied in order; read by forward, written only through MusicGen's hook methods
         self.hooks: dict[str, list[Hook]] = {}
 
@@ -168,7 +170,8 @@ class Block(nn.Module):
         for hook in hooks.get("cross", ()):
             c = hook(c)
         x = x + c
-        x = x + self.fc2(self.act(self.fc1(self.norm_mlp(x))))
+        h = self.fc1(self.norm_mlp(x))
+        x = x + self.fc2(h if self.fused_act else self.act(h))
         for hook in hooks.get("out", ()):
             x = hook(x)
         return x

@@ -49,11 +49,11 @@ class PackedInt8Linear(_PackedBase):
     def _bind(self) -> None:
         packed, scale = self._bound, self._scale = self._buffers["packed"], self._buffers["scale"]
         call, w, sc = cpu_kernels.library().ms_linear_i8, packed.data_ptr(), scale.data_ptr()
-        n, d = self.out_features, self.in_features
+        n, d, act = self.out_features, self.in_features, getattr(self, "_act", 0)
 
         def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
             y = torch.empty(rows, n)
-            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows) != 0:
+            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows, act) != 0:
                 raise RuntimeError(f"int8 kernel refused the call: shape ({n}, {d})")
             return y
 

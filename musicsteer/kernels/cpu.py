@@ -33,6 +33,7 @@ CAP_F32, CAP_AVX512, CAP_VNNI = 1, 2, 4
 BLOCK = 16       # output channels per packed block
 GROUP = 64       # int8: inputs per activation scale
 MAX_ROWS = 8     # rows per pass over the weights
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2}  # what a product's epilogue can apply (cpu_gemv.c)
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -95,9 +96,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("%s; the decoder uses torch's products", _reason)
         return None
     lib.ms_caps.restype = ctypes.c_int
-    lib.ms_linear_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+    lib.ms_linear_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
     lib.ms_linear_f32.restype = None
-    lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.ms_linear_i8.restype = ctypes.c_int
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float, ctypes.c_int]
@@ -183,20 +184,21 @@ def packable(n: int, d: int, int8: bool = False) -> bool:
 
 # ---------------------------------------------------------------- products
 
-def linear_f32(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x (rows, D) float32 contiguous @ W.T -> (rows, N)."""
+def linear_f32(packed: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Tensor:
+    """x (rows, D) float32 contiguous @ W.T -> (rows, N), then the activation `act` (ACTIVATIONS)."""
     nb, d, _ = packed.shape
     rows = x.shape[0]
     y = torch.empty(rows, nb * BLOCK)
-    (_lib or library()).ms_linear_f32(packed.data_ptr(), x.data_ptr(), y.data_ptr(), nb * BLOCK, d, rows)
+    (_lib or library()).ms_linear_f32(packed.data_ptr(), x.data_ptr(), y.data_ptr(), nb * BLOCK, d, rows, act)
     return y
 
 
-def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Tensor:
     nb, dq, _, _ = packed.shape
     rows = x.shape[0]
     y = torch.empty(rows, nb * BLOCK)
-    rc = (_lib or library()).ms_linear_i8(packed.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), nb * BLOCK, dq * 4, rows)
+    rc = (_lib or library()).ms_linear_i8(packed.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                          nb * BLOCK, dq * 4, rows, act)
     if rc != 0:
         raise RuntimeError(f"int8 kernel refused the call ({rc}): shape ({nb * BLOCK}, {dq * 4})")
     return y

@@ -63,18 +63,83 @@ static void run(ms_task task, void *args, int blocks, size_t bytes) {
     }
 }
 
+/* ---------------------------------------------------------------- activations */
+
+/* What a product's epilogue applies to its outputs (the MLP's first projection fuses its GELU). */
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
+
+static inline float act_scalar(float v, int act) {
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.70710678f));
+    if (act == ACT_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+    return v;
+}
+
+#if defined(__AVX512F__)
+/* e^x for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, p of degree 6. */
+static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), tanh through e^(-2|u|). */
+static inline __m512 erf_ps(__m512 x) {
+    __m512 ax = _mm512_abs_ps(x);
+    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 y = _mm512_fnmadd_ps(p, exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax))), _mm512_set1_ps(1.0f));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
+                                               _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000))));
+}
+
+static inline __m512 tanh_ps(__m512 u) {
+    __m512 e = exp_neg(_mm512_mul_ps(_mm512_abs_ps(u), _mm512_set1_ps(-2.0f)));
+    __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
+                                               _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(0x80000000))));
+}
+
+static inline __m512 activate(__m512 v, int act) {
+    if (act == ACT_GELU) {
+        __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+        return _mm512_fmadd_ps(half, erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678f))), half);
+    }
+    if (act == ACT_GELU_TANH) {
+        __m512 inner = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), _mm512_set1_ps(0.044715f), v),
+                                     _mm512_set1_ps(0.7978845608f));
+        __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+        return _mm512_fmadd_ps(half, tanh_ps(inner), half);
+    }
+    return v;
+}
+#endif
+
 /* ---------------------------------------------------------------- float32 */
 
 typedef struct {
     const float *w, *x;
     float *y;
-    int n, d, rows;
+    int n, d, rows, act;
 } f32_args;
 
 #if defined(__AVX512F__)
 /* One block of 16 outputs for R rows; U partial sums per row keep four FMA chains in flight. */
 static inline __attribute__((always_inline)) void f32_block(const float *w, const float *x, float *y,
-                                                            int n, int d, const int R, const int U) {
+                                                            int n, int d, int act, const int R, const int U) {
     __m512 acc[MS_MAX_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int u = 0; u < U; u++) acc[r][u] = _mm512_setzero_ps();
@@ -93,12 +158,12 @@ static inline __attribute__((always_inline)) void f32_block(const float *w, cons
     for (int r = 0; r < R; r++) {
         __m512 s = acc[r][0];
         for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[r][u]);
-        _mm512_storeu_ps(y + (size_t)r * n, s);
+        _mm512_storeu_ps(y + (size_t)r * n, activate(s, act));
     }
 }
 
 #define F32_CASE(R, U) \
-    case R: for (int b = begin; b < end; b++) f32_block(a->w + (size_t)b * a->d * 16, a->x, a->y + b * 16, a->n, a->d, R, U); break;
+    case R: for (int b = begin; b < end; b++) f32_block(a->w + (size_t)b * a->d * 16, a->x, a->y + b * 16, a->n, a->d, a->act, R, U); break;
 
 static void f32_task(void *args, int begin, int end) {
     f32_args *a = args;
@@ -117,17 +182,17 @@ static void f32_task(void *args, int begin, int end) {
             const float *x = a->x + (size_t)r * a->d;
             for (int i = 0; i < a->d; i++)
                 for (int j = 0; j < 16; j++) acc[j] += w[(size_t)i * 16 + j] * x[i];
-            memcpy(a->y + (size_t)r * a->n + b * 16, acc, sizeof acc);
+            for (int j = 0; j < 16; j++) a->y[(size_t)r * a->n + b * 16 + j] = act_scalar(acc[j], a->act);
         }
     }
 }
 #endif
 
 /* y (rows, n) = x (rows, d) @ W.T with W packed [n/16][d][16]; rows beyond 8 go in passes. */
-void ms_linear_f32(const float *w, const float *x, float *y, int n, int d, int rows) {
+void ms_linear_f32(const float *w, const float *x, float *y, int n, int d, int rows, int act) {
     for (int r0 = 0; r0 < rows; r0 += MS_MAX_ROWS) {
         int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
-        f32_args a = {w, x + (size_t)r0 * d, y + (size_t)r0 * n, n, d, chunk};
+        f32_args a = {w, x + (size_t)r0 * d, y + (size_t)r0 * n, n, d, chunk, act};
         run(f32_task, &a, n / 16, (size_t)n * d * sizeof(float));
     }
 }
@@ -141,7 +206,7 @@ typedef struct {
     const float *xscale;  /* (rows, d/64) */
     const int32_t *xcomp; /* (rows, d/64): 128 * sum of the group's x_q */
     float *y;
-    int n, d, rows;
+    int n, d, rows, act;
 } i8_args;
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -173,7 +238,7 @@ static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int
         }
     }
     __m512 sc = _mm512_loadu_ps(a->scale + b * 16);
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(a->y + (size_t)r * a->n + b * 16, _mm512_mul_ps(out[r], sc));
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(a->y + (size_t)r * a->n + b * 16, activate(_mm512_mul_ps(out[r], sc), a->act));
 }
 
 #define I8_CASE(R) case R: for (int b = begin; b < end; b++) i8_block(a, b, R); break;
@@ -211,7 +276,7 @@ static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xs
 
 /* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
  * success, -1 where the CPU or the build lacks VNNI, -2 for unsupported shapes. */
-int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows) {
+int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
     static int8_t q[MS_MAX_ROWS * 65536];
     static float xs[MS_MAX_ROWS * 65536 / MS_GROUP];
@@ -220,15 +285,15 @@ int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y,
     for (int r0 = 0; r0 < rows; r0 += MS_MAX_ROWS) {
         int chunk = rows - r0 < MS_MAX_ROWS ? rows - r0 : MS_MAX_ROWS;
         quantize_rows(x + (size_t)r0 * d, chunk, d, q, xs, xc);
-        i8_args a = {w, scale, q, xs, xc, y + (size_t)r0 * n, n, d, chunk};
+        i8_args a = {w, scale, q, xs, xc, y + (size_t)r0 * n, n, d, chunk, act};
         run(i8_task, &a, n / 16, (size_t)n * d);
     }
     pthread_mutex_unlock(&scratch_lock);
     return 0;
 }
 #else
-int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows) {
-    (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows;
+int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
+    (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows; (void)act;
     return -1;
 }
 #endif
@@ -264,22 +329,6 @@ static inline float from_bf16(uint16_t h) {
 }
 
 #if defined(__AVX512F__)
-/* e^x for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, p of degree 6. */
-static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* 16 cache values (or the masked head of them) as float32, from float32 or bfloat16 storage. */
 static inline __attribute__((always_inline)) __m512 load_cache(const int bf16, const void *base, size_t at,
                                                               __mmask16 m) {
