@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
                      help="also time a reference implementation on the same shape (repeatable)")
     lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
+    lat.add_argument("--rounds", type=int, default=1,
+                     help="take turns between the concept counts in this many rounds, sampling the bandwidth "
+                          "between them (for noisy shared hosts)")
     lat.add_argument("--cuda-graph", action="store_true",
                      help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_bench_latency)
@@ -343,8 +346,9 @@ def run_bench_latency(args) -> int:
         counts = [int(k) for k in args.concepts.split(",")]
     except ValueError:
         raise UsageError(f"--concepts {args.concepts!r}: expected numbers like 0,1,4,16") from None
-    if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0:
-        raise UsageError("--concepts, --steps and --warmup must not be negative (and --steps at least 1)")
+    if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise UsageError("--concepts, --steps, --warmup and --rounds must not be negative (--steps and --rounds "
+                         "at least 1)")
     model = _load(args)
     if args.cuda_graph and model.decoder.embed.weight.device.type != "cuda":
         raise UsageError("--cuda-graph needs the model on a CUDA device (--compute cuda)")
@@ -353,7 +357,7 @@ def run_bench_latency(args) -> int:
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
     record = run_latency(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
                          args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
-                         weights=args.weights)
+                         weights=args.weights, rounds=args.rounds)
     print(format_report(record))
     if args.json:
         write_json(record, args.json)

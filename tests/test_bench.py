@@ -47,3 +47,16 @@ def test_cuda_graph_flag_needs_a_cuda_model(capsys):
         pytest.skip("this machine has CUDA: the flag is valid here")
     assert main(["bench", "latency", "--model", "tiny", "--steps", "2", "--cuda-graph", "--no-floor"]) == 2
     assert "--cuda-graph needs the model on a CUDA device" in capsys.readouterr().err
+
+
+def test_rounds_take_turns_and_pair_each_round_with_its_bandwidth(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "latency", "--model", "tiny", "--steps", "7", "--warmup", "1", "--concepts", "0,1",
+                 "--rounds", "3", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["rounds"] == 3
+    assert [r["steps"] for r in record["results"]] == [7, 7]  # 3 + 2 + 2 steps per count
+    f = record["floor"]
+    assert len(f["stream_read_samples_gb_s"]) == 4 and len(f["p50_over_floor_by_round"]) == 3
+    assert f["p50_over_floor_paired"] == sorted(f["p50_over_floor_by_round"])[1]
+    assert "by round" in capsys.readouterr().out

@@ -136,36 +136,52 @@ def git_commit() -> str | None:
 
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
-                baselines: list[str] = (), floor: bool = True, graph: bool = False, weights: str = "full") -> dict:
+                baselines: list[str] = (), floor: bool = True, graph: bool = False, weights: str = "full",
+                rounds: int = 1) -> dict:
+    """Time `steps` steps per concept count. With `rounds` > 1 the counts take turns, `steps / rounds`
+    at a time, and the streaming bandwidth is sampled between rounds: on a shared host whose speed
+    drifts over minutes, every configuration then sees the same conditions, and each round's p50
+    can be set against the floor measured beside it."""
     from .baselines import (audiocraft_step_ms, step_cache_bytes, step_weight_bytes, stream_bandwidth,
                             transformers_step_ms)
 
     device = model.decoder.embed.weight.device
     measure_floor = floor and device.type == "cpu"
+    rounds = max(1, min(rounds, steps))
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     bandwidths = [stream_bandwidth()] if measure_floor else []
-    samples = {k: time_generation(model, steps, warmup, k, sampling, steering, graph=graph) for k in concept_counts}
-    if measure_floor:  # the host's bandwidth drifts: sample it on both sides and keep the best
-        bandwidths.append(stream_bandwidth())
+    parts: dict[int, list[np.ndarray]] = {k: [] for k in concept_counts}
+    for n in per_round:
+        for k in concept_counts:
+            parts[k].append(time_generation(model, n, warmup, k, sampling, steering, graph=graph))
+        if measure_floor:  # the host's bandwidth drifts: sample it after every round, keep the best
+            bandwidths.append(stream_bandwidth())
+    samples = {k: np.concatenate(p) for k, p in parts.items()}
     results = [StepStats.of(k, t) for k, t in samples.items()]
     base = next((r for r in results if r.concepts == 0), None)
     record = {
         "benchmark": "latency", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
         "weights": weights, "cache_dtype": str(model.decoder.cache_dtype or model.decoder.embed.weight.dtype),
-        "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph,
+        "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph, "rounds": rounds,
         "results": [asdict(r) for r in results],
         "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
     }
     first = results[0]
     if measure_floor:
         nbytes, bw = step_weight_bytes(model), max(bandwidths)
-        position = warmup + (steps - 1) / 2  # the timed steps' middle position
+        position = warmup + (per_round[0] - 1) / 2  # the timed steps' middle position
         cache = step_cache_bytes(model, position, sampling.batch)
         floor_ms = (nbytes + cache) / bw * 1e3
         record["floor"] = {"weight_bytes_per_step": nbytes, "cache_bytes_per_step": cache,
                            "cache_position": position, "stream_read_gb_s": bw / 1e9, "floor_ms": floor_ms,
                            "p50_over_floor": first.p50_ms / floor_ms,
                            "stream_read_samples_gb_s": [b / 1e9 for b in bandwidths]}
+        if rounds > 1:  # each round's p50 against the floor at the better of the bandwidths beside it
+            paired = [float(np.median(t)) * 1e3 / ((nbytes + cache) / max(bandwidths[r], bandwidths[r + 1]) * 1e3)
+                      for r, t in enumerate(parts[first.concepts])]
+            record["floor"]["p50_over_floor_by_round"] = paired
+            record["floor"]["p50_over_floor_paired"] = float(np.median(paired))
     record["baselines"] = {}
     for name in baselines:
         if name == "transformers":
@@ -205,6 +221,10 @@ def format_report(record: dict) -> str:
                      f"{f.get('cache_bytes_per_step', 0) / 1e9:.3f} GB of KV cache (position "
                      f"{f.get('cache_position', 0):.0f}) per step at {f['stream_read_gb_s']:.1f} GB/s = "
                      f"{f['floor_ms']:.1f} ms; p50 is {f['p50_over_floor']:.2f}x")
+        if "p50_over_floor_paired" in f:
+            lines.append(f"  by round, against the bandwidth measured beside it: "
+                         f"{', '.join(f'{x:.2f}x' for x in f['p50_over_floor_by_round'])} "
+                         f"(median {f['p50_over_floor_paired']:.2f}x)")
     for name, b in record.get("baselines", {}).items():
         if b["step_ms"] is None:
             lines.append(f"baseline {name}: not run ({b['what']})")
