@@ -38,6 +38,8 @@ class GraphedStep:
         """Warm up and capture at position 0 (the first real step rewrites that slot)."""
         if not torch.cuda.is_available() or self.codes.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the decoder on a CUDA device")
+        # warm-up and capture write slot 0 of every self-attention cache: keep what is there
+        saved = [(c.k[:, :, :1].clone(), c.v[:, :, :1].clone()) for c in self.decoder.caches]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -47,7 +49,16 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self.decoder.step(self.codes, self.position)
+        for c, (k, v) in zip(self.decoder.caches, saved):
+            c.k[:, :, :1].copy_(k)
+            c.v[:, :, :1].copy_(v)
         self.graph = graph
+        self._bound = self._addresses()
+
+    def _addresses(self) -> tuple[int, ...]:
+        """What the graph baked in: the caches' addresses (setup_caches or use_caches change them)."""
+        blocks = self.decoder.blocks
+        return tuple(t.data_ptr() for b in blocks for t in (b.self_attn.cache.k, b.cross_attn.cache.k))
 
     @property
     def captured(self) -> bool:
@@ -57,9 +68,14 @@ class GraphedStep:
     def __call__(self, codes: torch.Tensor, position: int) -> torch.Tensor:
         """Logits (B, K, V) for codes (B, K, 1) at `position`; the returned tensor is the static
         output buffer on CUDA, valid until the next call."""
+        max_len = self.decoder.caches[0].max_len
+        if not 0 <= position < max_len:  # on CUDA an index past the cache would poison the context
+            raise ValueError(f"position {position} is outside the cache of {max_len}")
         self.codes.copy_(codes)
         self.position.fill_(position)
         if self.graph is None:
             return self.decoder.step(self.codes, self.position)
+        if self._addresses() != self._bound:
+            raise RuntimeError("the caches changed after capture (setup_caches or use_caches): make a new GraphedStep")
         self.graph.replay()
         return self.logits

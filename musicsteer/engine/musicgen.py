@@ -356,6 +356,8 @@ class MusicGen(nn.Module):
             length = kv_len if kv_len is not None else self.blocks[0].self_attn.cache.max_len
             if kv_len is not None and kv_len == codes.shape[-1] > 1:  # a prompt from position 0: fused causal
                 mask = CAUSAL
+            elif kv_len is None and codes.shape[-1] == 1 and backend_for(codes.device) == "triton":
+                pass  # the static step's attention kernel reads the length from input_pos: no mask to build
             elif kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
                 mask = torch.arange(length, device=codes.device)[None, :] <= input_pos[:, None]  # (T, L)
         static = use_cache and kv_len is None

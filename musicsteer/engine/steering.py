@@ -183,6 +183,8 @@ class SteeringPlan:
     def write(self, step: int, steerer: Steerer) -> None:
         """Fill the steerer's device buffer in place for `step` (producer thread)."""
         self._host.numpy()[:] = self.alpha(step)
+        # _host is pageable on purpose: the copy has left it when copy_ returns, so the next write
+        # cannot race a queued transfer. Pinning it would need two buffers and an event.
         steerer.alpha.copy_(self._host, non_blocking=True)
 
 

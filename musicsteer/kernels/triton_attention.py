@@ -19,11 +19,11 @@ import triton.language as tl
 
 @triton.jit
 def _partial_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale,
-                    stride_qb, stride_kb, stride_kl, CHUNK, HD,
+                    stride_qb, stride_kb, stride_kl, CHUNK, HD, MAX_LEN,
                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    n = tl.load(len_ptr)
+    n = tl.minimum(tl.load(len_ptr), MAX_LEN)  # never past the cache, whatever the position says
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, n)
     ds = tl.arange(0, BLOCK_D)
@@ -78,8 +78,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert T == 1 and k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride()
     assert k_cache.stride(0) == H * k_cache.stride(1), "caches must be (B, H, L, hd) with heads packed"
     max_len = k_cache.shape[2]
-    if splits is None:  # enough programs to fill a GPU at any length, a power of two for the merge
-        splits = max(1, min(64, triton.next_power_of_2(triton.cdiv(max_len, 256))))
+    if splits is None:  # about two programs per multiprocessor, a power of two for the merge
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        splits = triton.next_power_of_2(max(1, min(triton.cdiv(2 * sms, B * H), triton.cdiv(max_len, block_n), 64)))
     chunk = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     block_d = triton.next_power_of_2(hd)
     qf = q.reshape(B * H, hd)
@@ -88,7 +89,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     l = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
     acc = torch.empty(B * H * splits, block_d, dtype=torch.float32, device=dev)
     _partial_kernel[(B * H, splits)](qf, k_cache, v_cache, length, m, l, acc, hd ** -0.5,
-                                     qf.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, hd,
+                                     qf.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, hd, max_len,
                                      SPLITS=splits, BLOCK_N=block_n, BLOCK_D=block_d)
     out = torch.empty(B * H, hd, dtype=q.dtype, device=dev)
     _merge_kernel[(B * H,)](m, l, acc, out, out.stride(0), hd, SPLITS=splits, BLOCK_D=block_d)
