@@ -246,6 +246,25 @@ for dtype in (torch.float32, torch.bfloat16):
     want = torch.nn.functional.scaled_dot_product_attention(
         q.view(2, 3, 1, 12), kc[:, :, :13].float(), vc[:, :, :13].float())
     torch.testing.assert_close(out, want.reshape(2, 36), atol=1e-5, rtol=1e-4)
+# whole blocks as C calls (engine/fused.py) over the portable loops
+from musicsteer.engine.config import PRESETS
+from musicsteer.engine.fused import fuse_blocks, unfuse_blocks
+from musicsteer.engine.linear import optimize_for_cpu
+from musicsteer.engine.musicgen import MusicGen
+model = optimize_for_cpu(MusicGen.random(PRESETS["tiny"], seed=1), packed=True)
+codes = torch.randint(0, model.cfg.vocab, (2, model.cfg.codebooks, 6), generator=g)
+runs = []
+for fused in (False, True):
+    model.setup_caches(2, max_len=8, max_text=4)
+    model.set_condition(torch.randn(2, 3, model.cfg.text_hidden, generator=torch.Generator().manual_seed(1)),
+                        torch.ones(2, 3))
+    if fused:
+        assert fuse_blocks(model) == model.cfg.layers
+    else:
+        unfuse_blocks(model)
+    with torch.no_grad():
+        runs.append(torch.stack([model.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(6)]))
+torch.testing.assert_close(runs[1], runs[0], atol=2e-5, rtol=1e-5)
 print("portable ok")
 """
 
@@ -263,17 +282,21 @@ def test_the_portable_build_computes_the_same(tmp_path):
     assert "portable ok" in done.stdout
 
 
+ACTS = {"gelu": torch.nn.functional.gelu, "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+        "relu": torch.nn.functional.relu}
+
+
 @needs_cc
-@pytest.mark.parametrize("name,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
+@pytest.mark.parametrize("name", sorted(ACTS))
 @pytest.mark.parametrize("rows", [1, 2, 9, PACKED_ROWS + 3])
-def test_fused_activation_equals_gelu_after_the_product(name, approximate, rows):
+def test_fused_activation_equals_the_activation_after_the_product(name, rows):
     from musicsteer.engine.quant import PackedInt8Linear
 
     g = torch.Generator().manual_seed(rows)
     w, x = torch.randn(48, 128, generator=g) / 4, torch.randn(rows, 1, 128, generator=g)
     layer = PackedLinear(w)
     layer.fuse_activation(name)
-    want = torch.nn.functional.gelu(x @ w.T, approximate=approximate)
+    want = ACTS[name](x @ w.T)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, atol=2e-6 * 16, rtol=1e-5)
     if cpu.has_int8():
@@ -281,7 +304,6 @@ def test_fused_activation_equals_gelu_after_the_product(name, approximate, rows)
         with torch.no_grad():
             plain = q(x)
             q.fuse_activation(name)
-            torch.testing.assert_close(q(x), torch.nn.functional.gelu(plain, approximate=approximate),
-                                       atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="relu"):
-        layer.fuse_activation("relu")
+            torch.testing.assert_close(q(x), ACTS[name](plain), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="swish"):
+        layer.fuse_activation("swish")

@@ -14,6 +14,7 @@ from musicsteer.engine.generate import generate
 from musicsteer.engine.loading import encodec_32khz_config, load_model
 from musicsteer.engine.sampling import SamplingSettings
 from musicsteer.errors import ModelLoadError
+from musicsteer.kernels import cpu
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audiocraft_tiny"
 META = json.loads((FIXTURE / "meta.json").read_text())
@@ -60,6 +61,8 @@ def test_render_greedy_matches_audiocraft_tokens(codec_dir, tmp_path):
 def test_step_logits_match_audiocraft(codec_dir):
     loaded = load_model(str(FIXTURE), text_encoder=str(FIXTURE / "t5"), codec=str(codec_dir))
     assert loaded.format == "audiocraft" and loaded.cfg.vocab == META["card"]
+    # the CPU fast path (blocks as C calls) is what these tokens and logits check, wherever it builds
+    assert (loaded.decoder.fused_stack is not None) == (cpu.library() is not None)
     result = generate(loaded.decoder, loaded.text, META["prompt"], EXPECTED["codes"].shape[1],
                       SamplingSettings(cfg=3.0, greedy=True), record_logits=True)
     np.testing.assert_array_equal(result.sequence.numpy(), EXPECTED["sequence"])

@@ -8,6 +8,7 @@ from musicsteer.cli import main
 from musicsteer.engine.generate import generate
 from musicsteer.engine.loading import load_model
 from musicsteer.engine.sampling import SamplingSettings
+from musicsteer.kernels import cpu
 
 PROMPT = "lofi hip hop with warm piano"
 NEW_TOKENS = 104  # 101 frames: 100+ greedy steps
@@ -53,6 +54,8 @@ def test_step_logits_match_transformers(shape, musicgen_dirs):
     directory, model, tok = musicgen_dirs[shape]
     ref_codes, ref_scores = reference(model, tok)
     loaded = load_model(str(directory))
+    # the CPU fast path (blocks as C calls) is what these tokens and logits check, wherever it builds
+    assert (loaded.decoder.fused_stack is not None) == (cpu.library() is not None)
     result = generate(loaded.decoder, loaded.text, PROMPT, ref_codes.shape[1],
                       SamplingSettings(cfg=3.0, greedy=True), record_logits=True)
     assert torch.equal(result.codes, ref_codes)

@@ -76,7 +76,7 @@ class _PackedBase(nn.Module):
         raise NotImplementedError
 
     def fuse_activation(self, name: str) -> None:
-        """Apply `name` (gelu or gelu_tanh) to the outputs: in the kernel's epilogue for a few rows,
+        """Apply `name` (gelu, gelu_tanh or relu) to the outputs: in the kernel's epilogue for a few rows,
         after MKL's product otherwise."""
         if name not in cpu_kernels.ACTIVATIONS:
             raise ValueError(f"no fused form of activation {name!r}")
@@ -96,7 +96,9 @@ class _PackedBase(nn.Module):
             y = self._fast(flat.contiguous(), rows)
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
-            if self.activation is not None:
+            if self.activation == "relu":
+                y = F.relu(y)
+            elif self.activation is not None:
                 y = F.gelu(y, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return y.view(*shape[:-1], self.out_features)
 

@@ -60,6 +60,7 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     check_compatible(loaded)
     loaded.decoder.to(device=device, dtype=dtype)
     if weights == "int8":
+        from .fused import fuse_blocks
         from .linear import fuse_activations
         from .quant import quantize_int8
 
@@ -68,13 +69,16 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         quantize_int8(loaded.decoder)
         loaded.decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
         fuse_activations(loaded.decoder)
+        fuse_blocks(loaded.decoder)
     elif weights != "full":
         raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
     elif torch.device(device).type == "cpu" and dtype == torch.float32:
+        from .fused import fuse_blocks
         from .linear import fuse_activations, optimize_for_cpu
 
         optimize_for_cpu(loaded.decoder)
         fuse_activations(loaded.decoder)
+        fuse_blocks(loaded.decoder)
     loaded.text.model.to(device)
     loaded.codec.model.to(device)
     return loaded

@@ -197,6 +197,8 @@ class MusicGen(nn.Module):
         # weights pair with bfloat16 caches: at a 30 s window the cache is ~0.6 GB of float32 reads
         # per `small` step, more than its int8 weights.
         self.cache_dtype: torch.dtype | None = None
+        # The blocks as C calls for one-token CPU steps (fused.fuse_blocks), or None.
+        self.fused_stack = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -361,8 +363,12 @@ class MusicGen(nn.Module):
             elif kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
                 mask = torch.arange(length, device=codes.device)[None, :] <= input_pos[:, None]  # (T, L)
         static = use_cache and kv_len is None
-        for block in self.blocks:
-            x = block(x, pos, kv_len, mask, static)
+        if (self.fused_stack is not None and use_cache and kv_len is not None and mask is None and codes.shape[-1] == 1
+                and cpu_fast_path(x)):
+            x = self.fused_stack(x, input_pos, kv_len)
+        else:
+            for block in self.blocks:
+                x = block(x, pos, kv_len, mask, static)
         return self.norm(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

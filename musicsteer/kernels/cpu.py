@@ -26,14 +26,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_block.c
+SOURCES = (SOURCE, SOURCE.with_name("cpu_block.c"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI = 1, 2, 4
 BLOCK = 16       # output channels per packed block
 GROUP = 64       # int8: inputs per activation scale
 MAX_ROWS = 8     # rows per pass over the weights
-ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2}  # what a product's epilogue can apply (cpu_gemv.c)
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # what a product's epilogue can apply (cpu_gemv.c)
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -61,7 +62,7 @@ def _build() -> Path:
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() + version.encode()
                          + _cpu_key().encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_gemv-{key}.so"
     if target.exists():
@@ -103,6 +104,10 @@ def library() -> ctypes.CDLL | None:
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
+    lib.ms_block.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8
+    lib.ms_block.restype = ctypes.c_int
+    lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
+    lib.ms_blocks.restype = ctypes.c_int
     _lib = lib
     return lib
 

@@ -1,0 +1,250 @@
+"""The decoder's blocks as C calls for the one-token CPU step (kernels/cpu_block.c).
+
+After `optimize_for_cpu` or `quantize_int8` has packed the blocks' weight products,
+`fuse_blocks(decoder)` sets `decoder.fused_stack`: a one-token step then runs its
+blocks' layer norms, products, attentions and residual adds in C, one OpenMP region
+for every run of blocks between two hook points (one call for an unsteered step)
+instead of about twenty Python-dispatched operations per block (about 5 ms of a
+`small` step on the 2-core test machines).
+
+Hooks keep their points and their order: hooks at `out` run between two calls; a block
+with hooks at `attn` or `cross` runs in three calls with its hooks between them. A block
+that cannot be fused (another weight format, an unknown activation) takes the module
+path inside the same step. Prefill, the static (graph) step, gradients and other dtypes
+keep the module path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+from torch import nn
+
+from ..kernels import cpu as cpu_kernels
+from .linear import PackedLinear
+from .quant import PackedInt8Linear
+
+log = logging.getLogger(__name__)
+
+KIND_F32, KIND_I8 = 0, 1
+MAX_ROWS = cpu_kernels.MAX_ROWS
+_ptr = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    """Mirror of `ms_layer` in cpu_block.c."""
+
+    _fields_ = [("kind", ctypes.c_int), ("d", ctypes.c_int), ("ffn", ctypes.c_int), ("heads", ctypes.c_int),
+                ("hd", ctypes.c_int), ("act", ctypes.c_int), ("cache_bf16", ctypes.c_int), ("max_len", ctypes.c_int),
+                ("text_max", ctypes.c_int), ("eps", ctypes.c_float),
+                ("norm_w", _ptr * 3), ("norm_b", _ptr * 3), ("w", _ptr * 6), ("scale", _ptr * 6),
+                ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr)]
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    return [block.self_attn.wqkv, block.self_attn.wo, block.cross_attn.wq, block.cross_attn.wo, block.fc1, block.fc2]
+
+
+def _norms(block: nn.Module) -> list[nn.LayerNorm]:
+    return [block.norm_self, block.norm_cross, block.norm_mlp]
+
+
+def fusable(block: nn.Module) -> str | None:
+    """Why `block` cannot run as one call, or None when it can."""
+    if cpu_kernels.library() is None:
+        return cpu_kernels.unavailable()
+    linears = _linears(block)
+    kinds = {type(m) for m in linears}
+    if kinds not in ({PackedLinear}, {PackedInt8Linear}):
+        return "its products are not all packed in one format"
+    if any(m.activation is not None for m in linears if m is not block.fc1):
+        return "an activation is fused where the block does not apply one"
+    if block.activation not in cpu_kernels.ACTIVATIONS:
+        return f"no fused form of activation {block.activation!r}"
+    for norm in _norms(block):
+        if not (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+                and norm.weight.dtype == torch.float32 and norm.weight.device.type == "cpu"):
+            return "its norms are not float32 CPU LayerNorms with weight and bias"
+    attn = block.self_attn
+    if attn.head_dim > 256 or attn.heads * attn.head_dim != block.fc1.in_features:
+        return "its heads do not fit the kernel"
+    return None
+
+
+def _child(module: nn.Module, name: str):
+    """A submodule or plain attribute without nn.Module's slow attribute lookup (per step, per block)."""
+    modules = module._modules
+    return modules[name] if name in modules else module.__dict__.get(name)
+
+
+class FusedBlock:
+    """One block's weights and caches bound for `ms_block`/`ms_blocks`; rebound whenever a buffer or
+    cache behind them is replaced (caches swapped by a re-prime, weights moved or reloaded)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        reason = fusable(block)
+        if reason is not None:
+            raise ValueError(f"block cannot be fused: {reason}")
+        self.block = block
+        self._attn, self._cross = block.self_attn, block.cross_attn
+        self._linears, self._norms = _linears(block), _norms(block)
+        self.int8 = isinstance(block.fc1, PackedInt8Linear)
+        self.hidden = block.fc1.in_features
+        self.layer = _Layer()
+        self.address = ctypes.addressof(self.layer)
+        self._key: tuple | None = None
+        self._held: tuple = ()  # what the binding points into
+        self._call = cpu_kernels.library().ms_block
+
+    def _signature(self) -> tuple:
+        """What the binding depends on: the identities of the caches and weight buffers (held by the
+        binding, so an id is never reused while compared) and the norms' data pointers."""
+        sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
+        parts: list = [id(sc), id(cc), id(sc._buffers["k"]), id(sc._buffers["v"]), id(cc._buffers["k"]),
+                       id(cc._buffers["v"])]
+        for m in self._linears:
+            buffers = m._buffers
+            parts.append(id(buffers["packed"]))
+            if self.int8:
+                parts.append(id(buffers["scale"]))
+        for norm in self._norms:
+            parts += (norm.weight.data_ptr(), norm.bias.data_ptr())
+        return tuple(parts)
+
+    def _bind(self, key: tuple) -> None:
+        b, L = self.block, self.layer
+        sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
+        L.kind, L.d, L.ffn = (KIND_I8 if self.int8 else KIND_F32), self.hidden, b.fc1.out_features
+        L.heads, L.hd = self._attn.heads, self._attn.head_dim
+        L.act, L.eps = cpu_kernels.ACTIVATIONS[b.activation], b.norm_self.eps
+        for i, norm in enumerate(self._norms):
+            L.norm_w[i], L.norm_b[i] = norm.weight.data_ptr(), norm.bias.data_ptr()
+        for i, m in enumerate(self._linears):
+            L.w[i] = m._buffers["packed"].data_ptr()
+            L.scale[i] = m._buffers["scale"].data_ptr() if self.int8 else None
+        L.kc, L.vc, L.max_len = sc.k.data_ptr(), sc.v.data_ptr(), sc.max_len
+        L.cache_bf16 = int(sc.k.dtype == torch.bfloat16)
+        L.tk, L.tv, L.text_max = cc.k.data_ptr(), cc.v.data_ptr(), cc.max_text
+        self._held = (sc, cc, sc.k, sc.v, cc.k, cc.v, *(m._buffers.get(n) for m in self._linears
+                                                        for n in ("packed", "scale")))
+        self._key = key
+
+    def ready(self, rows: int) -> bool:
+        """Whether a one-token input of `rows` rows can take the C path now (caches in place and
+        matching it); rebinds what changed since the last call."""
+        sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
+        if sc is None or cc is None:
+            return False
+        k, tk = sc._buffers["k"], cc._buffers["k"]
+        if not (rows <= MAX_ROWS and k.shape[0] == rows and tk.shape[0] == rows and tk.dtype == torch.float32
+                and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and tk.is_contiguous()
+                and cc.length > 0):
+            return False
+        key = self._signature()
+        if key != self._key:
+            self._bind(key)
+        return True
+
+    def text_len(self) -> int:
+        return _child(self._cross, "cache").length
+
+    def _run(self, first: int, last: int, rows: int, pos: int, kv_len: int, x=None, a=None, x1=None, c=None,
+             out_a=None, out_x1=None, out_c=None, out=None) -> None:
+        p = [t.data_ptr() if t is not None else None for t in (x, a, x1, c, out_a, out_x1, out_c, out)]
+        rc = self._call(self.address, first, last, rows, pos, kv_len, self.text_len(), *p)
+        if rc != 0:
+            raise RuntimeError(f"fused block refused parts {first}-{last} ({rc}) at position {pos}, length {kv_len}")
+
+    def forward_parts(self, x: torch.Tensor, pos: int, kv_len: int, hooks: dict) -> torch.Tensor:
+        """The block in three calls with its `attn` and `cross` hooks between them (not `out`)."""
+        B, T, D = x.shape
+        a = torch.empty(B, T, D)
+        self._run(0, 0, B, pos, kv_len, x=x, out_a=a)
+        for hook in hooks.get("attn", ()):
+            a = hook(a)
+        x1, c = torch.empty(B, T, D), torch.empty(B, T, D)
+        self._run(1, 1, B, pos, kv_len, x=x, a=_rows(a), out_x1=x1, out_c=c)
+        for hook in hooks.get("cross", ()):
+            c = hook(c)
+        out = torch.empty(B, T, D)
+        self._run(2, 2, B, pos, kv_len, x1=x1, c=_rows(c), out=out)
+        return out
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+class FusedStack:
+    """The decoder's blocks for one-token CPU steps: runs of blocks between hook points in one
+    `ms_blocks` call each, hooks between calls, unfusable blocks through their modules."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.blocks = list(blocks)
+        self.fused = [FusedBlock(b) if fusable(b) is None else None for b in self.blocks]
+        self._addresses = (ctypes.c_void_p * len(self.blocks))(*[f.address if f else None for f in self.fused])
+        self._base = ctypes.addressof(self._addresses)
+        self._call = cpu_kernels.library().ms_blocks
+
+    def __len__(self) -> int:
+        return sum(f is not None for f in self.fused)
+
+    def __reduce__(self):  # bound to this process's memory: a copy or pickle of the decoder drops it
+        return type(None), ()
+
+    def _flush(self, start: int, end: int, x: torch.Tensor, pos: int, kv_len: int) -> torch.Tensor:
+        out = torch.empty_like(x)
+        rc = self._call(self._base + start * ctypes.sizeof(ctypes.c_void_p), end - start, x.shape[0], pos, kv_len,
+                        self.fused[start].text_len(), x.data_ptr(), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"fused blocks {start}-{end - 1} refused the step ({rc}) at position {pos}, "
+                               f"length {kv_len}")
+        return out
+
+    def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Hidden states (B, 1, D) through every block, as `Block.forward` would give them."""
+        x = x.contiguous()
+        pos, rows = int(input_pos[0]), x.shape[0]
+        start = None  # first block of the run not yet called
+        for i, (block, fused) in enumerate(zip(self.blocks, self.fused)):
+            hooks = block.hooks
+            inner = "attn" in hooks or "cross" in hooks
+            if fused is not None and fused.ready(rows):
+                if not inner:
+                    if start is None:
+                        start = i
+                    if hooks:  # `out` hooks see this block's output: call the run up to here
+                        x, start = self._flush(start, i + 1, x, pos, kv_len), None
+                        for hook in hooks.get("out", ()):
+                            x = hook(x)
+                        x = _rows(x)
+                    continue
+                if start is not None:
+                    x, start = self._flush(start, i, x, pos, kv_len), None
+                x = fused.forward_parts(x, pos, kv_len, hooks)
+                for hook in hooks.get("out", ()):
+                    x = hook(x)
+                x = _rows(x)
+                continue
+            if start is not None:
+                x, start = self._flush(start, i, x, pos, kv_len), None
+            x = _rows(block(x, input_pos, kv_len, None, False))
+        if start is not None:
+            x = self._flush(start, len(self.blocks), x, pos, kv_len)
+        return x
+
+
+def fuse_blocks(decoder: nn.Module) -> int:
+    """Set `decoder.fused_stack` where any block can be fused; returns how many blocks are."""
+    stack = FusedStack(list(getattr(decoder, "blocks", ())))
+    for i, fused in enumerate(stack.fused):
+        if fused is None:
+            log.debug("block %d keeps the module path: %s", i, fusable(stack.blocks[i]))
+    decoder.fused_stack = stack if len(stack) else None
+    return len(stack)
+
+
+def unfuse_blocks(decoder: nn.Module) -> None:
+    decoder.fused_stack = None

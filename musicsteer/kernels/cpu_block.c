@@ -1,0 +1,279 @@
+/* One decoder block of a one-token step in one call: a pre-norm transformer block (self-attention
+ * over the static cache, cross-attention to the text states, MLP) for the few rows of the CFG
+ * batch, inside one OpenMP parallel region.
+ *
+ * Part of cpu_gemv.c's translation unit (included at its end): it reuses the packed products,
+ * the activations and the one-query attention defined there.
+ *
+ * Why: a `small` step is ~150 weight products, 72 layer norms, 48 attentions and 72 residual
+ * adds. Called one by one from Python they cost about 5 ms a step on the 2-core test machines
+ * (a tenth of the float32 step and a quarter of the int8 one) in dispatch alone, and each
+ * product forks and joins the thread team. Here the norms and residual adds run on each thread's
+ * private copy of the rows (a few KiB: recomputing them costs less than a barrier), products
+ * share their output blocks between threads through an atomic counter (a preempted vCPU holds
+ * one chunk, not half the matrix), and the only synchronisation is one barrier where a result
+ * is read whole.
+ *
+ * The block is split at the steering hook points so that Python can run hooks between parts:
+ *   part 0  a  = Wo · attend(Wqkv · LN_self(x))                  (self-attention, hook "attn")
+ *   part 1  x1 = x + a;  c = Wo' · attend_text(Wq · LN_cross(x1)) (cross-attention, hook "cross")
+ *   part 2  out = x1 + c + fc2 · act(fc1 · LN_mlp(x1 + c))        (MLP; hook "out" follows)
+ * `ms_block(first, last)` runs parts first..last in one region. Inputs are never written.
+ */
+
+enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
+enum { KIND_F32 = 0, KIND_I8 = 1 };
+
+/* A block's weights and caches, filled by musicsteer/engine/fused.py (ctypes mirror: keep in step). */
+typedef struct {
+    int kind, d, ffn, heads, hd, act, cache_bf16, max_len, text_max;
+    float eps;
+    const float *norm_w[3], *norm_b[3]; /* self, cross, mlp */
+    const void *w[W_COUNT];             /* packed: float32 [N/16][D][16] or int8 [N/16][D/4][16][4] */
+    const float *scale[W_COUNT];        /* int8 per-output scales */
+    void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32 or bfloat16 */
+    const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
+} ms_layer;
+
+/* What one call shares between its threads (for a stack of blocks: the current block's). */
+typedef struct {
+    const ms_layer *L;
+    int rows, pos, len, text_len, threads, first, last;
+    const float *x, *a_in, *c_in, *x1_in; /* caller's inputs for the parts it starts at */
+    float *a, *x1, *c, *out;              /* results (the caller's buffers, or scratch) */
+    float *qkv, *att, *u;                 /* intermediates */
+    atomic_int *work;                     /* [8]: next output block of each product (dynamic split) */
+} block_call;
+
+/* Per-thread scratch, grown as needed: the normalised rows, a private residual, the int8 form of a
+ * product's input, and attention scores. Thread-local, so concurrent callers never share it. */
+typedef struct {
+    float *h, *xp, *xs, *scores;
+    int8_t *q;
+    int32_t *xc;
+    size_t cap_rows_d, cap_q, cap_scores;
+} thread_scratch;
+
+static __thread thread_scratch tls;
+
+static int scratch_reserve(int rows, int d, int widest, int len) {
+    size_t need_d = (size_t)rows * d, need_q = (size_t)rows * widest, need_s = (size_t)(len > 0 ? len : 1);
+    if (need_d > tls.cap_rows_d) {
+        free(tls.h); free(tls.xp);
+        tls.h = aligned_alloc(64, (need_d * sizeof(float) + 63) / 64 * 64);
+        tls.xp = aligned_alloc(64, (need_d * sizeof(float) + 63) / 64 * 64);
+        tls.cap_rows_d = tls.h && tls.xp ? need_d : 0;
+    }
+    if (need_q > tls.cap_q) {
+        free(tls.q); free(tls.xs); free(tls.xc);
+        tls.q = malloc(need_q);
+        tls.xs = malloc(sizeof(float) * (need_q / MS_GROUP + 1));
+        tls.xc = malloc(sizeof(int32_t) * (need_q / MS_GROUP + 1));
+        tls.cap_q = tls.q && tls.xs && tls.xc ? need_q : 0;
+    }
+    if (need_s > tls.cap_scores) {
+        free(tls.scores);
+        tls.scores = malloc(sizeof(float) * need_s);
+        tls.cap_scores = tls.scores ? need_s : 0;
+    }
+    return tls.cap_rows_d >= need_d && tls.cap_q >= need_q && tls.cap_scores >= need_s;
+}
+
+/* LayerNorm of `rows` rows of `src` (+ `add`, when given) into `dst`; `sum` receives src + add. */
+static void norm_rows(const float *src, const float *add, float *sum, float *dst, const float *w, const float *b,
+                      int rows, int d, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *s = src + (size_t)r * d, *p = add ? add + (size_t)r * d : NULL;
+        float *z = sum ? sum + (size_t)r * d : NULL, *o = dst + (size_t)r * d;
+        double mean = 0.0;
+        for (int i = 0; i < d; i++) {
+            float v = p ? s[i] + p[i] : s[i];
+            if (z) z[i] = v;
+            mean += v;
+        }
+        mean /= d;
+        const float *v = z ? z : s;
+        double var = 0.0;
+        for (int i = 0; i < d; i++) {
+            double e = v[i] - mean;
+            var += e * e;
+        }
+        const float m = (float)mean, inv = (float)(1.0 / sqrt(var / d + eps));
+        for (int i = 0; i < d; i++) o[i] = (v[i] - m) * inv * w[i] + b[i];
+    }
+}
+
+/* out (rows, n) = act(in (rows, d) · W.T) (+ res), the output blocks taken from work[slot] in chunks
+ * of about 128 KiB of weights by whichever thread is free. */
+static void product(block_call *c, int slot, int which, int n, int d, const float *in, float *out,
+                    const float *res, int act) {
+    const ms_layer *L = c->L;
+    const int blocks = n / 16, item = L->kind == KIND_I8 ? 1 : 4;
+    int chunk = (int)(128 * 1024 / ((size_t)d * 16 * item));
+    if (chunk < 1) chunk = 1;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (L->kind == KIND_I8) {
+        quantize_rows(in, c->rows, d, tls.q, tls.xs, tls.xc);
+        i8_args a = {L->w[which], L->scale[which], tls.q, tls.xs, tls.xc, out, res, n, d, c->rows, act};
+        for (;;) {
+            int b0 = atomic_fetch_add(&c->work[slot], chunk);
+            if (b0 >= blocks) break;
+            i8_task(&a, b0, b0 + chunk < blocks ? b0 + chunk : blocks);
+        }
+        return;
+    }
+#endif
+    f32_args a = {L->w[which], in, out, res, n, d, c->rows, act};
+    for (;;) {
+        int b0 = atomic_fetch_add(&c->work[slot], chunk);
+        if (b0 >= blocks) break;
+        f32_task(&a, b0, b0 + chunk < blocks ? b0 + chunk : blocks);
+    }
+}
+
+/* One query per (row, head), the pairs taken from work[slot] one at a time. */
+static void attention(block_call *c, int slot, const attend_args *a) {
+    const int pairs = c->rows * a->heads;
+    for (;;) {
+        int i = atomic_fetch_add(&c->work[slot], 1);
+        if (i >= pairs) break;
+        if (a->k_new) write_kv(a, i / a->heads, i % a->heads);
+        attend_head(a, i / a->heads, i % a->heads, tls.scores);
+    }
+}
+
+#define BARRIER() _Pragma("omp barrier")
+
+static void block_thread(block_call *c) {
+    const ms_layer *L = c->L;
+    const int d = L->d, rows = c->rows;
+    const float scale = 1.0f / sqrtf((float)L->hd);
+    if (c->first <= 0) { /* self-attention */
+        norm_rows(c->x, NULL, NULL, tls.h, L->norm_w[0], L->norm_b[0], rows, d, L->eps);
+        product(c, 0, W_QKV, 3 * d, d, tls.h, c->qkv, NULL, ACT_NONE);
+        BARRIER();
+        attend_args a = {c->qkv, c->qkv + d, c->qkv + 2 * d, L->kc, L->vc, c->att, 3 * d, L->heads, L->max_len,
+                         c->pos, c->len, L->hd, L->cache_bf16, scale};
+        attention(c, 1, &a);
+        BARRIER();
+        product(c, 2, W_O, d, d, c->att, c->a, NULL, ACT_NONE);
+        if (c->last == 0) return;
+        BARRIER();
+    }
+    if (c->first <= 1) { /* cross-attention; x1 = x + a kept privately and written once */
+        const float *a_rows = c->first == 1 ? c->a_in : c->a;
+        norm_rows(c->x, a_rows, tls.xp, tls.h, L->norm_w[1], L->norm_b[1], rows, d, L->eps);
+        const int me = omp_get_thread_num(), share = (rows * d + c->threads - 1) / c->threads;
+        const int lo = me * share, hi = lo + share < rows * d ? lo + share : rows * d;
+        if (lo < hi) memcpy(c->x1 + lo, tls.xp + lo, sizeof(float) * (hi - lo));
+        product(c, 3, W_XQ, d, d, tls.h, c->qkv, NULL, ACT_NONE);
+        BARRIER();
+        attend_args a = {c->qkv, NULL, NULL, (void *)L->tk, (void *)L->tv, c->att, d, L->heads, L->text_max,
+                         -1, c->text_len, L->hd, 0, scale};
+        attention(c, 4, &a);
+        BARRIER();
+        product(c, 5, W_XO, d, d, c->att, c->c, NULL, ACT_NONE);
+        if (c->last == 1) return;
+        BARRIER();
+    }
+    /* MLP: the residual x1 + c is each thread's own copy, added in the last product's epilogue */
+    const float *x1 = c->first == 2 ? c->x1_in : c->x1, *cc = c->first == 2 ? c->c_in : c->c;
+    norm_rows(x1, cc, tls.xp, tls.h, L->norm_w[2], L->norm_b[2], rows, d, L->eps);
+    product(c, 6, W_FC1, L->ffn, d, tls.h, c->u, NULL, L->act);
+    BARRIER();
+    product(c, 7, W_FC2, d, L->ffn, c->u, c->out, tls.xp, ACT_NONE);
+}
+
+static int check_layer(const ms_layer *L, int first, int last, int rows, int pos, int len, int text_len) {
+    if (first < 0 || last > 2 || first > last || rows < 1 || rows > MS_MAX_ROWS) return -2;
+    if (L->d % 16 || L->ffn % 16 || L->hd > 256 || L->hd < 1 || L->d != L->heads * L->hd) return -2;
+    if (first == 0 && (len < 1 || len > L->max_len || pos < 0 || pos >= L->max_len)) return -2;
+    if (first <= 1 && last >= 1 && (text_len < 1 || text_len > L->text_max)) return -2;
+#if !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
+    if (L->kind == KIND_I8) return -1;
+#endif
+    if (L->kind == KIND_I8 && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
+    return 0;
+}
+
+/* The calling thread's scratch for what a call keeps to itself: intermediates, the ping-pong
+ * rows between the blocks of a stack, and the work counters. */
+static float *call_scratch(size_t floats) {
+    static __thread float *mid;
+    static __thread size_t cap;
+    if (floats > cap) {
+        free(mid);
+        mid = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        cap = mid ? floats : 0;
+    }
+    return mid;
+}
+
+/* Run `count` blocks (parts first..last of each; a stack runs whole blocks) in one parallel region. */
+static int run_blocks(const ms_layer *const *layers, int count, int first, int last, int rows, int pos, int len,
+                      int text_len, const float *x, const float *a_in, const float *x1_in, const float *c_in,
+                      float *a, float *x1, float *c, float *out) {
+    int d = 0, ffn = 0, scores = len > text_len ? len : text_len;
+    size_t bytes = 0;
+    for (int i = 0; i < count; i++) {
+        const ms_layer *L = layers[i];
+        int rc = check_layer(L, first, last, rows, pos, len, text_len);
+        if (rc) return rc;
+        if (i && (L->d != d)) return -2;
+        d = L->d;
+        ffn = L->ffn > ffn ? L->ffn : ffn;
+        bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I8 ? 1 : sizeof(float));
+    }
+    const int widest = ffn > 3 * d ? ffn : 3 * d;
+    const size_t rd = (size_t)rows * d, counters = ((size_t)count * 8 * sizeof(atomic_int) + sizeof(float) - 1) / sizeof(float);
+    float *mid = call_scratch(rd * 3 + rd + (size_t)rows * ffn + 5 * rd + counters);
+    if (!mid) return -3;
+    float *qkv = mid, *att = qkv + 3 * rd, *u = att + rd, *spare = u + (size_t)rows * ffn;
+    float *ping[2] = {spare + 3 * rd, spare + 4 * rd};
+    atomic_int *work = (atomic_int *)(spare + 5 * rd);
+    for (size_t i = 0; i < (size_t)count * 8; i++) atomic_init(&work[i], 0);
+    atomic_int failed;
+    atomic_init(&failed, 0);
+    int threads = bytes < 4 * MS_PARALLEL_BYTES ? 1 : omp_get_max_threads(), team = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        if (!scratch_reserve(rows, d, widest, scores)) atomic_store(&failed, 1);
+#pragma omp single
+        team = omp_get_num_threads();
+        /* (the single's barrier: every thread sees every allocation's outcome before it starts) */
+        if (!atomic_load(&failed))
+            for (int i = 0; i < count; i++) {
+                block_call call = {.L = layers[i], .rows = rows, .pos = pos, .len = len, .text_len = text_len,
+                                   .threads = team, .first = first, .last = last, .a_in = a_in, .c_in = c_in,
+                                   .x1_in = x1_in, .qkv = qkv, .att = att, .u = u, .work = work + 8 * i};
+                call.x = i == 0 ? x : ping[(i - 1) % 2];
+                call.out = i == count - 1 ? out : ping[i % 2];
+                call.a = a ? a : spare;
+                call.x1 = x1 ? x1 : spare + rd;
+                call.c = c ? c : spare + 2 * rd;
+                if (i) { BARRIER(); } /* the previous block's output is read whole */
+                block_thread(&call);
+            }
+    }
+    return atomic_load(&failed) ? -3 : 0;
+}
+
+/* Parts first..last (0 self-attention, 1 cross-attention, 2 MLP) of one block for `rows` rows at
+ * position `pos`, attending over `len` cached positions and `text_len` text positions.
+ * x: the block's input (parts 0 and 1); a_in, x1_in, c_in: results of earlier parts when starting
+ * later (after Python hooks); outputs a (part 0), x1 and c (part 1), out (part 2), each (rows, d)
+ * float32; buffers a call does not use may be NULL. Returns 0; -1 for a kind this build lacks;
+ * -2 for positions outside the cache or shapes the kernels do not take; -3 when out of memory. */
+int ms_block(const ms_layer *L, int first, int last, int rows, int pos, int len, int text_len,
+             const float *x, const float *a_in, const float *x1_in, const float *c_in,
+             float *a, float *x1, float *c, float *out) {
+    return run_blocks(&L, 1, first, last, rows, pos, len, text_len, x, a_in, x1_in, c_in, a, x1, c, out);
+}
+
+/* `count` whole blocks in sequence, x (rows, d) -> out (rows, d), in one parallel region: the
+ * step's blocks between two hook points (one call for an unsteered step). Returns as ms_block. */
+int ms_blocks(const ms_layer *const *layers, int count, int rows, int pos, int len, int text_len,
+              const float *x, float *out) {
+    if (count < 1) return -2;
+    return run_blocks(layers, count, 0, 2, rows, pos, len, text_len, x, NULL, NULL, NULL, NULL, NULL, NULL, out);
+}

@@ -1,0 +1,201 @@
+"""The decoder's blocks as C calls (engine/fused.py, kernels/cpu_block.c): a one-token step through
+them equals the module path, with hooks at every point, across cache swaps and replaced weights,
+and for blocks the C path cannot take."""
+
+import copy
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from musicsteer.engine.config import PRESETS, ModelConfig
+from musicsteer.engine.fused import FusedStack, fuse_blocks, fusable, unfuse_blocks
+from musicsteer.engine.linear import Linear, fuse_activations, optimize_for_cpu
+from musicsteer.engine.musicgen import MusicGen
+from musicsteer.kernels import cpu
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler on this machine: the CPU kernels cannot be built")
+needs_vnni = pytest.mark.skipif(not cpu.has_int8(), reason="this CPU or build has no AVX-512 VNNI for the int8 kernel")
+
+# d=256, ffn=1024: 3 MB of float32 weights per block, enough for the C path to use every thread
+WIDE = ModelConfig(hidden=256, layers=3, heads=4, ffn=1024, vocab=64, codebooks=4, text_hidden=32,
+                   max_positions=64, name="wide")
+ODD = ModelConfig(hidden=96, layers=2, heads=2, ffn=192, vocab=40, codebooks=2, text_hidden=24,
+                  max_positions=64, activation="gelu_tanh", name="odd")  # 48-wide heads
+
+
+def packed(cfg: ModelConfig, seed: int = 0, int8: bool = False) -> MusicGen:
+    model = MusicGen.random(cfg, seed=seed)
+    if int8:
+        from musicsteer.engine.quant import quantize_int8
+
+        quantize_int8(model)
+        model.cache_dtype = torch.bfloat16
+    else:
+        optimize_for_cpu(model, packed=True)
+    fuse_activations(model)
+    return model
+
+
+def condition(model: MusicGen, rows: int, max_len: int = 40, seed: int = 0) -> None:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    model.setup_caches(rows, max_len=max_len, max_text=9)
+    text, mask = torch.randn(rows, 7, cfg.text_hidden, generator=g), torch.ones(rows, 7)
+    mask[-1, 4:] = 0
+    model.set_condition(text, mask)
+
+
+def steps(model: MusicGen, fused: bool, rows: int = 2, n: int = 12, seed: int = 0, hidden: bool = False):
+    """Logits (or final hidden states) of `n` one-token steps after a 5-position prompt."""
+    condition(model, rows, seed=seed)
+    if fused:
+        assert fuse_blocks(model) > 0
+    else:
+        unfuse_blocks(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    codes = torch.randint(0, model.cfg.vocab, (rows, model.cfg.codebooks, 5 + n), generator=g)
+    out = []
+    with torch.no_grad():
+        model.prefill(codes[..., :5])
+        for t in range(5, 5 + n):
+            pos = torch.tensor([t])
+            if hidden:
+                out.append(model.hidden_states(codes[..., t:t + 1], pos, kv_len=t + 1))
+            else:
+                out.append(model.step(codes[..., t:t + 1], pos, kv_len=t + 1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], WIDE, ODD, dataclasses.replace(WIDE, activation="relu")],
+                         ids=["tiny", "wide", "odd-heads", "relu"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_fused_steps_equal_the_module_path(cfg, rows):
+    model = packed(cfg, seed=rows)
+    want = steps(model, fused=False, rows=rows)
+    got = steps(model, fused=True, rows=rows)
+    assert isinstance(model.fused_stack, FusedStack) and len(model.fused_stack) == cfg.layers
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_hooks_run_at_their_points_in_order_and_see_the_same_states():
+    model = packed(WIDE, seed=4)
+    g = torch.Generator().manual_seed(9)
+    direction = torch.randn(WIDE.hidden, generator=g)
+    seen: dict[bool, list] = {True: [], False: []}
+
+    def hook(name, scale):
+        def apply(h):
+            seen[mode].append((name, h.clone()))
+            return h + scale * direction
+        return apply
+
+    results = {}
+    for mode in (False, True):
+        model.clear_hooks()
+        model.add_hook("blocks.0.out", hook("0.out", 0.5))  # a run of one block, then the hook
+        model.add_hook("blocks.1.attn", hook("1.attn", 0.3))  # three calls for block 1
+        model.add_hook("blocks.1.cross", hook("1.cross", -0.2))
+        model.add_hook("blocks.1.out", hook("1.out.a", 0.1))
+        model.add_hook("blocks.1.out", hook("1.out.b", 0.1))  # hooks at one point keep their order
+        results[mode] = steps(model, fused=mode, n=4)
+    model.clear_hooks()
+    assert [n for n, _ in seen[True]] == [n for n, _ in seen[False]]
+    assert [n for n, _ in seen[True]][:5] == ["0.out", "1.attn", "1.cross", "1.out.a", "1.out.b"]
+    for (_, a), (_, b) in zip(seen[True], seen[False]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(results[True], results[False], atol=2e-5, rtol=1e-5)
+    unhooked = steps(model, fused=True, n=4)
+    assert (unhooked - results[True]).abs().max() > 1e-2  # the hooks changed the output
+
+
+def test_the_fused_step_follows_swapped_caches_and_replaced_weights():
+    model = packed(WIDE, seed=5)
+    reference = packed(WIDE, seed=5)
+    for m in (model, reference):
+        condition(m, 2)
+    fuse_blocks(model)
+    unfuse_blocks(reference)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, WIDE.vocab, (2, WIDE.codebooks, 8), generator=g)
+
+    def run(m, t):
+        with torch.no_grad():
+            return m.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1)
+
+    for t in range(3):
+        torch.testing.assert_close(run(model, t), run(reference, t), atol=2e-5, rtol=1e-5)
+    # a re-prime swaps in a second set of caches: the C path must write and read the new ones
+    for m in (model, reference):
+        m.use_caches(m.make_caches(2, 40))
+    for t in range(3):
+        torch.testing.assert_close(run(model, t), run(reference, t), atol=2e-5, rtol=1e-5)
+    assert model.blocks[0].self_attn.cache.k[:, :, :3].abs().sum() > 0
+    # new weights in one block (a replaced packed buffer, as load_state_dict does)
+    w = torch.randn(WIDE.hidden, WIDE.ffn, generator=g) * 0.05
+    for m in (model, reference):
+        m.blocks[1].fc2.packed = cpu.pack_f32(w)
+        with torch.no_grad():
+            m.blocks[2].norm_mlp.weight.mul_(1.5)  # in place: seen through the pointer
+            m.blocks[0].norm_self.bias.data = torch.full((WIDE.hidden,), 0.1)  # a new tensor behind it
+    torch.testing.assert_close(run(model, 3), run(reference, 3), atol=2e-5, rtol=1e-5)
+
+
+def test_a_block_the_c_path_cannot_take_runs_through_its_module():
+    model = packed(WIDE, seed=6)
+    plain = model.blocks[1].fc1
+    model.blocks[1].fc1 = Linear(WIDE.hidden, WIDE.ffn, bias=False)
+    with torch.no_grad():
+        model.blocks[1].fc1.weight.copy_(plain.weight)
+    model.blocks[1].fused_act = False
+    assert fusable(model.blocks[1]) is not None and fusable(model.blocks[0]) is None
+    want = steps(model, fused=False)
+    got = steps(model, fused=True)
+    assert [f is None for f in model.fused_stack.fused] == [False, True, False]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_positions_outside_the_cache_are_refused():
+    model = packed(WIDE, seed=7)
+    condition(model, 2, max_len=8)
+    fuse_blocks(model)
+    codes = torch.zeros(2, WIDE.codebooks, 1, dtype=torch.long)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="refused"):
+        model.step(codes, torch.tensor([8]), kv_len=9)
+
+
+def test_a_copy_of_the_decoder_drops_the_fused_stack_and_still_steps():
+    model = packed(PRESETS["tiny"], seed=8)
+    condition(model, 2)
+    fuse_blocks(model)
+    twin = copy.deepcopy(model)
+    assert twin.fused_stack is None and model.fused_stack is not None
+    codes = torch.zeros(2, model.cfg.codebooks, 1, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.step(codes, torch.tensor([0]), kv_len=1),
+                                   model.step(codes, torch.tensor([0]), kv_len=1), atol=2e-5, rtol=1e-5)
+
+
+@needs_vnni
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], WIDE], ids=["tiny", "wide"])
+def test_fused_int8_steps_follow_the_module_path(cfg):
+    """The int8 path quantizes each product's input as the module path does; its layer norms round
+    differently in the last bit, which can move an activation across a quantization step, so the
+    check is the first step's states tightly and later logits to within int8 noise."""
+    model = packed(cfg, seed=2, int8=True)
+    want = steps(model, fused=False, n=1, hidden=True)
+    got = steps(model, fused=True, n=1, hidden=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    want, got = steps(model, fused=False), steps(model, fused=True)
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+    assert model.blocks[0].self_attn.cache.k.dtype == torch.bfloat16
+
+
+def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
+    from musicsteer.engine.loading import load_model
+
+    assert load_model("tiny").decoder.fused_stack is not None
+    if cpu.has_int8():
+        assert load_model("tiny", weights="int8").decoder.fused_stack is not None
