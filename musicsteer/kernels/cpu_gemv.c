@@ -230,26 +230,29 @@ typedef struct {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER; /* the activations' scratch */
 
-static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int b, const int R) {
+/* U independent accumulators per row keep the vpdpbusd chains short (four for the CFG pair). */
+static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int b, const int R, const int U) {
     const int d = a->d, groups = d / MS_GROUP;
     const uint8_t *w = a->w + (size_t)b * d * 16;
     __m512 out[MS_MAX_ROWS];
     for (int r = 0; r < R; r++) out[r] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m512i acc[MS_MAX_ROWS][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        __m512i acc[MS_MAX_ROWS][4];
+        for (int r = 0; r < R; r++)
+            for (int u = 0; u < U; u++) acc[r][u] = _mm512_setzero_si512();
         const uint8_t *wg = w + (size_t)g * MS_GROUP * 16;
-        for (int q = 0; q < MS_GROUP / 4; q += 2) {
-            __m512i w0 = _mm512_loadu_si512(wg + q * 64), w1 = _mm512_loadu_si512(wg + q * 64 + 64);
+        for (int q = 0; q < MS_GROUP / 4; q += U) {
+            __m512i wv[4];
+            for (int u = 0; u < U; u++) wv[u] = _mm512_loadu_si512(wg + (q + u) * 64);
             for (int r = 0; r < R; r++) {
                 const int32_t *xr = (const int32_t *)(a->xq + (size_t)r * d + g * MS_GROUP);
-                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, _mm512_set1_epi32(xr[q]));
-                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, _mm512_set1_epi32(xr[q + 1]));
+                for (int u = 0; u < U; u++) acc[r][u] = _mm512_dpbusd_epi32(acc[r][u], wv[u], _mm512_set1_epi32(xr[q + u]));
             }
         }
         for (int r = 0; r < R; r++) {
-            __m512i s = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]),
-                                         _mm512_set1_epi32(a->xcomp[r * groups + g]));
+            __m512i t = acc[r][0];
+            for (int u = 1; u < U; u++) t = _mm512_add_epi32(t, acc[r][u]);
+            __m512i s = _mm512_sub_epi32(t, _mm512_set1_epi32(a->xcomp[r * groups + g]));
             out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a->xscale[r * groups + g]), out[r]);
         }
     }
@@ -262,7 +265,7 @@ static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int
     }
 }
 
-#define I8_CASE(R) case R: for (int b = begin; b < end; b++) i8_block(a, b, R); break;
+#define I8_CASE(R) case R: for (int b = begin; b < end; b++) i8_block(a, b, R, R <= 2 ? 4 : 2); break;
 
 static void i8_task(void *args, int begin, int end) {
     i8_args *a = args;
