@@ -57,3 +57,34 @@ def test_cuda_graph_replay_with_new_strengths_equals_eager():
     model = load_model("tiny", device="cuda")
     eager, graphed = steered(model, graph=False), steered(model, graph=True)
     torch.testing.assert_close(graphed.logits, eager.logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_live_stream_on_cuda_replays_one_graph_per_cache_set():
+    """On CUDA the producer captures a graph per cache set by default; its frames across re-primes
+    equal the eager stream's on the same device."""
+    import numpy as np
+
+    from musicsteer.engine.loading import load_model
+    from musicsteer.engine.ring_buffer import AudioRing
+    from musicsteer.engine.sampling import SamplingSettings
+    from musicsteer.engine.sinks import PacedSink
+    from musicsteer.engine.stream import Producer, StreamConfig
+    from musicsteer.live import MemoryRecorder
+
+    model = load_model("tiny", device="cuda")
+    frames = {}
+    for graph in (None, False):
+        rec, ring = MemoryRecorder(), AudioRing(1 << 15)
+        sink = PacedSink(model.codec.sample_rate, realtime=False)
+        config = StreamConfig("warm lofi piano", SamplingSettings(seed=5), window_s=2.0, keep_s=0.5,
+                              reprime_chunk=8, max_seconds=5.0, graph=graph)
+        producer = Producer(model, config, ring, None, None, rec)
+        sink.start(ring)
+        producer.run()
+        sink.drain()
+        sink.stop()
+        assert producer.error is None and producer.reprimes >= 2
+        assert (producer.graphs is not None and all(g.captured for g in producer.graphs.values())) == (graph is None)
+        frames[graph] = np.stack(rec.frames, axis=1)
+    np.testing.assert_array_equal(frames[None], frames[False])

@@ -248,3 +248,24 @@ def test_reduced_precision_model_streams_and_rolls_over():
                                                     max_seconds=4.0))
     assert producer.reprimes >= 3 and len(rec.frames) == 200
     assert all(c.k.dtype == torch.bfloat16 for c in model.decoder.caches)
+
+
+def test_graphed_steps_follow_the_cache_swaps_of_the_re_prime(tiny, monkeypatch):
+    """`graph=True` steps through one graphed step per cache set (off CUDA the captured path runs
+    eagerly): the frames equal the eager stream's across re-primes, and both sets' steps are used."""
+    from musicsteer.engine.graph_step import GraphedStep
+
+    config = dict(window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=5.0)
+    _, eager, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, graph=False, **config))
+    used: dict[int, int] = {}
+    original = GraphedStep.__call__
+
+    def counted(self, codes, position):
+        used[id(self)] = used.get(id(self), 0) + 1
+        return original(self, codes, position)
+
+    monkeypatch.setattr(GraphedStep, "__call__", counted)
+    producer, graphed, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, graph=True, **config))
+    assert producer.reprimes >= 2 and len(producer.graphs) == 2
+    assert sorted(used) == sorted(id(g) for g in producer.graphs.values()) and min(used.values()) > 20
+    np.testing.assert_array_equal(np.stack(graphed.frames, axis=1), np.stack(eager.frames, axis=1))

@@ -32,6 +32,7 @@ import torch
 from ..controllers.state import ControlChange, Smoother
 from .codec_stream import StreamingCodecSettings, StreamingDecoder
 from .config import FRAME_RATE
+from .graph_step import GraphedStep
 from .loading import LoadedModel
 from .ring_buffer import AudioRing
 from .sampling import SamplingSettings, guided_logits, make_generator, sample
@@ -50,6 +51,9 @@ class StreamConfig:
     max_seconds: float | None = None  # stop after this much audio; None plays until stopped
     fill_target: int | None = None  # samples kept ahead of playback at most; None fills the ring
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
+    # Each step as the replay of a captured CUDA graph, one per cache set (the re-prime swaps
+    # sets); None: on CUDA devices. Off CUDA, True runs the same static step eagerly (tests).
+    graph: bool | None = None
 
     def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
         """(window, keep) in positions, within the model's position table."""
@@ -129,6 +133,7 @@ class Producer:
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        self.graphs: dict[int, GraphedStep] | None = None  # set up in the producer thread (_setup)
         self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
         self.step = 0
         self.frames = 0
@@ -222,6 +227,22 @@ class Producer:
         self.reprime: dict | None = None
         if self.steerer is not None:
             self.steerer.attach()
+        use_graph = self.config.graph if self.config.graph is not None else device.type == "cuda"
+        self.graphs = self._capture_graphs() if use_graph else None
+
+    def _capture_graphs(self) -> dict[int, GraphedStep]:
+        """One graphed step per self-attention cache set, keyed by the set's first cache: a graph
+        bakes in the addresses it was captured over, and the re-prime swaps the two sets. Steering
+        is attached first (its hooks are part of the graph; strengths stay live in its buffers)."""
+        decoder = self.model.decoder
+        current, graphs = decoder.caches, {}
+        try:
+            for caches in (current, self.spare):
+                decoder.use_caches(caches)
+                graphs[id(caches[0])] = GraphedStep(decoder, 2)
+        finally:
+            decoder.use_caches(current)
+        return graphs
 
     def _set_prompt(self, prompt: str) -> None:
         states, mask = self.model.text.encode(prompt)
@@ -322,7 +343,10 @@ class Producer:
         decoder, K = self.model.decoder, self.K
         pos = s - self.base  # window position of the input column s
         codes_in = self._column(s).view(1, K, 1).expand(2, K, 1)  # (B, K, 1)
-        logits = decoder.step(codes_in, self.positions[pos : pos + 1], kv_len=pos + 1)  # (B, K, V)
+        if self.graphs is not None:  # the graph of the cache set in use (held for the producer's life)
+            logits = self.graphs[id(decoder.blocks[0].self_attn.cache)](codes_in, pos)
+        else:
+            logits = decoder.step(codes_in, self.positions[pos : pos + 1], kv_len=pos + 1)  # (B, K, V)
         token = sample(guided_logits(logits, self.sampling), self.sampling, self.generator)  # (K,)
         if s < K - 1:  # the delay pattern's opening: codebooks k > s have no frame yet
             token = torch.where(torch.arange(K, device=self.device) <= s, token, self.special)
