@@ -30,7 +30,12 @@ def test_bench_latency_json(tmp_path, capsys):
     assert len(f["stream_read_samples_gb_s"]) == 2 and f["stream_read_gb_s"] == max(f["stream_read_samples_gb_s"])
     want = (f["weight_bytes_per_step"] + f["cache_bytes_per_step"]) / (f["stream_read_gb_s"] * 1e9) * 1e3
     assert abs(f["floor_ms"] - want) < 1e-9
-    assert "concepts   p50 ms" in capsys.readouterr().out
+    i = f["interleaved"]  # each step after a read of the bytes it reads
+    assert i["pairs"] == 10 and i["step_ms_p50"] > 0 and i["read_ms_p50"] > 0
+    assert abs(i["read_gb_s_p50"] - (f["weight_bytes_per_step"] + f["cache_bytes_per_step"]) / i["read_ms_p50"] / 1e6) < 1e-6
+    assert i["step_over_read_p90"] >= i["step_over_read_p50"] > 0
+    out = capsys.readouterr().out
+    assert "concepts   p50 ms" in out and "step by step, each after a streaming read" in out
 
 
 def test_bench_rejects_bad_counts(capsys):

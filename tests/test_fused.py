@@ -199,3 +199,62 @@ def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
     assert load_model("tiny").decoder.fused_stack is not None
     if cpu.has_int8():
         assert load_model("tiny", weights="int8").decoder.fused_stack is not None
+
+
+@pytest.mark.parametrize("mode", ["add", "norm", "clamp"])
+def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
+    """A steerer's `out` hooks are applied by the C call itself (one call for the whole steered
+    step) and give what the hooks give; strength 0 leaves the step bit-identical."""
+    from musicsteer.engine.steering import SteeringSettings, build_steering
+    from musicsteer.probes.pack import ConceptPack
+
+    model = packed(WIDE, seed=11)
+    names = ["c0", "c1", "c2"]
+    pack = ConceptPack.random(names, WIDE, "wide", seed=3)
+    steerer, plan = build_steering(model, pack, SteeringSettings(mode=mode, layers="all"), batch=2)
+    strengths = {"add": (4.0, -2.0, 1.0), "norm": (0.5, 0.2, 0.1), "clamp": (0.8, 0.5, 1.0)}[mode]
+    for n, a in zip(names, strengths):
+        plan.set_strength(n, a)
+    calls = []
+    original = FusedStack._flush
+
+    def counted(self, start, end, *args):
+        calls.append((start, end))
+        return original(self, start, end, *args)
+
+    monkeypatch.setattr(FusedStack, "_flush", counted)
+    plain = steps(model, fused=True, n=3)
+    with steerer:
+        plan.write(0, steerer)
+        want = steps(model, fused=False, n=3)
+        calls.clear()
+        got = steps(model, fused=True, n=3)
+        assert calls == [(0, WIDE.layers)] * 3  # steering did not split the run
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+        assert (got - plain).abs().max() > 1e-2
+        for n in names:
+            plan.set_strength(n, 0.0)
+        plan.write(1, steerer)
+        assert torch.equal(steps(model, fused=True, n=3), plain)
+    assert steps(model, fused=True, n=3).equal(plain)  # detached: nothing left in the layers
+
+
+def test_other_out_hooks_beside_steering_run_in_python():
+    from musicsteer.engine.steering import SteeringSettings, build_steering
+    from musicsteer.probes.pack import ConceptPack
+
+    model = packed(WIDE, seed=12)
+    pack = ConceptPack.random(["c0"], WIDE, "wide", seed=4)
+    steerer, plan = build_steering(model, pack, SteeringSettings(layers="all"), batch=2)
+    plan.set_strength("c0", 3.0)
+    seen = []
+    with steerer:
+        plan.write(0, steerer)
+        model.add_hook("blocks.1.out", lambda h: seen.append(h.clone()) or h)  # an observer after steering
+        want = steps(model, fused=False, n=2)
+        seen_plain = list(seen)
+        seen.clear()
+        got = steps(model, fused=True, n=2)
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+    for a, b in zip(seen, seen_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)

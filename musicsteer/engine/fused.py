@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from functools import partial
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from ..kernels import cpu as cpu_kernels
 from .linear import PackedLinear
 from .quant import PackedInt8Linear
+from .steering import _steer_hook
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,31 @@ class _Layer(ctypes.Structure):
                 ("hd", ctypes.c_int), ("act", ctypes.c_int), ("cache_bf16", ctypes.c_int), ("max_len", ctypes.c_int),
                 ("text_max", ctypes.c_int), ("eps", ctypes.c_float),
                 ("norm_w", _ptr * 3), ("norm_b", _ptr * 3), ("w", _ptr * 6), ("scale", _ptr * 6),
-                ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr)]
+                ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr),
+                ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
+                ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr)]
+MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
+
+
+def steering_of(hooks) -> dict | None:
+    """The tensors of a block's `out` hooks when they are exactly one steering hook the C path can
+    apply itself (float32 CPU buffers, at most MAX_STEER concepts), else None."""
+    if not hooks or len(hooks) != 1:
+        return None
+    hook = hooks[0]
+    if not (isinstance(hook, partial) and hook.func is _steer_hook):
+        return None
+    kw = hook.keywords
+    alpha, directions, targets = kw["alpha"], kw["directions"], kw["targets"]
+    tensors = (alpha, directions, targets)
+    if not all(t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors):
+        return None
+    if directions.dim() != 2 or alpha.dim() != 2 or alpha.shape[1] != directions.shape[0]:
+        return None
+    if directions.shape[0] > MAX_STEER or targets.shape != (directions.shape[0],):
+        return None
+    return kw
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -96,6 +122,7 @@ class FusedBlock:
         self.address = ctypes.addressof(self.layer)
         self._key: tuple | None = None
         self._held: tuple = ()  # what the binding points into
+        self._steer_hook = None  # the steering hook applied in C (its partial holds the buffers)
         self._call = cpu_kernels.library().ms_block
 
     def _signature(self) -> tuple:
@@ -145,6 +172,22 @@ class FusedBlock:
         key = self._signature()
         if key != self._key:
             self._bind(key)
+        return True
+
+    def steer(self, hook, kw: dict | None, rows: int) -> bool:
+        """Apply the steering hook `hook` (its tensors `kw`) in C from now on, or none (None); False
+        when its buffers do not fit `rows`."""
+        L = self.layer
+        if kw is None:
+            L.steer_k, self._steer_hook = 0, None
+            return True
+        if kw["alpha"].shape[0] != rows or kw["directions"].shape[1] != self.hidden:
+            return False
+        if hook is not self._steer_hook:
+            L.steer_k, L.steer_mode = kw["directions"].shape[0], int(kw["mode"])
+            L.steer_alpha, L.steer_dirs = kw["alpha"].data_ptr(), kw["directions"].data_ptr()
+            L.steer_targets = kw["targets"].data_ptr()
+            self._steer_hook = hook  # holds the buffers the pointers point into
         return True
 
     def text_len(self) -> int:
@@ -215,6 +258,10 @@ class FusedStack:
                 if not inner:
                     if start is None:
                         start = i
+                    kw = steering_of(hooks.get("out"))
+                    if kw is not None and fused.steer(hooks["out"][0], kw, rows):
+                        continue  # steering applied inside the call: the run goes on
+                    fused.steer(None, None, rows)
                     if hooks:  # `out` hooks see this block's output: call the run up to here
                         x, start = self._flush(start, i + 1, x, pos, kv_len), None
                         for hook in hooks.get("out", ()):
@@ -223,6 +270,7 @@ class FusedStack:
                     continue
                 if start is not None:
                     x, start = self._flush(start, i, x, pos, kv_len), None
+                fused.steer(None, None, rows)
                 x = fused.forward_parts(x, pos, kv_len, hooks)
                 for hook in hooks.get("out", ()):
                     x = hook(x)

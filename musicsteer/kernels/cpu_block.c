@@ -33,7 +33,14 @@ typedef struct {
     const float *scale[W_COUNT];        /* int8 per-output scales */
     void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32 or bfloat16 */
     const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
+    /* Steering of the block's output (the `out` hook point), or steer_k = 0: strengths (B, K), read
+     * at every call (the plan rewrites them in place), unit directions (K, D), targets (K,). */
+    int steer_k, steer_mode;
+    const float *steer_alpha, *steer_dirs, *steer_targets;
 } ms_layer;
+
+enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2 }; /* kernels/reference.py */
+#define MS_MAX_STEER 64
 
 /* What one call shares between its threads (for a stack of blocks: the current block's). */
 typedef struct {
@@ -144,6 +151,48 @@ static void attention(block_call *c, int slot, const attend_args *a) {
 
 #define BARRIER() _Pragma("omp barrier")
 
+/* The steering update of kernels/reference.py on the block's output rows, in float32:
+ *   add    x + sum_k a_k v_k
+ *   norm   (x + |x| sum_k a_k v_k) / (1 + sum_k a_k)
+ *   clamp  x + sum_k a_k (c_k - <x, v_k>) v_k
+ * as y = s x + sum_k w_k v_k: every thread works out s and w for every row (a few dot products),
+ * then, after a barrier (so no row is read while it is written), updates its share of them. */
+static void steer_out(block_call *c) {
+    const ms_layer *L = c->L;
+    const int d = L->d, K = L->steer_k, rows = c->rows;
+    float w[MS_MAX_ROWS][MS_MAX_STEER], s[MS_MAX_ROWS];
+    for (int r = 0; r < rows; r++) {
+        const float *x = c->out + (size_t)r * d, *a = L->steer_alpha + (size_t)r * K;
+        s[r] = 1.0f;
+        if (L->steer_mode == STEER_NORM) {
+            double n2 = 0.0, total = 0.0;
+            for (int i = 0; i < d; i++) n2 += (double)x[i] * x[i];
+            for (int k = 0; k < K; k++) total += a[k];
+            const float norm = (float)sqrt(n2), inv = 1.0f / (1.0f + (float)total);
+            s[r] = inv;
+            for (int k = 0; k < K; k++) w[r][k] = norm * a[k] * inv;
+        } else if (L->steer_mode == STEER_CLAMP) {
+            for (int k = 0; k < K; k++) {
+                const float *v = L->steer_dirs + (size_t)k * d;
+                double proj = 0.0;
+                for (int i = 0; i < d; i++) proj += (double)x[i] * v[i];
+                w[r][k] = a[k] * (L->steer_targets[k] - (float)proj);
+            }
+        } else {
+            for (int k = 0; k < K; k++) w[r][k] = a[k];
+        }
+    }
+    BARRIER();
+    const int me = omp_get_thread_num(), total = rows * d, share = (total + c->threads - 1) / c->threads;
+    const int lo = me * share, hi = lo + share < total ? lo + share : total;
+    for (int j = lo; j < hi; j++) {
+        const int r = j / d, i = j % d;
+        float y = c->out[j] * s[r];
+        for (int k = 0; k < K; k++) y += w[r][k] * L->steer_dirs[(size_t)k * d + i];
+        c->out[j] = y;
+    }
+}
+
 static void block_thread(block_call *c) {
     const ms_layer *L = c->L;
     const int d = L->d, rows = c->rows;
@@ -182,6 +231,10 @@ static void block_thread(block_call *c) {
     product(c, 6, W_FC1, L->ffn, d, tls.h, c->u, NULL, L->act);
     BARRIER();
     product(c, 7, W_FC2, d, L->ffn, c->u, c->out, tls.xp, ACT_NONE);
+    if (L->steer_k > 0) {
+        BARRIER();
+        steer_out(c);
+    }
 }
 
 static int check_layer(const ms_layer *L, int first, int last, int rows, int pos, int len, int text_len) {
@@ -193,6 +246,7 @@ static int check_layer(const ms_layer *L, int first, int last, int rows, int pos
     if (L->kind == KIND_I8) return -1;
 #endif
     if (L->kind == KIND_I8 && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
+    if (L->steer_k < 0 || L->steer_k > MS_MAX_STEER || (L->steer_k && last != 2)) return -2;
     return 0;
 }
 
