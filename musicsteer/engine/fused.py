@@ -220,6 +220,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _out_hooks(x: torch.Tensor, hooks: dict) -> torch.Tensor:
+    for hook in hooks.get("out", ()):
+        x = hook(x)
+    return _rows(x)
+
+
 class FusedStack:
     """The decoder's blocks for one-token CPU steps: runs of blocks between hook points in one
     `ms_blocks` call each, hooks between calls, unfusable blocks through their modules."""
@@ -263,18 +269,12 @@ class FusedStack:
                         continue  # steering applied inside the call: the run goes on
                     fused.steer(None, None, rows)
                     if hooks:  # `out` hooks see this block's output: call the run up to here
-                        x, start = self._flush(start, i + 1, x, pos, kv_len), None
-                        for hook in hooks.get("out", ()):
-                            x = hook(x)
-                        x = _rows(x)
+                        x, start = _out_hooks(self._flush(start, i + 1, x, pos, kv_len), hooks), None
                     continue
                 if start is not None:
                     x, start = self._flush(start, i, x, pos, kv_len), None
                 fused.steer(None, None, rows)
-                x = fused.forward_parts(x, pos, kv_len, hooks)
-                for hook in hooks.get("out", ()):
-                    x = hook(x)
-                x = _rows(x)
+                x = _out_hooks(fused.forward_parts(x, pos, kv_len, hooks), hooks)
                 continue
             if start is not None:
                 x, start = self._flush(start, i, x, pos, kv_len), None
