@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--keep", type=float, default=10.0, metavar="SECONDS",
                       help="context kept when the window rolls over")
     live.add_argument("--codec-chunk", type=int, default=2, metavar="FRAMES", help="frames per codec decode")
+    live.add_argument("--codec-method", choices=("state", "window"), default="state",
+                      help="streaming codec: stateful layers (default) or a window decoded per chunk")
     live.add_argument("--no-status", action="store_true", help="no status line")
     live.add_argument("--osc-port", type=int, default=9000, help="UDP port for OSC control (0: any free port)")
     live.add_argument("--osc-host", default="127.0.0.1", help="address OSC listens on (default loopback only)")
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(codec)
     codec.add_argument("--frames", type=int, default=1000)
     codec.add_argument("--chunk", type=int, default=2)
+    codec.add_argument("--method", choices=("state", "window"), default="state",
+                       help="stateful layers (each frame decoded once) or a window decoded per chunk")
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_bench_codec)
     return parser
@@ -261,7 +265,7 @@ def run_live_cli(args) -> int:
     if args.seconds is not None and not args.seconds > 0:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
     try:
-        codec = StreamingCodecSettings(chunk=args.codec_chunk)
+        codec = StreamingCodecSettings(chunk=args.codec_chunk, method=args.codec_method)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     request = LiveRequest(
@@ -409,7 +413,9 @@ def run_bench_codec(args) -> int:
 
     if args.frames < 100:
         raise UsageError("--frames must be at least 100")
-    _emit(run_codec_bench(_load(args), args.frames, args.chunk), args.json)
+    if args.chunk < 1:
+        raise UsageError("--chunk must be at least 1")
+    _emit(run_codec_bench(_load(args), args.frames, args.chunk, args.method), args.json)
     return 0
 
 

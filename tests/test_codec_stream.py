@@ -1,10 +1,12 @@
-"""Streaming EnCodec decode against the offline decode of the same codes."""
+"""Streaming EnCodec decode, stateful and windowed, against the offline decode of the same codes."""
 
 import numpy as np
 import pytest
 import torch
 
-from musicsteer.engine.codec_stream import StreamingCodecSettings, StreamingDecoder
+from musicsteer.engine.codec import Codec
+from musicsteer.engine.codec_state import NotStreamable, StatefulDecoder
+from musicsteer.engine.codec_stream import StreamingCodecSettings, StreamingDecoder, WindowedDecoder
 
 
 def stream_all(codec, codes, settings):
@@ -14,38 +16,123 @@ def stream_all(codec, codes, settings):
     return np.concatenate(parts)
 
 
+def rel_error(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def random_codes(frames, seed):
+    return torch.randint(0, 2048, (4, frames), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_streaming_equals_offline(tiny, chunk):
-    codes = torch.randint(0, 2048, (4, 97), generator=torch.Generator().manual_seed(chunk))
+def test_windowed_streaming_equals_offline(tiny, chunk):
+    codes = random_codes(97, chunk)
+    offline = tiny.codec.decode(codes)
+    streamed = stream_all(tiny.codec, codes, StreamingCodecSettings(chunk=chunk, method="window"))
+    assert streamed.shape == offline.shape == (97 * 640,)
+    assert rel_error(streamed, offline) < 1e-4
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 5, 9, 97])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_stateful_streaming_equals_offline(tiny, frames, chunk):
+    """From a one-frame clip (every layer pads both ends of it) to a long one, in any chunking."""
+    codes = random_codes(frames, 10 * frames + chunk)
     offline = tiny.codec.decode(codes)
     streamed = stream_all(tiny.codec, codes, StreamingCodecSettings(chunk=chunk))
-    assert streamed.shape == offline.shape == (97 * 640,)
-    rel = np.abs(streamed - offline).max() / np.abs(offline).max()
-    assert rel < 1e-4, rel
+    assert streamed.shape == offline.shape == (frames * 640,)
+    assert rel_error(streamed, offline) < 1e-5
 
 
-def test_without_lookahead_the_error_is_large(tiny):
+def test_stateful_is_the_default_and_windowed_the_fallback(tiny):
+    assert isinstance(StreamingDecoder(tiny.codec, 4), StatefulDecoder)
+    assert isinstance(StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(method="window")), WindowedDecoder)
+    with pytest.raises(ValueError, match="codec method"):
+        StreamingCodecSettings(method="fast")
+
+
+def test_a_codec_with_group_norm_over_time_falls_back_to_the_window():
+    """Group norm over time reads the whole clip: no stateful form, so the windowed decoder runs it."""
+    from transformers import EncodecConfig, EncodecModel
+
+    from musicsteer.engine.loading import encodec_32khz_config
+
+    config = encodec_32khz_config(EncodecConfig, tiny=True)
+    config.norm_type = "time_group_norm"
+    codec = Codec(EncodecModel(config).eval(), "group-norm codec")
+    with pytest.raises(NotStreamable):
+        StatefulDecoder(codec, 4)
+    dec = StreamingDecoder(codec, 4)
+    assert isinstance(dec, WindowedDecoder)
+    codes = random_codes(40, 3)
+    assert stream_all(codec, codes, StreamingCodecSettings()).shape == (40 * 640,)
+
+
+def test_stateful_emits_each_frame_once_it_is_final(tiny):
+    """After n frames, every whole frame not within the codec's look-ahead (2402 samples) of the end is out."""
+    dec = StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(chunk=1))
+    assert dec.lookahead_samples == 2402  # 3 frames at 50 Hz, then the right paddings of every upsampling stage
+    assert dec.latency_frames == 4
+    for n in range(1, 30):
+        dec.push(torch.zeros(4, dtype=torch.long))
+        assert dec.emitted_samples == max(n * 640 - 2402, 0) // 640 * 640, n
+    assert dec.emitted_samples == 25 * 640
+    assert len(dec.flush()) == 4 * 640
+
+
+def test_stateful_state_stays_bounded(tiny):
+    """What the layers keep does not grow with the stream: the cost of a frame is flat."""
+    dec = StatefulDecoder(tiny.codec, 4, chunk=2)
+
+    def held(chain):
+        total = 0
+        for s in chain.stages:
+            for name in ("buf", "tail", "held"):
+                t = getattr(s, name, None)
+                total += 0 if t is None else t.numel()
+            if hasattr(s, "block"):
+                total += held(s.block)
+        return total
+
+    sizes = []
+    for f in range(600):
+        dec.push(torch.zeros(4, dtype=torch.long))
+        sizes.append(held(dec.chain))
+    assert max(sizes[50:]) == min(sizes[50:]) > 0
+
+
+def test_stateful_without_the_c_kernels_equals_offline(tiny, monkeypatch):
+    """Where the packed kernels do not build, the LSTM and transposed convolutions use torch's products."""
+    from musicsteer.kernels import cpu as cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "test: no compiler")
+    codes = random_codes(23, 5)
+    assert rel_error(stream_all(tiny.codec, codes, StreamingCodecSettings(chunk=1)), tiny.codec.decode(codes)) < 1e-5
+
+
+def test_windowed_without_lookahead_the_error_is_large(tiny):
     """The codec is not causal: zero look-ahead must not pass the tolerance above."""
-    codes = torch.randint(0, 2048, (4, 60), generator=torch.Generator().manual_seed(0))
+    codes = random_codes(60, 0)
     offline = tiny.codec.decode(codes)
-    streamed = stream_all(tiny.codec, codes, StreamingCodecSettings(lookahead=0, chunk=1))
-    assert np.abs(streamed - offline).max() / np.abs(offline).max() > 1e-3
+    streamed = stream_all(tiny.codec, codes, StreamingCodecSettings(lookahead=0, chunk=1, method="window"))
+    assert rel_error(streamed, offline) > 1e-3
 
 
-def test_emission_schedule(tiny):
-    dec = StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(lookahead=4, chunk=2))
+def test_windowed_emission_schedule(tiny):
+    dec = StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(lookahead=4, chunk=2, method="window"))
     out = [dec.push(torch.zeros(4, dtype=torch.long)) for _ in range(10)]
     emitted = [i for i, a in enumerate(out) if a is not None]
     assert emitted == [5, 7, 9]  # frames 0-1 once frame 5 exists, then every 2 frames
     assert all(len(out[i]) == 2 * 640 for i in emitted)
     assert dec.latency_frames == 5
+    assert dec.emitted_samples == 6 * 640
     assert len(dec.flush()) == 4 * 640
 
 
-def test_work_per_frame_is_flat(tiny):
+def test_windowed_work_per_frame_is_flat(tiny):
     """Every decode from the 10th to the 1000th frame sees the same number of frames, so the
     cost per frame cannot grow with the stream (`musicsteer bench codec` times it)."""
-    dec = StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(chunk=2))
+    dec = StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(chunk=2, method="window"))
     sizes = []
     original = tiny.codec.decode
     tiny.codec.decode = lambda codes: (sizes.append(codes.shape[1]), original(codes))[1]

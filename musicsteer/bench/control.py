@@ -7,7 +7,8 @@ change, two latencies are followed to the device's output time for a ring index
 
 - first dependent sample: step s that applied the change generates codebook K-1 of
   frame s-K+1, and the codec is not causal (a sample depends on codes up to 3.75
-  frames ahead), so the first sample whose value depends on step s lies 2400 samples
+  frames ahead: the streaming decoder's `lookahead_samples`, 2402 for the 32 kHz
+  codec), so the first sample whose value depends on step s lies that many samples
   before frame s-K+1 starts. Parts: waiting for the step, compute (from the step to the
   codec pushing that sample into the ring), ring buffer, device.
 - first steered frame: frame s, the first frame whose every codebook was generated at
@@ -24,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,6 @@ from .latency import git_commit, machine_info
 
 PARTS = ("wait_for_step", "delay_pattern", "codec_lookahead", "ring_buffer", "device")
 DEPENDENT_PARTS = ("wait_for_step", "compute", "ring_buffer", "device")
-CODEC_HORIZON = 2400  # samples: how far ahead of a sample the 32 kHz EnCodec decoder reads codes
 
 
 def clock_offset(sink, tries: int = 20) -> float:
@@ -57,16 +58,17 @@ def clock_offset(sink, tries: int = 20) -> float:
     return best[1]
 
 
-def measure(timeline: Timeline, sink, K: int, hop: int) -> list[dict]:
+def measure(timeline: Timeline, sink, K: int, hop: int, horizon: int) -> list[dict]:
+    """Latencies of every change in `timeline`; `horizon`: samples of codes the codec reads ahead."""
     offset = clock_offset(sink)
     device = sink.output_latency_s or 0.0
 
     def played(sample: int):
         """(ring index, push time, output time on our clock) of stream sample `sample`."""
-        pushed = timeline.frame_sample(sample // hop, hop)
+        pushed = timeline.sample_pushed(sample)
         if pushed is None:
             return None
-        ring_index = pushed[0] + sample % hop
+        ring_index = pushed[0]
         out = sink.output_time(ring_index)
         return None if out is None else (ring_index, pushed[1], out + offset)
 
@@ -75,7 +77,7 @@ def measure(timeline: Timeline, sink, K: int, hop: int) -> list[dict]:
         if s + K - 1 >= len(timeline.step_end) or np.isnan(timeline.step_end[s + K - 1]):
             continue
         steered = played(s * hop)
-        dependent = played(max((s - (K - 1)) * hop - CODEC_HORIZON, 0))
+        dependent = played(max((s - (K - 1)) * hop - horizon, 0))
         if steered is None or dependent is None:
             continue
         t_step, t_frame = timeline.step_start[s], timeline.step_end[s + K - 1]
@@ -136,7 +138,8 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
                 client.sendto(b.build().dgram, ("127.0.0.1", port))
                 time.sleep(interval_s * rng.uniform(0.5, 1.5))
         time.sleep(1.0 + buffer_ms / 1000)  # let the last changes reach the device
-        rows = measure(timeline, holder["sink"], model.cfg.codebooks, model.codec.hop)
+        rows = measure(timeline, holder["sink"], model.cfg.codebooks, model.codec.hop,
+                       holder["producer"].codec_stream.lookahead_samples)
         stats = holder["producer"].stats()
         stop.set()
         thread.join(30)
@@ -152,7 +155,8 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
                                   "mean": float(ms.mean())}
     return {"benchmark": "control", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(model.decoder.embed.weight.device), "model": model.model_id,
-            "device": device, "buffer_ms": buffer_ms, "messages": messages, "followed": len(rows),
+            "device": device, "buffer_ms": buffer_ms, "codec": asdict(request.codec), "messages": messages,
+            "followed": len(rows),
             "underruns": stats.underruns, "ms": summary,
             "definitions": {
                 "dependent_sample": "OSC arrival -> device output time of the first sample whose value depends "

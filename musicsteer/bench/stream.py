@@ -75,14 +75,15 @@ def run_stream_bench(model: LoadedModel, seconds: float, realtime: bool, window_
     }
 
 
-def run_codec_bench(model: LoadedModel, frames: int, chunk: int) -> dict:
+def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "state") -> dict:
     gen = torch.Generator().manual_seed(0)
     per_frame = []
     with torch.inference_mode():
-        warm = StreamingDecoder(model.codec, model.cfg.codebooks, StreamingCodecSettings(chunk=chunk))
+        settings = StreamingCodecSettings(chunk=chunk, method=method)
+        warm = StreamingDecoder(model.codec, model.cfg.codebooks, settings)
         for _ in range(60):  # warm the allocator and kernels, then time a fresh stream
             warm.push(torch.randint(0, model.cfg.vocab, (model.cfg.codebooks,), generator=gen))
-        dec = StreamingDecoder(model.codec, model.cfg.codebooks, StreamingCodecSettings(chunk=chunk))
+        dec = StreamingDecoder(model.codec, model.cfg.codebooks, settings)
         for _ in range(frames):
             code = torch.randint(0, model.cfg.vocab, (model.cfg.codebooks,), generator=gen)
             t = time.perf_counter()
@@ -94,6 +95,7 @@ def run_codec_bench(model: LoadedModel, frames: int, chunk: int) -> dict:
         return float(ms[lo:lo + 50].mean())
 
     return {"benchmark": "codec", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
-            "model": model.model_id, "codec": model.codec.source, "chunk": chunk, "frames": frames,
+            "model": model.model_id, "codec": model.codec.source, "method": type(dec).__name__, "chunk": chunk,
+            "lookahead_samples": dec.lookahead_samples, "frames": frames,
             "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
             "ms_per_frame_mean": float(ms[10:].mean())}

@@ -1,14 +1,17 @@
-"""Streaming EnCodec decode for the live stream.
+"""Streaming EnCodec decode for the live stream: which decoder, and the windowed one.
 
-The 32 kHz EnCodec decoder is not causal: a sample depends on about 4 frames of
-codes ahead of it. Frames arrive one at a time; every `chunk` frames, once
-`lookahead` more frames exist, the decoder runs on a fixed window of `context`
-frames before the chunk, the chunk, and the look-ahead, and the chunk's audio is
-emitted. Each decode sees the same number of frames, so the cost per frame does
-not grow with the stream. At the start of a stream the window has no left
-context, as an offline decode has none; `flush` decodes the tail with no
-look-ahead, as an offline decode ends. In between, the emitted samples match an
-offline decode of the whole stream to float32 round-off (tests/test_codec_stream.py).
+Two ways to turn frames of codes into audio as they arrive, both equal to an offline
+decode of the whole stream to float32 round-off (tests/test_codec_stream.py):
+
+- `state` (codec_state.py, the default): every layer keeps what it needs of the past, so
+  each frame is decoded once and each sample is emitted as soon as it is final.
+- `window`: every `chunk` frames, once `lookahead` more frames exist, the codec decodes a
+  fixed window of `context` frames before the chunk, the chunk and the look-ahead, and
+  the chunk's audio is emitted. It runs any codec the offline decode runs, and is what
+  `StreamingDecoder` falls back to for a codec the stateful decoder cannot take.
+
+At the start of a stream both pad as an offline decode does; `flush` decodes the tail
+with no look-ahead, as an offline decode ends.
 
 It knows nothing of the decoder, the ring buffer or threads; one thread calls it.
 """
@@ -21,20 +24,37 @@ import numpy as np
 import torch
 
 from .codec import Codec
+from .codec_state import NotStreamable, StatefulDecoder
 
 
 @dataclass(frozen=True)
 class StreamingCodecSettings:
     lookahead: int = 4  # frames of future codes a chunk waits for
     context: int = 25  # frames of past codes decoded with each chunk
-    chunk: int = 2  # frames emitted per decode: larger is cheaper per frame, adds latency
+    chunk: int = 2  # frames per decode: larger is cheaper per frame, adds latency
+    method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
             raise ValueError("codec chunk must be >= 1 and look-ahead, context >= 0")
+        if self.method not in METHODS:
+            raise ValueError(f"codec method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
-class StreamingDecoder:
+METHODS = ("state", "window")
+
+
+def StreamingDecoder(codec: Codec, codebooks: int, settings: StreamingCodecSettings = StreamingCodecSettings()):
+    """The streaming decoder `settings` ask for: stateful where the codec allows it, else windowed."""
+    if settings.method == "state":
+        try:
+            return StatefulDecoder(codec, codebooks, settings.chunk)
+        except NotStreamable:
+            pass
+    return WindowedDecoder(codec, codebooks, settings)
+
+
+class WindowedDecoder:
     def __init__(self, codec: Codec, codebooks: int, settings: StreamingCodecSettings = StreamingCodecSettings()):
         self.codec, self.settings = codec, settings
         s = settings
@@ -43,6 +63,11 @@ class StreamingDecoder:
         self.held = 0  # frames in `codes` (the newest at the end)
         self.total = 0  # frames pushed since reset
         self.emitted = 0  # frames whose audio has been emitted
+        self.lookahead_samples = settings.lookahead * codec.hop
+
+    @property
+    def emitted_samples(self) -> int:
+        return self.emitted * self.codec.hop
 
     def reset(self) -> None:
         self.held = self.total = self.emitted = 0

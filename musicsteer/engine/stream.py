@@ -95,14 +95,14 @@ class Timeline:
     def __init__(self, steps: int) -> None:
         self.step_start = np.full(steps, np.nan)
         self.step_end = np.full(steps, np.nan)
-        self.pushes: list[tuple[int, int, int, float]] = []  # (first frame, frames, ring index, time)
+        self.pushes: list[tuple[int, int, int, float]] = []  # (first sample, samples, ring index, time)
         self.changes: list[tuple[str, float, int, int]] = []  # (param, received, received_step, applied step)
 
-    def frame_sample(self, frame: int, hop: int) -> tuple[int, float] | None:
-        """(ring index of the frame's first sample, time it entered the ring), if pushed."""
+    def sample_pushed(self, sample: int) -> tuple[int, float] | None:
+        """(ring index of stream sample `sample`, time it entered the ring), if pushed."""
         for first, n, ring_index, t in self.pushes:
-            if first <= frame < first + n:
-                return ring_index + (frame - first) * hop, t
+            if first <= sample < first + n:
+                return ring_index + (sample - first), t
         return None
 
 
@@ -380,9 +380,7 @@ class Producer:
                 return
             time.sleep(0.001)
         if self.timeline is not None:
-            hop = self.model.codec.hop
-            first = self.codec_stream.emitted - len(audio) // hop
-            self.timeline.pushes.append((first, len(audio) // hop, ring_index, time.monotonic()))
+            self.timeline.pushes.append((self.audio_pushed, len(audio), ring_index, time.monotonic()))
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
         self.audio_pushed += len(audio)
@@ -393,9 +391,10 @@ class Producer:
         """End of stream: the codec's last frames, decoded without look-ahead."""
         if self._stop.is_set() and not self._limit_reached():
             return
-        tail = self.codec_stream.flush()
-        if len(tail):
-            self._push_audio(tail)
+        tail = self.codec_stream.flush()  # the codec's look-ahead: can be longer than the fill target
+        piece = self.config.codec.chunk * self.model.codec.hop
+        for i in range(0, len(tail), piece):
+            self._push_audio(tail[i : i + piece])
 
     # -- re-priming the window ------------------------------------------------------------------
 

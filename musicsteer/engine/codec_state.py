@@ -1,0 +1,414 @@
+"""Stateful streaming EnCodec decode: every layer of the SEANet decoder keeps what it
+needs of the past, so each frame is decoded once.
+
+The offline decoder pads every convolution at both ends (reflect) and runs one LSTM over
+the whole clip. Here each layer is a stage with `push(x) -> y`, which returns every
+output sample that no later input can change, and `flush() -> y`, which pads the right
+end as the offline decode does and returns the rest:
+
+- a convolution keeps its last (k - 1) * dilation input samples and pads the clip's first
+  samples once, as the offline decode pads them; its right padding is its look-ahead;
+- a transposed convolution keeps the overlapping tail of its last output and trims the
+  clip's first samples once, as the offline decode trims them;
+- the LSTM carries its (h, c) state; ELU needs nothing; a residual block holds its
+  shortcut until the block's look-ahead has caught up.
+
+The emitted audio equals an offline decode of the whole stream to float32 round-off
+(tests/test_codec_stream.py). The look-ahead is the sum of the layers' right paddings at
+their rates: 2402 samples (3.75 frames) for the 32 kHz codec. A frame costs its own
+decode instead of a window's, and its audio is emitted as soon as its last sample is
+final (whole frames: a sink reads whole blocks).
+
+It knows nothing of the decoder, the ring buffer or threads; one thread calls it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .codec import Codec
+
+
+class NotStreamable(ValueError):
+    """The codec has a layer this module cannot run statefully (group norm over time,
+    chunked decode): the windowed decoder handles it."""
+
+
+def _empty_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x.new_zeros((x.shape[0], channels, 0))
+
+
+class _Conv:
+    """EncodecConv1d, stride 1: pads the clip's start once, keeps (k - 1) * dilation samples."""
+
+    def __init__(self, module) -> None:
+        conv = module.conv
+        if module.norm_type != "weight_norm" or conv.stride[0] != 1:
+            raise NotStreamable("only weight-normed convolutions of stride 1 stream")
+        self.module = module
+        self.weight, self.bias, self.dilation = conv.weight.detach(), conv.bias.detach(), conv.dilation[0]
+        total = int(module.padding_total)
+        self.right = 0 if module.causal else total // 2
+        self.left = total - self.right
+        self.span = total  # input samples an output reads besides its own position
+        self.mode = module.pad_mode
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.started = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def delay(self, d: float) -> float:
+        return d + self.right
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] <= self.span:
+            return _empty_like(x, self.out_channels)
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
+
+    def _keep(self, x: torch.Tensor) -> None:
+        self.buf = x[..., x.shape[-1] - self.span:] if self.span else None
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:  # (1, C_in, n) -> (1, C_out, m)
+        if self.span == 0:
+            return self._conv(x)
+        buf = x if self.buf is None else torch.cat([self.buf, x], dim=-1)
+        if not self.started:
+            if buf.shape[-1] <= self.left:  # reflect padding reads left + 1 samples
+                self.buf = buf
+                return _empty_like(x, self.out_channels)
+            buf = F.pad(buf, (self.left, 0), mode=_torch_mode(self.mode))
+            self.started = True
+        y = self._conv(buf)
+        self._keep(buf)
+        return y
+
+    def flush(self) -> torch.Tensor:
+        if self.buf is None:
+            return self.weight.new_zeros((1, self.out_channels, 0))
+        if not self.started:  # a clip shorter than the left padding: the offline layer as it is
+            return self.module(self.buf)
+        y = self._conv(F.pad(self.buf, (0, self.right), mode=_torch_mode(self.mode)))
+        self.buf = None
+        return y
+
+
+def _torch_mode(mode: str) -> str:
+    return "constant" if mode == "zero" else mode
+
+
+class _ConvTranspose:
+    """EncodecConvTranspose1d: overlap-adds each call's output onto the last call's tail and
+    trims the clip's first samples once."""
+
+    def __init__(self, module) -> None:
+        conv = module.conv
+        if module.norm_type != "weight_norm":
+            raise NotStreamable("only weight-normed transposed convolutions stream")
+        self.weight, self.bias = conv.weight.detach(), conv.bias.detach()  # (C_in, C_out, k), (C_out,)
+        self.stride, self.kernel = conv.stride[0], conv.kernel_size[0]
+        c_in, c_out, k = self.weight.shape
+        self.out_channels = c_out
+        self.product = _matvec(self.weight.reshape(c_in, c_out * k).t())  # x (n, C_in) -> (n, C_out * k)
+        total = self.kernel - self.stride
+        self.right = math.ceil(total * module.trim_right_ratio) if module.causal else total // 2
+        self.left = total - self.right
+        self.reset()
+
+    def reset(self) -> None:
+        self.tail: torch.Tensor | None = None  # (1, C_out, kernel - stride): not yet final
+        self.to_trim = self.left
+
+    def delay(self, d: float) -> float:
+        return d * self.stride + self.left
+
+    def _trim(self, y: torch.Tensor) -> torch.Tensor:
+        cut = min(self.to_trim, y.shape[-1])
+        self.to_trim -= cut
+        return y[..., cut:]
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n == 0:
+            return _empty_like(x, self.out_channels)
+        # Each input sample's k outputs, overlap-added `stride` apart. oneDNN's transposed convolution
+        # takes 10x longer on a few samples than this product (23 ms against 2 for two samples).
+        z = self.product(x[0].t())  # (n, C_out * k)
+        length = (n - 1) * self.stride + self.kernel
+        y = F.fold(z.t()[None], output_size=(1, length), kernel_size=(1, self.kernel),
+                   stride=(1, self.stride)).view(1, self.out_channels, length)  # (1, C_out, n * stride + tail)
+        if self.tail is not None:
+            y[..., : self.tail.shape[-1]] += self.tail
+        final = n * self.stride
+        self.tail = y[..., final:]
+        return self._trim(y[..., :final] + self.bias[:, None])
+
+    def flush(self) -> torch.Tensor:
+        if self.tail is None:
+            return self.weight.new_zeros((1, self.out_channels, 0))
+        y = self.tail[..., : self.tail.shape[-1] - self.right] + self.bias[:, None]
+        self.tail = None
+        return self._trim(y)
+
+
+class _LSTM:
+    """EncodecLSTM, one timestep at a time with its (h, c) carried from call to call.
+
+    torch's LSTM re-lays out its weights on every call on CPU (about 40 ms for the 32 kHz
+    codec's two 1024-wide layers); here each layer is one product of [x, h] with its input
+    and recurrent weights side by side, through the packed C kernel where it builds."""
+
+    def __init__(self, module) -> None:
+        lstm = module.lstm
+        if lstm.bidirectional or lstm.proj_size or not lstm.bias or lstm.batch_first:
+            raise NotStreamable("only plain unidirectional LSTMs stream")
+        self.hidden = lstm.hidden_size
+        self.layers = []
+        for i in range(lstm.num_layers):
+            w = torch.cat([getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")], 1).detach()  # (4H, In + H)
+            b = (getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")).detach()  # (4H,)
+            self.layers.append((_matvec(w), b))
+        self.reset()
+
+    def reset(self) -> None:
+        self.h: list[torch.Tensor] | None = None
+        self.c: list[torch.Tensor] | None = None
+
+    def delay(self, d: float) -> float:
+        return d
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 0:
+            return x
+        if self.h is None:
+            zero = x.new_zeros((1, self.hidden))
+            self.h, self.c = [zero] * len(self.layers), [zero] * len(self.layers)
+        seq = x[0].t()  # (T, C)
+        out = []
+        for t in range(seq.shape[0]):
+            inp = seq[t : t + 1]  # (1, C)
+            for i, (product, bias) in enumerate(self.layers):
+                gates = product(torch.cat([inp, self.h[i]], dim=1)) + bias  # (1, 4H)
+                ig, fg, gg, og = gates.chunk(4, dim=1)
+                c = torch.sigmoid(fg) * self.c[i] + torch.sigmoid(ig) * torch.tanh(gg)
+                self.h[i], self.c[i] = torch.sigmoid(og) * torch.tanh(c), c
+                inp = self.h[i]
+            out.append(inp)
+        return (torch.cat(out, dim=0) + seq).t()[None]  # (1, C, T)
+
+    def flush(self) -> torch.Tensor | None:
+        return None
+
+
+def _matvec(weight: torch.Tensor):
+    """x (rows, In) -> x @ weight.T: through the packed C kernel for a few rows of float32 on CPU
+    (streams the weight at close to the memory's speed), through torch otherwise."""
+    from ..kernels import cpu as cpu_kernels
+    from .linear import PACKED_ROWS
+
+    n, d = weight.shape
+    if not (weight.device.type == "cpu" and weight.dtype is torch.float32 and cpu_kernels.unavailable() is None
+            and cpu_kernels.packable(n, d)):
+        return lambda x: F.linear(x, weight)
+    packed = cpu_kernels.pack_f32(weight)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= PACKED_ROWS and not torch.is_grad_enabled():
+            return cpu_kernels.linear_f32(packed, x.contiguous())
+        return F.linear(x, weight)
+
+    return product
+
+
+class _Pointwise:
+    """ELU, identity: nothing to keep."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def reset(self) -> None:
+        pass
+
+    def delay(self, d: float) -> float:
+        return d
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def flush(self) -> torch.Tensor | None:
+        return None
+
+
+class _Chain:
+    """Stages in sequence; flushing pushes each stage's rest into the next before flushing it."""
+
+    def __init__(self, stages: list) -> None:
+        self.stages = stages
+
+    def reset(self) -> None:
+        for s in self.stages:
+            s.reset()
+
+    def delay(self, d: float) -> float:
+        for s in self.stages:
+            d = s.delay(d)
+        return d
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s.push(x)
+        return x
+
+    def flush(self) -> torch.Tensor | None:
+        rest = None
+        for s in self.stages:
+            parts = [] if rest is None else [s.push(rest)]
+            tail = s.flush()
+            if tail is not None:
+                parts.append(tail)
+            rest = torch.cat(parts, dim=-1) if parts else None
+        return rest
+
+
+class _Residual:
+    """EncodecResnetBlock: shortcut(x) + block(x), the shortcut held until the block's output
+    for the same samples exists."""
+
+    def __init__(self, module) -> None:
+        self.block = _Chain([_stage(m) for m in module.block])
+        self.shortcut = _stage(module.shortcut)
+        if self.shortcut.delay(0) != 0:
+            raise NotStreamable("a residual shortcut with look-ahead")
+        self.reset()
+
+    def reset(self) -> None:
+        self.block.reset()
+        self.shortcut.reset()
+        self.held: torch.Tensor | None = None
+
+    def delay(self, d: float) -> float:
+        return self.block.delay(d)
+
+    def _join(self, a: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None or a.shape[-1] == 0:
+            return a
+        m = a.shape[-1]
+        out = self.held[..., :m] + a
+        self.held = self.held[..., m:]
+        return out
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shortcut.push(x)
+        self.held = s if self.held is None else torch.cat([self.held, s], dim=-1)
+        return self._join(self.block.push(x))
+
+    def flush(self) -> torch.Tensor | None:
+        return self._join(self.block.flush())
+
+
+def _stage(module):
+    name = type(module).__name__
+    if name == "EncodecConv1d":
+        return _Conv(module)
+    if name == "EncodecConvTranspose1d":
+        return _ConvTranspose(module)
+    if name == "EncodecLSTM":
+        return _LSTM(module)
+    if name == "EncodecResnetBlock":
+        return _Residual(module)
+    if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
+        return _Pointwise(module)
+    raise NotStreamable(f"no streaming form for {name}")
+
+
+def _decoder_chain(codec: Codec) -> _Chain:
+    model = codec.model
+    if getattr(model.config, "chunk_length", None) is not None:
+        raise NotStreamable("the codec decodes in overlapping chunks")
+    return _Chain([_stage(m) for m in model.decoder.layers])
+
+
+class StatefulDecoder:
+    """Codes in, frame by frame; final audio out, sample-exact against the offline decode.
+
+    `chunk` frames are decoded per call (fewer, larger calls cost less per frame)."""
+
+    def __init__(self, codec: Codec, codebooks: int, chunk: int = 1) -> None:
+        if chunk < 1:
+            raise ValueError("codec chunk must be >= 1")
+        self.codec, self.codebooks, self.chunk = codec, codebooks, chunk
+        self.chain = _decoder_chain(codec)
+        self.hop = codec.hop
+        self.lookahead_samples = int(round(self.chain.delay(0.0)))  # the layers' right paddings at the output rate
+        self.device = next(codec.model.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        self.chain.reset()
+        self.pending: list[torch.Tensor] = []
+        self.total = 0  # frames pushed
+        self.emitted_samples = 0
+        self.partial: torch.Tensor | None = None  # final samples of a frame not yet whole
+
+    @property
+    def latency_frames(self) -> int:
+        """Frames between a frame's arrival and the emission of its audio, at most."""
+        return self.chunk - 1 + math.ceil(self.lookahead_samples / self.hop)
+
+    def warm_up(self) -> None:
+        """Run a throwaway stream of silence through every call shape a stream meets (start-up,
+        steady state, end), so the convolutions' first-use set-up stays off the playback."""
+        zeros = torch.zeros(self.codebooks, dtype=torch.long)
+        for _ in range(self.latency_frames + 3 * self.chunk + 2):
+            self.push(zeros)
+        self.flush()
+        self.reset()
+
+    def push(self, frame: torch.Tensor) -> np.ndarray | None:
+        """Add one frame of codes (K,); return newly final audio, or None."""
+        self.pending.append(frame)
+        self.total += 1
+        if len(self.pending) < self.chunk:
+            return None
+        return self._out(self._decode_pending())
+
+    @torch.no_grad()
+    def flush(self) -> np.ndarray:
+        """Audio of every sample not yet emitted, the clip's end padded as offline (end of stream)."""
+        parts = []
+        if self.pending:
+            parts.append(self._decode_pending())
+        tail = self.chain.flush()
+        if tail is not None:
+            parts.append(tail)
+        out = self._out(torch.cat(parts, dim=-1) if parts else self.chain_empty(), end=True)
+        return out if out is not None else np.zeros(0, dtype=np.float32)
+
+    def chain_empty(self) -> torch.Tensor:
+        return torch.zeros((1, 1, 0), device=self.device)
+
+    @torch.no_grad()
+    def _decode_pending(self) -> torch.Tensor:
+        codes = torch.stack(self.pending, dim=-1).to(device=self.device, dtype=torch.long)[:, None]  # (K, 1, n)
+        self.pending = []
+        embeddings = self.codec.model.quantizer.decode(codes)  # (1, D, n)
+        return self.chain.push(embeddings)
+
+    def _out(self, audio: torch.Tensor, end: bool = False) -> np.ndarray | None:
+        """Whole frames of final audio; the final samples of a frame whose end is not final yet are
+        held (a sink reads whole blocks, and the ring's fill level keeps its margin)."""
+        audio = torch.cat([self.partial, audio[0, 0]]) if self.partial is not None else audio[0, 0]
+        n = audio.shape[0] if end else audio.shape[0] // self.hop * self.hop
+        self.partial = audio[n:] if n < audio.shape[0] else None
+        if n == 0:
+            return None
+        self.emitted_samples += n
+        return audio[:n].float().cpu().numpy()
