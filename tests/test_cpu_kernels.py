@@ -83,7 +83,7 @@ def test_huge_page_tensors_are_aligned_and_usable():
 
 
 @needs_cc
-@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (2, 16), (PACKED_ROWS + 1, 1), (3, 50)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (2, 16), (PACKED_ROWS + 1, 1), (3, 50), (2, 3 * PACKED_ROWS + 5)])
 def test_packed_linear_equals_linear_for_steps_and_prefill(shape):
     lin = Linear(96, 48, bias=False)
     packed = PackedLinear(lin.weight)

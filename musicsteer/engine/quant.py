@@ -10,7 +10,7 @@ Where the project's C kernels build on a CPU with AVX-512 VNNI, `PackedInt8Linea
 instead: the same int8 weights (stored q + 128, packed in blocks of 16 outputs on huge pages),
 activations quantized per row in groups of 64 inputs, products by vpdpbusd. On the 2-core
 test machines it streams a `small` step's weights at about 36 GB/s against 10-20 GB/s for
-`_weight_int8pack_mm`. Prefill (more than `PACKED_ROWS` rows) uses the dequantized weight.
+`_weight_int8pack_mm`. Prefill runs the same kernel `PACKED_ROWS` rows at a time.
 """
 
 from __future__ import annotations
