@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--window", type=float, default=30.0, metavar="SECONDS", help="context the model sees")
     live.add_argument("--keep", type=float, default=10.0, metavar="SECONDS",
                       help="context kept when the window rolls over")
-    live.add_argument("--codec-chunk", type=int, default=2, metavar="FRAMES", help="frames per codec decode")
+    live.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
     live.add_argument("--codec-method", choices=("state", "window"), default="state",
                       help="streaming codec: stateful layers (default) or a window decoded per chunk")
     live.add_argument("--no-status", action="store_true", help="no status line")
@@ -138,12 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--messages", type=int, default=100)
     control.add_argument("--interval", type=float, default=0.15, metavar="SECONDS", help="mean gap between changes")
     control.add_argument("--buffer-ms", type=float, default=60.0)
+    control.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
     control.add_argument("--json", type=Path, metavar="FILE")
     control.set_defaults(run=run_bench_control)
     codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
     _add_model_args(codec)
     codec.add_argument("--frames", type=int, default=1000)
-    codec.add_argument("--chunk", type=int, default=2)
+    codec.add_argument("--chunk", type=int, default=1)
     codec.add_argument("--method", choices=("state", "window"), default="state",
                        help="stateful layers (each frame decoded once) or a window decoded per chunk")
     codec.add_argument("--json", type=Path, metavar="FILE")
@@ -396,9 +397,10 @@ def run_bench_stream(args) -> int:
 def run_bench_control(args) -> int:
     from .bench.control import format_control, run_control_bench
 
-    if args.messages < 1 or not args.interval > 0:
-        raise UsageError("--messages must be >= 1 and --interval > 0")
-    record = run_control_bench(_load(args), args.device, args.messages, args.interval, args.buffer_ms)
+    if args.messages < 1 or not args.interval > 0 or args.codec_chunk < 1:
+        raise UsageError("--messages and --codec-chunk must be >= 1 and --interval > 0")
+    record = run_control_bench(_load(args), args.device, args.messages, args.interval, args.buffer_ms,
+                               codec_chunk=args.codec_chunk)
     print(format_control(record))
     if args.json:
         from .bench.latency import write_json

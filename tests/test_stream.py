@@ -121,6 +121,29 @@ def test_slow_producer_underruns_are_counted_and_recovered(tiny):
     assert result.stats.frames == 150  # it caught up and finished the whole stream
 
 
+def test_steps_run_just_in_time_for_their_audio(tiny):
+    """Paced by the device, a step starts only once its audio will fit in the buffer, so its
+    frame reaches the ring right after it (not a frame later, after waiting for room), and the
+    controls it read were as fresh as the buffer allows. The ring never runs dry."""
+    from musicsteer.engine.stream import Timeline
+
+    holder = {}
+    timeline = Timeline(steps=200)
+
+    def on_start(producer):
+        producer.timeline = timeline
+        holder["p"] = producer
+
+    request = LiveRequest(PROMPT, SAMPLING, null="realtime", seconds=3.0, buffer_ms=60, status=False)
+    result = run_live(tiny, request, on_start=on_start)
+    assert result.stats.error is None and result.stats.underruns == 0
+    starts = timeline.step_start[~np.isnan(timeline.step_start)]
+    gaps = [t - starts[starts <= t].max() for _, _, _, t in timeline.pushes[20:-5]]  # steady state
+    assert len(gaps) > 80
+    # a frame is 20 ms; a tiny step and its decode take a few ms here
+    assert np.median(gaps) < 0.008, np.median(gaps)
+
+
 @pytest.mark.parametrize("when", ["before-audio", "playing", "paused", "finished"])
 def test_shutdown_is_clean_in_every_state(tiny, when):
     stop = threading.Event()

@@ -32,6 +32,7 @@ import numpy as np
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from ..controllers.state import ControlState
+from ..engine.codec_stream import StreamingCodecSettings
 from ..engine.loading import LoadedModel
 from ..engine.sampling import SamplingSettings
 from ..engine.stream import Timeline
@@ -97,7 +98,7 @@ def measure(timeline: Timeline, sink, K: int, hop: int, horizon: int) -> list[di
 
 
 def run_control_bench(model: LoadedModel, device: str | None, messages: int, interval_s: float,
-                      buffer_ms: float, seed: int = 0) -> dict:
+                      buffer_ms: float, seed: int = 0, codec_chunk: int = 1) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         pack = Path(tmp) / "pack"
@@ -108,7 +109,8 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
         timeline = Timeline(steps=int((messages * interval_s * 2 + 30) * 50))
         stop, holder, result = threading.Event(), {}, {}
         request = LiveRequest("benchmark", SamplingSettings(seed=seed), device=device, concepts=pack,
-                              osc_port=port, buffer_ms=buffer_ms, status=False)
+                              osc_port=port, buffer_ms=buffer_ms, codec=StreamingCodecSettings(chunk=codec_chunk),
+                              status=False)
 
         def on_start(producer):
             producer.timeline = timeline

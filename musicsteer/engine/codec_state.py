@@ -363,6 +363,11 @@ class StatefulDecoder:
         """Frames between a frame's arrival and the emission of its audio, at most."""
         return self.chunk - 1 + math.ceil(self.lookahead_samples / self.hop)
 
+    @property
+    def frames_until_decode(self) -> int:
+        """Pushes until one decodes (1: the next)."""
+        return self.chunk - len(self.pending)
+
     def warm_up(self) -> None:
         """Run a throwaway stream of silence through every call shape a stream meets (start-up,
         steady state, end), so the convolutions' first-use set-up stays off the playback."""

@@ -31,7 +31,7 @@ from .codec_state import NotStreamable, StatefulDecoder
 class StreamingCodecSettings:
     lookahead: int = 4  # frames of future codes a chunk waits for
     context: int = 25  # frames of past codes decoded with each chunk
-    chunk: int = 2  # frames per decode: larger is cheaper per frame, adds latency
+    chunk: int = 1  # frames per decode: larger is cheaper per frame, adds latency
     method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
 
     def __post_init__(self) -> None:
@@ -76,6 +76,11 @@ class WindowedDecoder:
     def latency_frames(self) -> int:
         """Frames between a frame's arrival and the emission of its audio, at most."""
         return self.settings.chunk - 1 + self.settings.lookahead
+
+    @property
+    def frames_until_decode(self) -> int:
+        """Pushes until one decodes (1: the next)."""
+        return max(self.settings.chunk + self.settings.lookahead - (self.total - self.emitted), 1)
 
     def warm_up(self) -> None:
         """Decode silence once at every window length a stream meets before its window is full.

@@ -135,6 +135,7 @@ class Producer:
         self._thread: threading.Thread | None = None
         self.graphs: dict[int, GraphedStep] | None = None  # set up in the producer thread (_setup)
         self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
+        self._decode_s = 0.0  # the last codec decode, seconds
         self.step = 0
         self.frames = 0
         self.reprimes = 0
@@ -194,6 +195,9 @@ class Producer:
                         continue
                     if self._limit_reached():
                         break
+                    self._wait_for_room()
+                    if self._stop.is_set() or self._paused.is_set():
+                        continue
                     self._one_step()
                 self._finish()
         except Exception as exc:  # the stream ends; the error is reported, never swallowed
@@ -329,6 +333,24 @@ class Producer:
         else:  # concept/<name>/strength, checked when its target was set
             self.plan.set_strength(p.split("/")[1], float(v))
 
+    def _wait_for_room(self) -> None:
+        """Just in time: a step whose frame completes a codec chunk starts only once that chunk's
+        audio will fit under the fill target by the time the step and the decode are done. The
+        controls the step reads are then the freshest the buffer allows; waiting for room after
+        the step instead would hold its audio back, and the next change, by a chunk."""
+        target = self.config.fill_target
+        if target is None or self.step < self.K - 1 or self.codec_stream.frames_until_decode != 1:
+            return
+        codec = self.model.codec
+        n = min(self.step, len(self._times))
+        ahead_s = float(np.median(self._times[:n])) + self._decode_s if n else 0.0
+        lead = int(min(ahead_s, target / codec.sample_rate / 2) * codec.sample_rate)  # played meanwhile
+        need = self.config.codec.chunk * codec.hop
+        while self.ring.read_available() + need - lead > target:
+            if self._stop.is_set() or self._paused.is_set():
+                return
+            time.sleep(0.0005)
+
     def _one_step(self) -> None:
         t0 = time.perf_counter()
         s = self.step
@@ -366,8 +388,10 @@ class Producer:
         self.frames += 1
         if self.recorder is not None:
             self.recorder.frame(frame.numpy())
+        t0 = time.perf_counter()
         audio = self.codec_stream.push(frame)
         if audio is not None:
+            self._decode_s = time.perf_counter() - t0
             self._push_audio(audio)
 
     def _push_audio(self, audio: np.ndarray) -> None:
