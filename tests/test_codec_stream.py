@@ -44,6 +44,28 @@ def test_stateful_streaming_equals_offline(tiny, frames, chunk):
     assert rel_error(streamed, offline) < 1e-5
 
 
+@pytest.mark.parametrize("causal,pad_mode", [(True, "reflect"), (False, "constant"), (True, "replicate")])
+def test_stateful_follows_the_layout_of_other_codecs(causal, pad_mode):
+    """Causal convolutions (padding all on the left, transposed outputs trimmed on the right) and
+    other padding modes stream as exactly as MusicGen's codec."""
+    from transformers import EncodecConfig, EncodecModel
+
+    from musicsteer.engine.loading import encodec_32khz_config
+
+    config = encodec_32khz_config(EncodecConfig, tiny=True)
+    config.use_causal_conv, config.pad_mode = causal, pad_mode
+    torch.manual_seed(0)
+    codec = Codec(EncodecModel(config).eval(), "variant codec")
+    dec = StatefulDecoder(codec, 4)
+    if causal:
+        assert dec.lookahead_samples == 0
+    codes = random_codes(31, 7)
+    offline = codec.decode(codes)
+    for chunk in (1, 3):
+        streamed = stream_all(codec, codes, StreamingCodecSettings(chunk=chunk))
+        assert streamed.shape == offline.shape and rel_error(streamed, offline) < 1e-5
+
+
 def test_stateful_is_the_default_and_windowed_the_fallback(tiny):
     assert isinstance(StreamingDecoder(tiny.codec, 4), StatefulDecoder)
     assert isinstance(StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(method="window")), WindowedDecoder)
