@@ -84,6 +84,9 @@ def test_a_codec_with_group_norm_over_time_falls_back_to_the_window():
     codec = Codec(EncodecModel(config).eval(), "group-norm codec")
     with pytest.raises(NotStreamable):
         StatefulDecoder(codec, 4)
+    config.norm_type, config.pad_mode = "weight_norm", "circular"  # wraps the clip's end into its start
+    with pytest.raises(NotStreamable, match="circular"):
+        StatefulDecoder(Codec(EncodecModel(config).eval(), "circular codec"), 4)
     dec = StreamingDecoder(codec, 4)
     assert isinstance(dec, WindowedDecoder)
     codes = random_codes(40, 3)
@@ -100,6 +103,16 @@ def test_stateful_emits_each_frame_once_it_is_final(tiny):
         assert dec.emitted_samples == max(n * 640 - 2402, 0) // 640 * 640, n
     assert dec.emitted_samples == 25 * 640
     assert len(dec.flush()) == 4 * 640
+
+
+def test_stateful_flush_ends_a_stream_and_the_next_starts_clean(tiny):
+    dec = StatefulDecoder(tiny.codec, 4)
+    assert len(dec.flush()) == 0  # nothing pushed: nothing to decode
+    for seed in (1, 2):  # two clips through one decoder, no reset in between
+        codes = random_codes(12, seed)
+        parts = [a for f in range(12) if (a := dec.push(codes[:, f])) is not None]
+        streamed = np.concatenate(parts + [dec.flush()])
+        assert rel_error(streamed, tiny.codec.decode(codes)) < 1e-5
 
 
 def test_stateful_state_stays_bounded(tiny):

@@ -49,6 +49,8 @@ class _Conv:
         conv = module.conv
         if module.norm_type != "weight_norm" or conv.stride[0] != 1:
             raise NotStreamable("only weight-normed convolutions of stride 1 stream")
+        if module.pad_mode not in ("reflect", "replicate", "constant", "zero"):  # circular wraps to the clip's end
+            raise NotStreamable(f"padding mode {module.pad_mode!r} reads the end of the clip")
         self.module = module
         self.weight, self.bias, self.dilation = conv.weight.detach(), conv.bias.detach(), conv.dilation[0]
         total = int(module.padding_total)
@@ -387,7 +389,10 @@ class StatefulDecoder:
 
     @torch.no_grad()
     def flush(self) -> np.ndarray:
-        """Audio of every sample not yet emitted, the clip's end padded as offline (end of stream)."""
+        """Audio of every sample not yet emitted, the clip's end padded as offline (end of stream).
+        The layers are reset after it; `emitted_samples` keeps counting."""
+        if self.total == 0:
+            return np.zeros(0, dtype=np.float32)
         parts = []
         if self.pending:
             parts.append(self._decode_pending())
@@ -395,6 +400,8 @@ class StatefulDecoder:
         if tail is not None:
             parts.append(tail)
         out = self._out(torch.cat(parts, dim=-1) if parts else self.chain_empty(), end=True)
+        self.chain.reset()
+        self.total = 0
         return out if out is not None else np.zeros(0, dtype=np.float32)
 
     def chain_empty(self) -> torch.Tensor:

@@ -346,10 +346,10 @@ class Producer:
         ahead_s = float(np.median(self._times[:n])) + self._decode_s if n else 0.0
         lead = int(min(ahead_s, target / codec.sample_rate / 2) * codec.sample_rate)  # played meanwhile
         need = self.config.codec.chunk * codec.hop
-        while self.ring.read_available() + need - lead > target:
+        while self.ring.read_available() > max(target - need + lead, 0):
             if self._stop.is_set() or self._paused.is_set():
                 return
-            time.sleep(0.0005)
+            time.sleep(0.001)
 
     def _one_step(self) -> None:
         t0 = time.perf_counter()
