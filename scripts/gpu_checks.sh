@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU can show: the steering and attention kernels natively on CUDA, the CUDA-graph
 # step replayed with changed strengths against the eager step, and `bench latency` for small,
-# medium and large (eager and graphed, float16 and bfloat16, 0 and 8 concepts). Run from the
+# medium and large (eager and graphed, float16 and bfloat16, 0 and 8 concepts), and the stateful
+# streaming codec per frame on the GPU. Run from the
 # repository root on a CUDA machine with a CUDA build of torch and triton installed:
 #   PYTHON=python3 bash scripts/gpu_checks.sh        (results go to bench/results/, or $OUT)
 set -euo pipefail
@@ -20,3 +21,4 @@ for model in small medium large; do
   "$py" -m musicsteer bench latency --model "$model" --compute cuda --dtype float16 --concepts 0,8 --steps 200 \
     --baseline transformers --json "$out/latency-$gpu-$model-float16-eager.json"
 done
+"$py" -m musicsteer bench codec --model small --compute cuda --frames 400 --json "$out/codec-$gpu-small.json"
