@@ -12,7 +12,9 @@ out=${OUT:-bench/results}
 mkdir -p "$out"
 "$py" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'"
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
-"$py" -m pytest -q tests/test_kernels.py tests/test_triton_attention.py tests/test_graph_step.py 2>&1 | tee "$out/gpu-tests-$gpu.txt"
+"$py" -m pytest -q tests/test_kernels.py tests/test_triton_attention.py tests/test_graph_step.py 2>&1 \
+  | tee "$out/gpu-tests-$gpu.txt"
+"$py" -m pytest -q tests/test_codec_stream.py -k cuda 2>&1 | tee -a "$out/gpu-tests-$gpu.txt"
 for model in small medium large; do
   for dtype in float16 bfloat16; do
     "$py" -m musicsteer bench latency --model "$model" --compute cuda --dtype "$dtype" --cuda-graph \

@@ -178,3 +178,17 @@ def test_windowed_work_per_frame_is_flat(tiny):
         tiny.codec.decode = original
     steady = sizes[15:]  # after the first windows fill their left context
     assert len(sizes) == (1010 - 4) // 2 and set(steady) == {dec.window} and dec.window == 31
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the codec on a GPU needs a CUDA device")
+def test_stateful_on_cuda_equals_offline_on_cuda():
+    from transformers import EncodecConfig, EncodecModel
+
+    from musicsteer.engine.loading import encodec_32khz_config
+
+    torch.manual_seed(0)
+    codec = Codec(EncodecModel(encodec_32khz_config(EncodecConfig, tiny=True)).eval().cuda(), "tiny codec on cuda")
+    codes = random_codes(40, 11)
+    offline = codec.decode(codes)
+    streamed = stream_all(codec, codes, StreamingCodecSettings(chunk=1))
+    assert streamed.shape == offline.shape and rel_error(streamed, offline) < 1e-4
