@@ -107,6 +107,9 @@ def _torch_mode(mode: str) -> str:
     return "constant" if mode == "zero" else mode
 
 
+FEW_SAMPLES = 32  # from here oneDNN's transposed convolution beats the product and fold on CPU
+
+
 class _ConvTranspose:
     """EncodecConvTranspose1d: overlap-adds each call's output onto the last call's tail and
     trims the clip's first samples once."""
@@ -141,12 +144,15 @@ class _ConvTranspose:
         n = x.shape[-1]
         if n == 0:
             return _empty_like(x, self.out_channels)
-        # Each input sample's k outputs, overlap-added `stride` apart. oneDNN's transposed convolution
-        # takes 10x longer on a few samples than this product (23 ms against 2 for two samples).
-        z = self.product(x[0].t())  # (n, C_out * k)
-        length = (n - 1) * self.stride + self.kernel
-        y = F.fold(z.t()[None], output_size=(1, length), kernel_size=(1, self.kernel),
-                   stride=(1, self.stride)).view(1, self.out_channels, length)  # (1, C_out, n * stride + tail)
+        if n >= FEW_SAMPLES or x.device.type != "cpu":
+            y = F.conv_transpose1d(x, self.weight, None, stride=self.stride)  # (1, C_out, n * stride + tail)
+        else:
+            # Each input sample's k outputs, overlap-added `stride` apart: oneDNN's transposed convolution
+            # takes 10x longer on a few samples than this product (23 ms against 2 for two samples).
+            z = self.product(x[0].t())  # (n, C_out * k)
+            length = (n - 1) * self.stride + self.kernel
+            y = F.fold(z.t()[None], output_size=(1, length), kernel_size=(1, self.kernel),
+                       stride=(1, self.stride)).view(1, self.out_channels, length)
         if self.tail is not None:
             y[..., : self.tail.shape[-1]] += self.tail
         final = n * self.stride
