@@ -399,19 +399,11 @@ class StatefulDecoder:
         The layers are reset after it; `emitted_samples` keeps counting."""
         if self.total == 0:
             return np.zeros(0, dtype=np.float32)
-        parts = []
-        if self.pending:
-            parts.append(self._decode_pending())
-        tail = self.chain.flush()
-        if tail is not None:
-            parts.append(tail)
-        out = self._out(torch.cat(parts, dim=-1) if parts else self.chain_empty(), end=True)
+        head = [self._decode_pending()] if self.pending else []
+        out = self._out(torch.cat([*head, self.chain.flush()], dim=-1), end=True)  # the last layer is a conv
         self.chain.reset()
         self.total = 0
         return out if out is not None else np.zeros(0, dtype=np.float32)
-
-    def chain_empty(self) -> torch.Tensor:
-        return torch.zeros((1, 1, 0), device=self.device)
 
     @torch.no_grad()
     def _decode_pending(self) -> torch.Tensor:

@@ -4,7 +4,7 @@ Two ways to turn frames of codes into audio as they arrive, both equal to an off
 decode of the whole stream to float32 round-off (tests/test_codec_stream.py):
 
 - `state` (codec_state.py, the default): every layer keeps what it needs of the past, so
-  each frame is decoded once and each sample is emitted as soon as it is final.
+  each frame is decoded once and its audio is emitted as soon as its last sample is final.
 - `window`: every `chunk` frames, once `lookahead` more frames exist, the codec decodes a
   fixed window of `context` frames before the chunk, the chunk and the look-ahead, and
   the chunk's audio is emitted. It runs any codec the offline decode runs, and is what
