@@ -1,7 +1,7 @@
 """`musicsteer render`: load a model, generate a clip offline, write WAV and tokens.
 
 It knows the file formats and the progress bar; generation itself is in
-`engine.generate`.
+`model.generate`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.config import FRAME_RATE
-from .engine.generate import Generation, generate
-from .engine.loading import LoadedModel
-from .engine.sampling import SamplingSettings
-from .engine.steering import SteeringSettings
 from .errors import UsageError
+from .model.config import FRAME_RATE
+from .model.generate import Generation, generate
+from .model.loading.load import LoadedModel
+from .model.sampling import SamplingSettings
+from .steering.plan import SteeringSettings
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,15 @@ def parse_strengths(items: list[str] | None) -> dict[str, float]:
 def make_steering(model: LoadedModel, concepts: Path | None, steer: dict[str, float], schedules: dict[str, str],
                   settings: SteeringSettings, batch: int):
     """Steerer and plan for a concept pack, strengths and schedule specs; (None, None) without a pack."""
-    from .controllers.schedules import Crossfade, LinearDown, LinearUp, ScheduleError, parse_schedule
-    from .engine.steering import build_steering
     from .probes.pack import ConceptPack
+    from .steering.plan import build_steering
+    from .steering.schedules import (
+        Crossfade,
+        LinearDown,
+        LinearUp,
+        ScheduleError,
+        parse_schedule,
+    )
 
     if concepts is None:
         if steer or schedules:

@@ -45,9 +45,14 @@ def train_tokenizer(directory: Path, vocab_size: int = 96):
 
 def musicgen_config(hidden: int, layers: int, heads: int, ffn: int, text_hidden: int, vocab_size: int,
                     max_positions: int = 256):
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        T5Config,
+    )
 
-    from musicsteer.engine.loading import encodec_32khz_config
+    from musicsteer.model.loading.load import encodec_32khz_config
 
     text = T5Config(d_model=text_hidden, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=vocab_size)
     audio = encodec_32khz_config(EncodecConfig, tiny=True)

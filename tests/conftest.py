@@ -33,6 +33,6 @@ def musicgen_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from musicsteer.engine.loading import load_model
+    from musicsteer.model.loading.load import load_model
 
     return load_model("tiny")

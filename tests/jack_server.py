@@ -193,7 +193,7 @@ def release_in_process_clients() -> None:
     after the server died aborts the process (an assertion in pa_jack.c), at the latest
     at exit. Other in-process clients (rtmidi's) must be closed by their tests.
     """
-    sink = sys.modules.get("musicsteer.engine.portaudio_sink")
+    sink = sys.modules.get("musicsteer.live.portaudio_sink")
     if sink is not None:
         sink.release_portaudio()  # raises if a PortAudioSink is still open
         return

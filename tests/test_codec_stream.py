@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from musicsteer.engine.codec import Codec
-from musicsteer.engine.codec_state import NotStreamable, StatefulDecoder
-from musicsteer.engine.codec_stream import StreamingCodecSettings, StreamingDecoder, WindowedDecoder
+from musicsteer.codec.codec import Codec
+from musicsteer.codec.state import NotStreamable, StatefulDecoder
+from musicsteer.codec.stream import (
+    StreamingCodecSettings,
+    StreamingDecoder,
+    WindowedDecoder,
+)
 
 
 def stream_all(codec, codes, settings):
@@ -50,7 +54,7 @@ def test_stateful_follows_the_layout_of_other_codecs(causal, pad_mode):
     other padding modes stream as exactly as MusicGen's codec."""
     from transformers import EncodecConfig, EncodecModel
 
-    from musicsteer.engine.loading import encodec_32khz_config
+    from musicsteer.model.loading.load import encodec_32khz_config
 
     config = encodec_32khz_config(EncodecConfig, tiny=True)
     config.use_causal_conv, config.pad_mode = causal, pad_mode
@@ -77,7 +81,7 @@ def test_a_codec_with_group_norm_over_time_falls_back_to_the_window():
     """Group norm over time reads the whole clip: no stateful form, so the windowed decoder runs it."""
     from transformers import EncodecConfig, EncodecModel
 
-    from musicsteer.engine.loading import encodec_32khz_config
+    from musicsteer.model.loading.load import encodec_32khz_config
 
     config = encodec_32khz_config(EncodecConfig, tiny=True)
     config.norm_type = "time_group_norm"
@@ -184,7 +188,7 @@ def test_windowed_work_per_frame_is_flat(tiny):
 def test_stateful_on_cuda_equals_offline_on_cuda():
     from transformers import EncodecConfig, EncodecModel
 
-    from musicsteer.engine.loading import encodec_32khz_config
+    from musicsteer.model.loading.load import encodec_32khz_config
 
     torch.manual_seed(0)
     codec = Codec(EncodecModel(encodec_32khz_config(EncodecConfig, tiny=True)).eval().cuda(), "tiny codec on cuda")

@@ -4,7 +4,12 @@ import math
 
 import pytest
 
-from musicsteer.controllers.state import ControlError, ControlState, ScriptedControls, Smoother
+from musicsteer.controllers.state import (
+    ControlError,
+    ControlState,
+    ScriptedControls,
+    Smoother,
+)
 
 
 def test_set_and_take_latest_per_parameter():

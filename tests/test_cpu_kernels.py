@@ -6,7 +6,13 @@ import shutil
 import pytest
 import torch
 
-from musicsteer.engine.linear import PACKED_ROWS, Linear, PackedLinear, fuse_activations, optimize_for_cpu
+from musicsteer.backends.cpu.linear import (
+    PACKED_ROWS,
+    Linear,
+    PackedLinear,
+    fuse_activations,
+    optimize_for_cpu,
+)
 from musicsteer.kernels import cpu
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -104,8 +110,8 @@ def test_optimize_for_cpu_packs_every_float32_bias_free_layer():
 
 @needs_cc
 def test_packed_decoder_steps_equal_the_plain_decoder():
-    from musicsteer.engine.config import PRESETS
-    from musicsteer.engine.musicgen import MusicGen
+    from musicsteer.model.config import PRESETS
+    from musicsteer.model.musicgen import MusicGen
 
     cfg = PRESETS["tiny"]
     plain = MusicGen.random(cfg, seed=3).eval()
@@ -184,8 +190,8 @@ def test_attention_kernel_on_a_bfloat16_cache(hd, length):
 
 
 def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
-    from musicsteer.engine.config import PRESETS
-    from musicsteer.engine.musicgen import MusicGen
+    from musicsteer.model.config import PRESETS
+    from musicsteer.model.musicgen import MusicGen
 
     cfg = PRESETS["tiny"]
     g = torch.Generator().manual_seed(0)
@@ -210,7 +216,7 @@ def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
 
 @needs_cc
 def test_packed_layers_follow_a_replaced_buffer():
-    from musicsteer.engine.quant import PackedInt8Linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
 
     w1, w2 = torch.randn(32, 64), torch.randn(32, 64)
     x = torch.randn(2, 1, 64)
@@ -246,11 +252,11 @@ for dtype in (torch.float32, torch.bfloat16):
     want = torch.nn.functional.scaled_dot_product_attention(
         q.view(2, 3, 1, 12), kc[:, :, :13].float(), vc[:, :, :13].float())
     torch.testing.assert_close(out, want.reshape(2, 36), atol=1e-5, rtol=1e-4)
-# whole blocks as C calls (engine/fused.py) over the portable loops
-from musicsteer.engine.config import PRESETS
-from musicsteer.engine.fused import fuse_blocks, unfuse_blocks
-from musicsteer.engine.linear import optimize_for_cpu
-from musicsteer.engine.musicgen import MusicGen
+# whole blocks as C calls (backends/cpu/fused.py) over the portable loops
+from musicsteer.model.config import PRESETS
+from musicsteer.backends.cpu.fused import fuse_blocks, unfuse_blocks
+from musicsteer.backends.cpu.linear import optimize_for_cpu
+from musicsteer.model.musicgen import MusicGen
 model = optimize_for_cpu(MusicGen.random(PRESETS["tiny"], seed=1), packed=True)
 codes = torch.randint(0, model.cfg.vocab, (2, model.cfg.codebooks, 6), generator=g)
 runs = []
@@ -290,7 +296,7 @@ ACTS = {"gelu": torch.nn.functional.gelu, "gelu_tanh": lambda v: torch.nn.functi
 @pytest.mark.parametrize("name", sorted(ACTS))
 @pytest.mark.parametrize("rows", [1, 2, 9, PACKED_ROWS + 3])
 def test_fused_activation_equals_the_activation_after_the_product(name, rows):
-    from musicsteer.engine.quant import PackedInt8Linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
 
     g = torch.Generator().manual_seed(rows)
     w, x = torch.randn(48, 128, generator=g) / 4, torch.randn(rows, 1, 128, generator=g)

@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 
 from musicsteer.errors import MusicsteerError, UsageError
-from musicsteer.probes import dataset_cli, theory
+from musicsteer.cli import probes_dataset as dataset_cli
+from musicsteer.probes import theory
 from musicsteer.probes.dataset import (
     COLUMNS,
     FULL_PRESET,

@@ -2,7 +2,7 @@
 
 import torch
 
-from musicsteer.engine.delay import deinterleave, interleave, steps_for, valid_mask
+from musicsteer.model.delay import deinterleave, interleave, steps_for, valid_mask
 
 SPECIAL = 2048
 

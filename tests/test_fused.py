@@ -1,4 +1,4 @@
-"""The decoder's blocks as C calls (engine/fused.py, kernels/cpu_block.c): a one-token step through
+"""The decoder's blocks as C calls (backends/cpu/fused.py, kernels/cpu_block.c): a one-token step through
 them equals the module path, with hooks at every point, across cache swaps and replaced weights,
 and for blocks the C path cannot take."""
 
@@ -9,11 +9,16 @@ import shutil
 import pytest
 import torch
 
-from musicsteer.engine.config import PRESETS, ModelConfig
-from musicsteer.engine.fused import FusedStack, fuse_blocks, fusable, unfuse_blocks
-from musicsteer.engine.linear import Linear, fuse_activations, optimize_for_cpu
-from musicsteer.engine.musicgen import MusicGen
+from musicsteer.backends.cpu.fused import (
+    FusedStack,
+    fusable,
+    fuse_blocks,
+    unfuse_blocks,
+)
+from musicsteer.backends.cpu.linear import Linear, fuse_activations, optimize_for_cpu
 from musicsteer.kernels import cpu
+from musicsteer.model.config import PRESETS, ModelConfig
+from musicsteer.model.musicgen import MusicGen
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler on this machine: the CPU kernels cannot be built")
@@ -29,7 +34,7 @@ ODD = ModelConfig(hidden=96, layers=2, heads=2, ffn=192, vocab=40, codebooks=2, 
 def packed(cfg: ModelConfig, seed: int = 0, int8: bool = False) -> MusicGen:
     model = MusicGen.random(cfg, seed=seed)
     if int8:
-        from musicsteer.engine.quant import quantize_int8
+        from musicsteer.backends.cpu.int8 import quantize_int8
 
         quantize_int8(model)
         model.cache_dtype = torch.bfloat16
@@ -194,7 +199,7 @@ def test_fused_int8_steps_follow_the_module_path(cfg):
 
 
 def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
-    from musicsteer.engine.loading import load_model
+    from musicsteer.model.loading.load import load_model
 
     assert load_model("tiny").decoder.fused_stack is not None
     if cpu.has_int8():
@@ -205,8 +210,8 @@ def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
 def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
     """A steerer's `out` hooks are applied by the C call itself (one call for the whole steered
     step) and give what the hooks give; strength 0 leaves the step bit-identical."""
-    from musicsteer.engine.steering import SteeringSettings, build_steering
     from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.plan import SteeringSettings, build_steering
 
     model = packed(WIDE, seed=11)
     names = ["c0", "c1", "c2"]
@@ -240,8 +245,8 @@ def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
 
 
 def test_other_out_hooks_beside_steering_run_in_python():
-    from musicsteer.engine.steering import SteeringSettings, build_steering
     from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.plan import SteeringSettings, build_steering
 
     model = packed(WIDE, seed=12)
     pack = ConceptPack.random(["c0"], WIDE, "wide", seed=4)

@@ -5,12 +5,12 @@ Off CUDA the static path runs eagerly (what the graph would replay); on CUDA it 
 import pytest
 import torch
 
-from musicsteer.controllers.schedules import LinearUp
-from musicsteer.engine.generate import generate
-from musicsteer.engine.graph_step import GraphedStep
-from musicsteer.engine.sampling import SamplingSettings
-from musicsteer.engine.steering import SteeringSettings, build_steering
+from musicsteer.backends.cuda.graph_step import GraphedStep
+from musicsteer.model.generate import generate
+from musicsteer.model.sampling import SamplingSettings
 from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.plan import SteeringSettings, build_steering
+from musicsteer.steering.schedules import LinearUp
 
 GREEDY = SamplingSettings(cfg=3.0, greedy=True)
 
@@ -52,7 +52,7 @@ def test_capture_needs_cuda(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 def test_cuda_graph_replay_with_new_strengths_equals_eager():
-    from musicsteer.engine.loading import load_model
+    from musicsteer.model.loading.load import load_model
 
     model = load_model("tiny", device="cuda")
     eager, graphed = steered(model, graph=False), steered(model, graph=True)
@@ -65,12 +65,12 @@ def test_live_stream_on_cuda_replays_one_graph_per_cache_set():
     equal the eager stream's on the same device."""
     import numpy as np
 
-    from musicsteer.engine.loading import load_model
-    from musicsteer.engine.ring_buffer import AudioRing
-    from musicsteer.engine.sampling import SamplingSettings
-    from musicsteer.engine.sinks import PacedSink
-    from musicsteer.engine.stream import Producer, StreamConfig
-    from musicsteer.live import MemoryRecorder
+    from musicsteer.live.producer import Producer, StreamConfig
+    from musicsteer.live.ring_buffer import AudioRing
+    from musicsteer.live.session import MemoryRecorder
+    from musicsteer.live.sinks import PacedSink
+    from musicsteer.model.loading.load import load_model
+    from musicsteer.model.sampling import SamplingSettings
 
     model = load_model("tiny", device="cuda")
     frames = {}

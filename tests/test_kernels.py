@@ -4,7 +4,15 @@ TRITON_INTERPRET=1 on CPU, natively on CUDA), and the reference follows the form
 import pytest
 import torch
 
-from musicsteer.kernels import ADD, CLAMP, NORM, backend_for, steer, steer_reference, use_backend
+from musicsteer.kernels import (
+    ADD,
+    CLAMP,
+    NORM,
+    backend_for,
+    steer,
+    steer_reference,
+    use_backend,
+)
 
 triton = pytest.importorskip("triton", reason="triton is not installed (scripts/setup.sh installs it)")
 from musicsteer.kernels.triton_steer import steer_triton  # noqa: E402

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-
 from jack_server import jack_server_fixture
 
 pytestmark = pytest.mark.audio

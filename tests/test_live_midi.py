@@ -12,8 +12,8 @@ import pytest
 from jack_server import jack_server_fixture
 
 from musicsteer.controllers.state import ControlState
-from musicsteer.engine.sampling import SamplingSettings
-from musicsteer.live import LiveRequest, run_live
+from musicsteer.live.session import LiveRequest, run_live
+from musicsteer.model.sampling import SamplingSettings
 from musicsteer.probes.pack import ConceptPack
 
 pytestmark = pytest.mark.audio

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from musicsteer.engine.config import PRESETS
-from musicsteer.engine.loading import load_model
 from musicsteer.errors import ModelLoadError
+from musicsteer.model.config import PRESETS
+from musicsteer.model.loading.load import load_model
 
 
 def test_preset_shapes_are_the_real_ones():
@@ -41,9 +41,8 @@ def test_transformers_directory_loads_every_decoder_weight(musicgen_dirs):
 
 
 def test_repo_id_resolves_from_the_local_cache_only(musicgen_dirs, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     from builders import place_in_hf_cache
+    from huggingface_hub import constants
 
     directory, _, _ = musicgen_dirs["b"]
     place_in_hf_cache(tmp_path / "hub", "acme/musicgen-test", directory)

@@ -6,7 +6,14 @@ import math
 import mido
 import pytest
 
-from musicsteer.controllers.mapping import Mapping, MappingError, Scale, Setting, add_cc_binding, bend_position
+from musicsteer.controllers.mapping import (
+    Mapping,
+    MappingError,
+    Scale,
+    Setting,
+    add_cc_binding,
+    bend_position,
+)
 from musicsteer.controllers.mapping_toml import cc_binding
 from musicsteer.controllers.midi import MidiLearner
 from musicsteer.controllers.state import ControlState

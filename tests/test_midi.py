@@ -12,7 +12,7 @@ import mido
 import pytest
 from jack_server import jack_server_fixture
 
-from musicsteer.controllers import midi_cli
+from musicsteer.cli import midi as midi_cli
 from musicsteer.controllers.mapping import Mapping
 from musicsteer.controllers.midi import MidiController, MidiError, list_input_ports
 from musicsteer.controllers.state import ControlState
@@ -231,8 +231,8 @@ def test_midi_and_portaudio_share_the_jack_server_in_one_process(jack, backend):
     side by side: knobs keep arriving and playback has no underrun."""
     import numpy as np
 
-    from musicsteer.engine.portaudio_sink import PortAudioSink
-    from musicsteer.engine.ring_buffer import AudioRing
+    from musicsteer.live.portaudio_sink import PortAudioSink
+    from musicsteer.live.ring_buffer import AudioRing
 
     controls = ControlState(["cmaj"])
     mapping = Mapping.parse('[[cc]]\ncc = 1\nparam = "concept/cmaj/strength"\ntakeover = "jump"\n')

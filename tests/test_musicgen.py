@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from musicsteer.engine.config import ModelConfig
-from musicsteer.engine.delay import interleave
-from musicsteer.engine.musicgen import MusicGen, sinusoid_table
+from musicsteer.model.config import ModelConfig
+from musicsteer.model.delay import interleave
+from musicsteer.model.musicgen import MusicGen, sinusoid_table
 
 CFG = ModelConfig(hidden=48, layers=3, heads=4, ffn=96, text_hidden=24, max_positions=64, name="test")
 
@@ -133,7 +133,7 @@ def test_caches_are_required():
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 9])
 def test_linear_fast_path_equals_f_linear(rows):
-    from musicsteer.engine.linear import Linear
+    from musicsteer.backends.cpu.linear import Linear
 
     lin = Linear(96, 40, bias=True)
     x = torch.randn(rows, 1, 96)
@@ -143,7 +143,7 @@ def test_linear_fast_path_equals_f_linear(rows):
 
 @pytest.mark.parametrize("rows", [1, 2, 9])
 def test_chunked_linear_equals_the_wide_layer(rows):
-    from musicsteer.engine.linear import ChunkedLinear, Linear, optimize_for_cpu
+    from musicsteer.backends.cpu.linear import ChunkedLinear, Linear, optimize_for_cpu
 
     lin = Linear(256, 64, bias=False)
     x = torch.randn(rows, 1, 256)

@@ -15,9 +15,9 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 
 from musicsteer.controllers.osc import OscError, OscRouter
 from musicsteer.controllers.state import ControlError, ControlState
-from musicsteer.engine.recorder import load_session
-from musicsteer.engine.sampling import SamplingSettings
-from musicsteer.live import LiveRequest, run_live
+from musicsteer.live.recorder import load_session
+from musicsteer.live.session import LiveRequest, run_live
+from musicsteer.model.sampling import SamplingSettings
 from musicsteer.probes.pack import ConceptPack
 
 ME = ("127.0.0.1", 5555)
@@ -245,7 +245,7 @@ def test_live_cli_with_oscsend(tmp_path, tiny):
 
 
 def test_osc_starts_a_schedule_from_the_current_step(stream):
-    from musicsteer.controllers.schedules import ExpDecay, LinearDown, LinearUp, Started
+    from musicsteer.steering.schedules import ExpDecay, LinearDown, LinearUp, Started
 
     port, holder, _ = stream
     producer = holder["p"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from musicsteer.cli import main
-from musicsteer.engine.config import PRESETS
+from musicsteer.model.config import PRESETS
 from musicsteer.probes.pack import ConceptPack, PackError
 
 TINY = PRESETS["tiny"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from musicsteer.cli import main
-from musicsteer.engine.generate import generate
-from musicsteer.engine.loading import encodec_32khz_config, load_model
-from musicsteer.engine.sampling import SamplingSettings
 from musicsteer.errors import ModelLoadError
 from musicsteer.kernels import cpu
+from musicsteer.model.generate import generate
+from musicsteer.model.loading.load import encodec_32khz_config, load_model
+from musicsteer.model.sampling import SamplingSettings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audiocraft_tiny"
 META = json.loads((FIXTURE / "meta.json").read_text())

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from musicsteer.cli import main
-from musicsteer.engine.generate import generate
-from musicsteer.engine.loading import load_model
-from musicsteer.engine.sampling import SamplingSettings
 from musicsteer.kernels import cpu
+from musicsteer.model.generate import generate
+from musicsteer.model.loading.load import load_model
+from musicsteer.model.sampling import SamplingSettings
 
 PROMPT = "lofi hip hop with warm piano"
 NEW_TOKENS = 104  # 101 frames: 100+ greedy steps

@@ -22,14 +22,14 @@ import pytest
 import soundfile as sf
 from jack_server import JackServer, jack_dummy_server, jack_server_fixture
 
-from musicsteer.engine.portaudio_sink import (
+from musicsteer.errors import MusicsteerError
+from musicsteer.live.portaudio_sink import (
     AudioDeviceError,
     PortAudioSink,
     SinkStats,
     list_output_devices,
 )
-from musicsteer.engine.ring_buffer import AudioRing
-from musicsteer.errors import MusicsteerError
+from musicsteer.live.ring_buffer import AudioRing
 
 pytestmark = pytest.mark.audio
 

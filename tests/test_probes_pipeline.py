@@ -12,8 +12,8 @@ import soundfile as sf
 import torch
 
 from musicsteer.cli import main
-from musicsteer.engine.delay import interleave
-from musicsteer.engine.text import condition_rows
+from musicsteer.model.delay import interleave
+from musicsteer.model.text import condition_rows
 from musicsteer.probes.common import ProbeError
 from musicsteer.probes.dataset import DatasetError, build_dataset
 from musicsteer.probes.evaluate import run_generation_eval
@@ -135,8 +135,15 @@ def test_unknown_family_in_features(features):
 def tiny_clap(directory):
     """A random CLAP (text and audio towers) with a byte-level BPE tokenizer, saved like a real one."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor,
-                              ClapTextConfig, RobertaTokenizerFast)
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        ClapTextConfig,
+        RobertaTokenizerFast,
+    )
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["music with warm piano", "techno beat"] * 10, vocab_size=300, min_frequency=1,
@@ -155,9 +162,8 @@ def tiny_clap(directory):
 
 
 def test_clap_column_when_a_clap_model_is_cached(tiny, features, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     from builders import place_in_hf_cache
+    from huggingface_hub import constants
 
     tiny_clap(tmp_path / "clap")
     place_in_hf_cache(tmp_path / "hub", "laion/clap-htsat-unfused", tmp_path / "clap")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from musicsteer.engine.linear import Linear
-from musicsteer.engine.loading import load_model
-from musicsteer.engine.quant import Int8Linear, PackedInt8Linear, quantize_int8
+from musicsteer.backends.cpu.int8 import Int8Linear, PackedInt8Linear, quantize_int8
+from musicsteer.backends.cpu.linear import Linear
 from musicsteer.errors import ModelLoadError
+from musicsteer.model.loading.load import load_model
 
 
 @pytest.mark.parametrize("rows", [1, 2, 37])

@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from musicsteer.engine.ring_buffer import AudioRing, RingMetrics
+from musicsteer.live.ring_buffer import AudioRing, RingMetrics
 
 
 def ramp(start: int, n: int) -> np.ndarray:

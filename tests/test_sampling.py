@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from musicsteer.engine.sampling import SamplingSettings, cfg_mix, filter_logits, guided_logits, make_generator, sample
+from musicsteer.model.sampling import (
+    SamplingSettings,
+    cfg_mix,
+    filter_logits,
+    guided_logits,
+    make_generator,
+    sample,
+)
 
 
 def test_cfg_mix_formula():

@@ -4,8 +4,20 @@ import math
 
 import pytest
 
-from musicsteer.controllers.schedules import (Breakpoints, Constant, Crossfade, ExpDecay, LinearDown, LinearUp,
-                                              Logistic, ScheduleError, Sine, Started, parse_schedule, parse_steps)
+from musicsteer.steering.schedules import (
+    Breakpoints,
+    Constant,
+    Crossfade,
+    ExpDecay,
+    LinearDown,
+    LinearUp,
+    Logistic,
+    ScheduleError,
+    Sine,
+    Started,
+    parse_schedule,
+    parse_steps,
+)
 
 
 @pytest.mark.parametrize("t", [0, 1, 37, 100, 150, 199, 200, 400])

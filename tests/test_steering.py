@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from musicsteer.controllers.schedules import ExpDecay, LinearUp
-from musicsteer.engine.generate import generate
-from musicsteer.engine.sampling import SamplingSettings
-from musicsteer.engine.steering import SteeringPlan, SteeringSettings, build_steering, gate_open, layer_weights
+from musicsteer.model.generate import generate
+from musicsteer.model.sampling import SamplingSettings
 from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.plan import (
+    SteeringPlan,
+    SteeringSettings,
+    build_steering,
+    gate_open,
+    layer_weights,
+)
+from musicsteer.steering.schedules import ExpDecay, LinearUp
 
 PROMPT = "warm lofi piano"
 GREEDY = SamplingSettings(cfg=3.0, greedy=True)
@@ -54,7 +60,7 @@ def test_a_strong_direction_changes_the_tokens(tiny, mode, strength):
 @pytest.mark.parametrize("point", ["out", "attn"])
 def test_conditional_only_leaves_the_unconditional_row_untouched(tiny, pack, point):
     dec = tiny.decoder
-    from musicsteer.engine.generate import prepare
+    from musicsteer.model.generate import prepare
 
     codes = torch.full((2, 4, 1), 2048)
     prepare(dec, tiny.text, PROMPT, GREEDY, max_len=8)

@@ -16,14 +16,14 @@ import soundfile as sf
 import torch
 
 from musicsteer.controllers.state import ControlState
-from musicsteer.engine.delay import interleave
-from musicsteer.engine.generate import generate
-from musicsteer.engine.recorder import load_session
-from musicsteer.engine.ring_buffer import AudioRing
-from musicsteer.engine.sampling import SamplingSettings
-from musicsteer.engine.sinks import NullSink, PacedSink
-from musicsteer.engine.stream import Producer, StreamConfig
-from musicsteer.live import LiveRequest, MemoryRecorder, replay, run_live
+from musicsteer.live.producer import Producer, StreamConfig
+from musicsteer.live.recorder import load_session
+from musicsteer.live.ring_buffer import AudioRing
+from musicsteer.live.session import LiveRequest, MemoryRecorder, replay, run_live
+from musicsteer.live.sinks import NullSink, PacedSink
+from musicsteer.model.delay import interleave
+from musicsteer.model.generate import generate
+from musicsteer.model.sampling import SamplingSettings
 
 PROMPT = "warm lofi piano"
 SAMPLING = SamplingSettings(seed=5)
@@ -125,7 +125,7 @@ def test_steps_run_just_in_time_for_their_audio(tiny):
     """Paced by the device, a step starts only once its audio will fit in the buffer, so its
     frame reaches the ring right after it (not a frame later, after waiting for room), and the
     controls it read were as fresh as the buffer allows. The ring never runs dry."""
-    from musicsteer.engine.stream import Timeline
+    from musicsteer.live.producer import Timeline
 
     holder = {}
     timeline = Timeline(steps=200)
@@ -259,7 +259,7 @@ def test_null_sink_in_real_time_plays_at_the_clock(tiny):
 def test_reduced_precision_model_streams_and_rolls_over():
     """int8 weights with a bfloat16 KV cache: the stream equals offline generation with the same
     model, and windows re-prime into bfloat16 spare caches."""
-    from musicsteer.engine.loading import load_model
+    from musicsteer.model.loading.load import load_model
 
     model = load_model("tiny", weights="int8")
     assert model.decoder.cache_dtype == torch.bfloat16
@@ -276,7 +276,7 @@ def test_reduced_precision_model_streams_and_rolls_over():
 def test_graphed_steps_follow_the_cache_swaps_of_the_re_prime(tiny, monkeypatch):
     """`graph=True` steps through one graphed step per cache set (off CUDA the captured path runs
     eagerly): the frames equal the eager stream's across re-primes, and both sets' steps are used."""
-    from musicsteer.engine.graph_step import GraphedStep
+    from musicsteer.backends.cuda.graph_step import GraphedStep
 
     config = dict(window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=5.0)
     _, eager, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, graph=False, **config))

@@ -11,9 +11,14 @@ import sys
 import time
 
 import torch
-from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
-from audiocraft.modules.conditioners import ConditionFuser, ConditioningAttributes, ConditioningProvider, LUTConditioner
 from audiocraft.models.lm import LMModel
+from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
+from audiocraft.modules.conditioners import (
+    ConditionFuser,
+    ConditioningAttributes,
+    ConditioningProvider,
+    LUTConditioner,
+)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.loading import LoadedModel, encodec_32khz_config
+from ..model.loading.load import LoadedModel, encodec_32khz_config
 
 AUDIOCRAFT_VENV = Path(os.environ.get("AUDIOCRAFT_VENV", "/tmp/acvenv"))
 
@@ -73,8 +73,13 @@ def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 
 
 def transformers_step_ms(model: LoadedModel, dtype: torch.dtype, cfg: float, steps: int = 24) -> float:
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
 
     c = model.cfg
     config = MusicgenConfig(

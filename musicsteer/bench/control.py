@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 from pythonosc.osc_message_builder import OscMessageBuilder
 
+from ..codec.stream import StreamingCodecSettings
 from ..controllers.state import ControlState
-from ..engine.codec_stream import StreamingCodecSettings
-from ..engine.loading import LoadedModel
-from ..engine.sampling import SamplingSettings
-from ..engine.stream import Timeline
 from ..errors import MusicsteerError
-from ..live import LiveRequest, run_live
+from ..live.producer import Timeline
+from ..live.session import LiveRequest, run_live
+from ..model.loading.load import LoadedModel
+from ..model.sampling import SamplingSettings
 from ..probes.pack import ConceptPack
 from .latency import git_commit, machine_info
 

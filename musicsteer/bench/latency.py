@@ -1,7 +1,7 @@
 """`musicsteer bench latency`: per-token time of the real generation loop, with and
 without steering concepts, against the 20 ms frame budget.
 
-Timing wraps `engine.generate` itself (the loop render and the stream run): a step
+Timing wraps `model.generate` itself (the loop render and the stream run): a step
 is the time between two `on_step` calls, so it includes the steering plan's buffer
 write, the decoder, guidance and sampling. On CUDA each step is synchronised before
 its stamp. Warm-up steps are dropped.
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.generate import generate
-from ..engine.loading import LoadedModel
-from ..engine.sampling import SamplingSettings
-from ..engine.steering import SteeringSettings, build_steering
 from ..kernels import steer
+from ..model.generate import generate
+from ..model.loading.load import LoadedModel
+from ..model.sampling import SamplingSettings
 from ..probes.pack import ConceptPack
+from ..steering.plan import SteeringSettings, build_steering
 
 FRAME_MS = 20.0
 
@@ -179,8 +179,13 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     at a time, and the streaming bandwidth is sampled between rounds: on a shared host whose speed
     drifts over minutes, every configuration then sees the same conditions, and each round's p50
     can be set against the floor measured beside it."""
-    from .baselines import (audiocraft_step_ms, step_cache_bytes, step_weight_bytes, stream_bandwidth,
-                            transformers_step_ms)
+    from .baselines import (
+        audiocraft_step_ms,
+        step_cache_bytes,
+        step_weight_bytes,
+        stream_bandwidth,
+        transformers_step_ms,
+    )
 
     device = model.decoder.embed.weight.device
     measure_floor = floor and device.type == "cpu"

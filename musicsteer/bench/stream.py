@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.codec_stream import StreamingCodecSettings, StreamingDecoder
-from ..engine.loading import LoadedModel
-from ..engine.sampling import SamplingSettings
-from ..live import LiveRequest, run_live
+from ..codec.stream import StreamingCodecSettings, StreamingDecoder
+from ..live.session import LiveRequest, run_live
+from ..model.loading.load import LoadedModel
+from ..model.sampling import SamplingSettings
 from .latency import git_commit, machine_info
 
 

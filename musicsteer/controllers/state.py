@@ -64,7 +64,7 @@ def validate(param: str, value, concepts: frozenset[str] | None = None):
         if concepts is not None and parts[1] not in concepts:
             raise ControlError(f"unknown concept {parts[1]!r}; loaded: {', '.join(sorted(concepts)) or 'none'}")
         if parts[2] == "schedule":
-            from .schedules import Crossfade, ScheduleError, parse_schedule
+            from ..steering.schedules import Crossfade, ScheduleError, parse_schedule
 
             if not isinstance(value, str):
                 raise ControlError("a schedule is a spec string like decay:0.99 or linear-up:4s")

@@ -24,7 +24,7 @@
 enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
 enum { KIND_F32 = 0, KIND_I8 = 1 };
 
-/* A block's weights and caches, filled by musicsteer/engine/fused.py (ctypes mirror: keep in step). */
+/* A block's weights and caches, filled by musicsteer/backends/cpu/fused.py (ctypes mirror: keep in step). */
 typedef struct {
     int kind, d, ffn, heads, hd, act, cache_bf16, max_len, text_max;
     float eps;

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.generate import generate
-from ..engine.loading import LoadedModel, hf_cache_snapshot
-from ..engine.sampling import SamplingSettings
-from ..engine.steering import SteeringSettings, build_steering
+from ..model.generate import generate
+from ..model.loading.load import LoadedModel, hf_cache_snapshot
+from ..model.sampling import SamplingSettings
+from ..steering.plan import SteeringSettings, build_steering
 from .common import ProbeError
 from .extract import ExtractSettings, hidden_states, layout
 from .features import concept_name, families_of, load_features

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.delay import interleave
-from ..engine.loading import LoadedModel
-from ..engine.text import condition_rows
 from ..errors import MusicsteerError
+from ..model.delay import interleave
+from ..model.loading.load import LoadedModel
+from ..model.text import condition_rows
 
 
 class ExtractError(MusicsteerError):

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .common import ProbeError, auc, check_features, check_xy, infer_task, mse, score, signed_unit
+from .common import (
+    ProbeError,
+    auc,
+    check_features,
+    check_xy,
+    infer_task,
+    mse,
+    score,
+    signed_unit,
+)
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-6, 2, 17))
 LOGISTIC_ALPHAS = tuple(float(a) for a in np.logspace(-4, 1, 6))

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.config import ModelConfig
 from ..errors import MusicsteerError
+from ..model.config import ModelConfig
 
 FORMAT = 1
 SIGN = "a positive projection on a direction means the concept is present"

@@ -25,7 +25,16 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from .common import IsotropicScaler, ProbeError, check_features, check_xy, infer_task, mse, score, signed_unit
+from .common import (
+    IsotropicScaler,
+    ProbeError,
+    check_features,
+    check_xy,
+    infer_task,
+    mse,
+    score,
+    signed_unit,
+)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 from .common import ProbeError
-from .features import ConceptSpec, Family, Split, concepts_of, families_of, load_features, split_family, strata
+from .features import (
+    ConceptSpec,
+    Family,
+    Split,
+    concepts_of,
+    families_of,
+    load_features,
+    split_family,
+    strata,
+)
 from .linear import RIDGE_ALPHAS, fit_diffmean, fit_logistic, fit_multiclass, fit_ridge
 from .pack import SIGN, Concept, ConceptPack
 from .rfm import RfmSearch, fit_rfm, fit_rfm_multiclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import cpu as cpu_kernels
+from ...kernels import cpu as cpu_kernels
 from .linear import Linear, _PackedBase
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..engine.config import FRAME_RATE
+from ..model.config import FRAME_RATE
 
 
 class ScheduleError(ValueError):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
-from .theory import FAMILIES, FAMILY_NAMES, KEPT_PROGRAMS, RHYTHM_PROGRAMS
+from ..probes.theory import FAMILIES, FAMILY_NAMES, KEPT_PROGRAMS, RHYTHM_PROGRAMS
 
 
 def register(probes_subparsers) -> argparse.ArgumentParser:
@@ -68,7 +68,13 @@ def parse_families(text: str) -> list[str]:
 
 
 def run_dataset(args) -> int:
-    from .dataset import build_dataset, find_fluidsynth, find_soundfont, full_preset, resolve_plan
+    from ..probes.dataset import (
+        build_dataset,
+        find_fluidsynth,
+        find_soundfont,
+        full_preset,
+        resolve_plan,
+    )
 
     families = parse_families(args.families)
     if args.workers < 1:

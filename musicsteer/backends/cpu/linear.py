@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu as cpu_kernels
+from ...kernels import cpu as cpu_kernels
 
 FEW_ROWS = 4
 

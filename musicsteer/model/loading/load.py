@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from .codec import Codec
-from .config import PRESETS, ModelConfig
-from .musicgen import MusicGen
-from .text import ByteTokenizer, TextEncoder
+from ...codec.codec import Codec
+from ...errors import ModelLoadError
+from ..config import PRESETS, ModelConfig
+from ..musicgen import MusicGen
+from ..text import ByteTokenizer, TextEncoder
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         if kind == "transformers":
             loaded = load_transformers_dir(path, spec)
         else:
-            from .loading_audiocraft import load_audiocraft_dir
+            from .audiocraft import load_audiocraft_dir
 
             loaded = load_audiocraft_dir(path, spec, text_encoder=text_encoder, codec=codec)
     if text_encoder is not None and loaded.format != "audiocraft":
@@ -60,9 +60,9 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     check_compatible(loaded)
     loaded.decoder.to(device=device, dtype=dtype)
     if weights == "int8":
-        from .fused import fuse_blocks
-        from .linear import fuse_activations
-        from .quant import quantize_int8
+        from ...backends.cpu.fused import fuse_blocks
+        from ...backends.cpu.int8 import quantize_int8
+        from ...backends.cpu.linear import fuse_activations
 
         if torch.device(device).type != "cpu":
             raise ModelLoadError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
@@ -73,8 +73,8 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     elif weights != "full":
         raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
     elif torch.device(device).type == "cpu" and dtype == torch.float32:
-        from .fused import fuse_blocks
-        from .linear import fuse_activations, optimize_for_cpu
+        from ...backends.cpu.fused import fuse_blocks
+        from ...backends.cpu.linear import fuse_activations, optimize_for_cpu
 
         optimize_for_cpu(loaded.decoder)
         fuse_activations(loaded.decoder)
@@ -97,7 +97,7 @@ def model_config(spec: str) -> ModelConfig:
             return config_from_transformers(MusicgenConfig.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read {path}/config.json: {_first_line(exc)}") from exc
-    from .loading_audiocraft import load_audiocraft_dir
+    from .audiocraft import load_audiocraft_dir
 
     return load_audiocraft_dir(path, spec, text_encoder=None, codec=None, decoder_only=True).cfg
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from . import dataset_cli
+    from . import probes_dataset as dataset_cli
 
     probes = sub.add_parser("probes", help="learn concept directions: datasets, extraction, training, evaluation")
     psub = probes.add_subparsers(dest="probes_command", required=True)
@@ -60,14 +60,14 @@ def register(sub) -> None:
 def _model(args):
     import argparse as _argparse
 
-    from ..cli import _load
+    from . import _load
 
     ns = _argparse.Namespace(model=args.model, text_encoder=None, codec=None, compute=args.compute, dtype="float32")
     return _load(ns)
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from .extract import ExtractSettings, extract
+    from ..probes.extract import ExtractSettings, extract
 
     settings = ExtractSettings(prompt=args.prompt, delay=not args.no_delay, text=not args.no_text,
                                per_frame=args.per_frame, batch=max(args.batch, 1))
@@ -77,7 +77,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import evaluation_table, train_pack
+    from ..probes.train import evaluation_table, train_pack
 
     split = (lambda text: [t for t in text.split(",") if t] if text else None)
     pack = train_pack(args.features, concepts=split(args.concepts), method=args.method,
@@ -96,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from .evaluate import format_eval, run_generation_eval
+    from ..probes.evaluate import format_eval, run_generation_eval
 
     try:
         strengths = [float(s) for s in args.strengths.split(",")]

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .controllers.state import ControlState, ScriptedControls
-from .engine.codec_stream import StreamingCodecSettings
-from .engine.config import FRAME_RATE
-from .engine.loading import LoadedModel
-from .engine.recorder import SessionRecorder, load_session
-from .engine.ring_buffer import AudioRing
-from .engine.sampling import SamplingSettings
-from .engine.sinks import NullSink, PacedSink, WavSink
-from .engine.steering import SteeringSettings
-from .engine.stream import Producer, StreamConfig, StreamStats
-from .errors import UsageError
-from .render import make_steering, write_wav
+from .. import __version__
+from ..codec.stream import StreamingCodecSettings
+from ..controllers.state import ControlState, ScriptedControls
+from ..errors import UsageError
+from ..model.config import FRAME_RATE
+from ..model.loading.load import LoadedModel
+from ..model.sampling import SamplingSettings
+from ..render import make_steering, write_wav
+from ..steering.plan import SteeringSettings
+from .producer import Producer, StreamConfig, StreamStats
+from .recorder import SessionRecorder, load_session
+from .ring_buffer import AudioRing
+from .sinks import NullSink, PacedSink, WavSink
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def make_sink(request: LiveRequest, sample_rate: int):
         return WavSink(request.out, sample_rate)
     if request.null is not None:
         return NullSink(sample_rate, realtime=request.null == "realtime")
-    from .engine.portaudio_sink import PortAudioSink
+    from .portaudio_sink import PortAudioSink
 
     return PortAudioSink(request.device, sample_rate=sample_rate)
 
@@ -181,8 +181,8 @@ def start_midi(request: LiveRequest, controls: ControlState):
     """The MIDI controller for --map / --midi-in, started; None without either."""
     if request.mapping is None and request.midi_in is None:
         return None
-    from .controllers.mapping import Mapping
-    from .controllers.midi import MidiController
+    from ..controllers.mapping import Mapping
+    from ..controllers.midi import MidiController
 
     mapping = Mapping.load(request.mapping, controls.concepts) if request.mapping is not None else Mapping()
     return MidiController(controls, mapping, port=request.midi_in).start()
@@ -191,8 +191,8 @@ def start_midi(request: LiveRequest, controls: ControlState):
 def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, producer: Producer, steerer, plan,
               midi=None):
     """The OSC server, and the meters it publishes every frame while someone listens."""
-    from .controllers.osc import OscRouter, OscServer
-    from .engine.meters import Meter
+    from ..controllers.osc import OscRouter, OscServer
+    from ..steering.meters import Meter
 
     learn = (lambda param: midi.learn(param, request.mapping)) if midi is not None and request.mapping else None
     router = OscRouter(controls, plan.names if plan is not None else [], stats=producer.stats,

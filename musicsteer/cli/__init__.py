@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import MusicsteerError, UsageError
+from .. import __version__
+from ..errors import MusicsteerError, UsageError
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steering_args(live)
     live.set_defaults(run=run_live_cli)
 
-    from .controllers import midi_cli
-    from .probes import cli as probes_cli
+    from . import midi as midi_cli
+    from . import probes as probes_cli
 
     midi_cli.register(sub)
     probes_cli.register(sub)
@@ -184,7 +184,7 @@ def _device(name: str):
 def _load(args):
     import torch
 
-    from .engine.loading import load_model
+    from ..model.loading.load import load_model
 
     return load_model(args.model, text_encoder=args.text_encoder, codec=args.codec,
                       device=_device(args.compute), dtype=getattr(torch, args.dtype),
@@ -192,7 +192,7 @@ def _load(args):
 
 
 def _settings(args):
-    from .engine.sampling import SamplingSettings
+    from ..model.sampling import SamplingSettings
 
     try:
         return SamplingSettings(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -202,7 +202,7 @@ def _settings(args):
 
 
 def _steering(args):
-    from .engine.steering import SteeringSettings
+    from ..steering.plan import SteeringSettings
 
     try:
         return SteeringSettings(mode=args.steer_mode, rows=args.steer_rows, point=args.steer_point,
@@ -212,7 +212,7 @@ def _steering(args):
 
 
 def run_render(args) -> int:
-    from .render import RenderRequest, parse_assignments, parse_strengths, render
+    from ..render import RenderRequest, parse_assignments, parse_strengths, render
 
     if args.replay is not None:
         return run_replay(args)
@@ -240,8 +240,8 @@ def _quiet_libraries() -> None:
 
 
 def run_replay(args) -> int:
-    from .engine.recorder import load_session
-    from .live import write_replay
+    from ..live.recorder import load_session
+    from ..live.session import write_replay
 
     info, _, _ = load_session(args.replay)
     if args.model is None:
@@ -258,9 +258,9 @@ def run_live_cli(args) -> int:
     import signal
     import threading
 
-    from .engine.codec_stream import StreamingCodecSettings
-    from .live import LiveRequest, run_live
-    from .render import parse_assignments, parse_strengths
+    from ..codec.stream import StreamingCodecSettings
+    from ..live.session import LiveRequest, run_live
+    from ..render import parse_assignments, parse_strengths
 
     settings, steering = _settings(args), _steering(args)
     if args.seconds is not None and not args.seconds > 0:
@@ -297,9 +297,9 @@ def run_live_cli(args) -> int:
 def run_concepts_make(args) -> int:
     import numpy as np
 
-    from .engine.loading import model_config
-    from .probes.pack import ConceptPack
-    from .render import parse_assignments
+    from ..model.loading.load import model_config
+    from ..probes.pack import ConceptPack
+    from ..render import parse_assignments
 
     vectors = {}
     for name, file in parse_assignments(args.vector, "--vector").items():
@@ -324,7 +324,7 @@ def run_concepts_make(args) -> int:
 
 
 def run_concepts_show(args) -> int:
-    from .probes.pack import ConceptPack
+    from ..probes.pack import ConceptPack
 
     pack = ConceptPack.load(args.pack)
     if not args.verbose:
@@ -343,9 +343,9 @@ def run_concepts_show(args) -> int:
 
 
 def run_bench_latency(args) -> int:
-    from .bench.latency import format_report, run_latency, write_json
-    from .engine.sampling import SamplingSettings
-    from .engine.steering import SteeringSettings
+    from ..bench.latency import format_report, run_latency, write_json
+    from ..model.sampling import SamplingSettings
+    from ..steering.plan import SteeringSettings
 
     try:
         counts = [int(k) for k in args.concepts.split(",")]
@@ -368,7 +368,7 @@ def run_bench_latency(args) -> int:
         write_json(record, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        from .bench.latency import plot
+        from ..bench.latency import plot
 
         plot(record, args.plot)
         print(f"wrote {args.plot}")
@@ -378,7 +378,7 @@ def run_bench_latency(args) -> int:
 def _emit(record: dict, path) -> None:
     import json
 
-    from .bench.latency import write_json
+    from ..bench.latency import write_json
 
     print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=2))
     if path:
@@ -387,7 +387,7 @@ def _emit(record: dict, path) -> None:
 
 
 def run_bench_stream(args) -> int:
-    from .bench.stream import run_stream_bench
+    from ..bench.stream import run_stream_bench
 
     model = _load(args)
     _emit(run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms), args.json)
@@ -395,7 +395,7 @@ def run_bench_stream(args) -> int:
 
 
 def run_bench_control(args) -> int:
-    from .bench.control import format_control, run_control_bench
+    from ..bench.control import format_control, run_control_bench
 
     if args.messages < 1 or not args.interval > 0 or args.codec_chunk < 1:
         raise UsageError("--messages and --codec-chunk must be >= 1 and --interval > 0")
@@ -403,7 +403,7 @@ def run_bench_control(args) -> int:
                                codec_chunk=args.codec_chunk)
     print(format_control(record))
     if args.json:
-        from .bench.latency import write_json
+        from ..bench.latency import write_json
 
         write_json(record, args.json)
         print(f"wrote {args.json}")
@@ -411,7 +411,7 @@ def run_bench_control(args) -> int:
 
 
 def run_bench_codec(args) -> int:
-    from .bench.stream import run_codec_bench
+    from ..bench.stream import run_codec_bench
 
     if args.frames < 100:
         raise UsageError("--frames must be at least 100")

@@ -61,8 +61,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from musicsteer.engine.ring_buffer import AudioRing
 from musicsteer.errors import MusicsteerError
+from musicsteer.live.ring_buffer import AudioRing
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.cpu.linear import Linear
 from ..kernels import cpu as cpu_kernels
 from ..kernels.dispatch import backend_for
 from .config import ModelConfig
 from .kv_cache import CrossCache, KVCache
-from .linear import Linear
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 HOOK_KINDS = ("attn", "cross", "out")

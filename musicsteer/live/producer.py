@@ -29,14 +29,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from ..backends.cuda.graph_step import GraphedStep
+from ..codec.stream import StreamingCodecSettings, StreamingDecoder
 from ..controllers.state import ControlChange, Smoother
-from .codec_stream import StreamingCodecSettings, StreamingDecoder
-from .config import FRAME_RATE
-from .graph_step import GraphedStep
-from .loading import LoadedModel
+from ..model.config import FRAME_RATE
+from ..model.loading.load import LoadedModel
+from ..model.sampling import SamplingSettings, guided_logits, make_generator, sample
+from ..model.text import condition_rows
 from .ring_buffer import AudioRing
-from .sampling import SamplingSettings, guided_logits, make_generator, sample
-from .text import condition_rows
 
 log = logging.getLogger("musicsteer.stream")
 
@@ -307,7 +307,13 @@ class Producer:
                       "topk": self.sampling.top_k, "topp": self.sampling.top_p}[p])
 
     def _start_schedule(self, name: str, spec: str, step: int) -> None:
-        from ..controllers.schedules import Crossfade, LinearDown, LinearUp, Started, parse_schedule
+        from ..steering.schedules import (
+            Crossfade,
+            LinearDown,
+            LinearUp,
+            Started,
+            parse_schedule,
+        )
 
         if self.plan is None:
             raise KeyError("no concept pack is loaded")

@@ -25,9 +25,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..controllers.schedules import Constant
 from ..kernels import MODES, steer
-from .musicgen import MusicGen
+from ..model.musicgen import MusicGen
+from .schedules import Constant
 
 POINTS = ("out", "attn")
 ROWS = ("both", "cond")

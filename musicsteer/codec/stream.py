@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .codec import Codec
-from .codec_state import NotStreamable, StatefulDecoder
+from .state import NotStreamable, StatefulDecoder
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .mapping import CURVES, TAKEOVERS, Mapping, format_table
+from ..controllers.mapping import CURVES, TAKEOVERS, Mapping, format_table
 
 
 def register(subparsers) -> None:
@@ -59,7 +59,7 @@ def _quiet_stderr():
 
 
 def _input_ports() -> list[str]:
-    from .midi import list_input_ports
+    from ..controllers.midi import list_input_ports
 
     with _quiet_stderr():
         return list_input_ports()
@@ -76,8 +76,8 @@ def run_ports(args) -> int:
 
 
 def run_learn(args) -> int:
-    from .midi import MidiController, MidiError, MidiLearner, describe
-    from .state import ControlState
+    from ..controllers.midi import MidiController, MidiError, MidiLearner, describe
+    from ..controllers.state import ControlState
 
     concepts = None
     if args.concepts is not None:

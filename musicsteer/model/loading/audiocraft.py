@@ -13,11 +13,17 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from .config import FRAME_RATE, ModelConfig
-from .loading import (LoadedModel, _first_line, hf_cache_dir, hf_cache_snapshot, load_codec_dir,
-                      load_text_encoder_dir)
-from .musicgen import MusicGen
+from ...errors import ModelLoadError
+from ..config import FRAME_RATE, ModelConfig
+from ..musicgen import MusicGen
+from .load import (
+    LoadedModel,
+    _first_line,
+    hf_cache_dir,
+    hf_cache_snapshot,
+    load_codec_dir,
+    load_text_encoder_dir,
+)
 
 # Settings of the real MusicGen LMs that the lean decoder implements; anything else is refused.
 EXPECTED = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .musicgen import MusicGen
+from ..model.musicgen import MusicGen
 
 
 class Meter:

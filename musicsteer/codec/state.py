@@ -219,8 +219,8 @@ class _LSTM:
 def _matvec(weight: torch.Tensor):
     """x (rows, In) -> x @ weight.T: through the packed C kernel for a few rows of float32 on CPU
     (streams the weight at close to the memory's speed), through torch otherwise."""
+    from ..backends.cpu.linear import PACKED_ROWS
     from ..kernels import cpu as cpu_kernels
-    from .linear import PACKED_ROWS
 
     n, d = weight.shape
     if not (weight.device.type == "cpu" and weight.dtype is torch.float32 and cpu_kernels.unavailable() is None

@@ -23,10 +23,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..kernels import cpu as cpu_kernels
+from ...kernels import cpu as cpu_kernels
+from ...steering.plan import _steer_hook
+from .int8 import PackedInt8Linear
 from .linear import PackedLinear
-from .quant import PackedInt8Linear
-from .steering import _steer_hook
 
 log = logging.getLogger(__name__)
 
