@@ -64,18 +64,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # CPU reductions are bit-reproducible for a fixed thread count
 torch.use_deterministic_algorithms(True)
 
-import audiocraft  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import transformers  # noqa: E402
-from audiocraft.models import builders, loaders  # noqa: E402
-from audiocraft.modules.conditioners import (  # noqa: E402
-    ClassifierFreeGuidanceDropout,
-    ConditioningAttributes,
-)
-from audiocraft.utils import export  # noqa: E402
+from transformers import T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from transformers import T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
+
+import audiocraft  # noqa: E402
+from audiocraft.models import builders, loaders  # noqa: E402
+from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningAttributes  # noqa: E402
+from audiocraft.utils import export  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Fixture parameters
