@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musicsteer.errors import MusicsteerError, UsageError
 from musicsteer.cli import probes_dataset as dataset_cli
+from musicsteer.errors import MusicsteerError, UsageError
 from musicsteer.probes import theory
 from musicsteer.probes.dataset import (
     COLUMNS,

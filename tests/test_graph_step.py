@@ -5,8 +5,8 @@ Off CUDA the static path runs eagerly (what the graph would replay); on CUDA it 
 import pytest
 import torch
 
-from musicsteer.backends.cuda.graph_step import GraphedStep
 from musicsteer.model.generate import generate
+from musicsteer.model.graph_step import GraphedStep
 from musicsteer.model.sampling import SamplingSettings
 from musicsteer.probes.pack import ConceptPack
 from musicsteer.steering.plan import SteeringSettings, build_steering

@@ -276,7 +276,7 @@ def test_reduced_precision_model_streams_and_rolls_over():
 def test_graphed_steps_follow_the_cache_swaps_of_the_re_prime(tiny, monkeypatch):
     """`graph=True` steps through one graphed step per cache set (off CUDA the captured path runs
     eagerly): the frames equal the eager stream's across re-primes, and both sets' steps are used."""
-    from musicsteer.backends.cuda.graph_step import GraphedStep
+    from musicsteer.model.graph_step import GraphedStep
 
     config = dict(window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=5.0)
     _, eager, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, graph=False, **config))

@@ -30,7 +30,7 @@ def test_decode_attention_equals_sdpa_over_the_filled_part(batch, heads, hd, max
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, test_graph_step's capture test covers the kernel natively")
 def test_the_static_step_with_the_kernel_equals_the_masked_step(tiny):
-    from musicsteer.backends.cuda.graph_step import GraphedStep
+    from musicsteer.model.graph_step import GraphedStep
 
     dec = tiny.decoder
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,6 @@
 """One-query attention over a static KV cache for the GPU step, reading only the filled part.
 
-The graphed step (backends/cuda/graph_step.py) has fixed shapes, so the cache is always
+The graphed step (model/graph_step.py) has fixed shapes, so the cache is always
 (B, H, Lmax, hd); masking the whole cache would read Lmax positions every step. Here
 the number of filled positions is read from a device tensor (the step's position + 1),
 so one captured graph serves every step and each step reads only what is filled.

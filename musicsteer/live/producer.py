@@ -29,10 +29,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..backends.cuda.graph_step import GraphedStep
 from ..codec.stream import StreamingCodecSettings, StreamingDecoder
 from ..controllers.state import ControlChange, Smoother
 from ..model.config import FRAME_RATE
+from ..model.graph_step import GraphedStep
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings, guided_logits, make_generator, sample
 from ..model.text import condition_rows

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.cuda.graph_step import GraphedStep
 from .delay import deinterleave, steps_for, valid_mask
+from .graph_step import GraphedStep
 from .musicgen import MusicGen
 from .sampling import SamplingSettings, guided_logits, make_generator, sample
 from .text import TextEncoder, condition_rows

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...model.musicgen import MusicGen
+from .musicgen import MusicGen
 
 WARMUP = 3  # eager runs on a side stream before capture, as CUDA graphs require
 
