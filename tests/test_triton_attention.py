@@ -30,6 +30,8 @@ def test_decode_attention_equals_sdpa_over_the_filled_part(batch, heads, hd, max
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, test_graph_step's capture test covers the kernel natively")
 def test_the_static_step_with_the_kernel_equals_the_masked_step(tiny):
+    from musicsteer.backends.cuda import attention as cuda_attention
+    from musicsteer.kernels import triton_attention
     from musicsteer.model.graph_step import GraphedStep
 
     dec = tiny.decoder
@@ -37,10 +39,23 @@ def test_the_static_step_with_the_kernel_equals_the_masked_step(tiny):
     text, mask = torch.randn(2, 5, tiny.cfg.text_hidden, generator=g), torch.ones(2, 5, dtype=torch.bool)
     codes = torch.randint(0, tiny.cfg.vocab, (6, 2, tiny.cfg.codebooks, 1), generator=g)
     outs = []
-    for backend in ("torch", "triton"):
-        dec.setup_caches(2, max_len=16, max_text=8)
-        dec.set_condition(text, mask)
-        step = GraphedStep(dec, 2)
-        with use_backend(backend), torch.no_grad():
-            outs.append(torch.stack([step(codes[t], t).clone() for t in range(6)]))
+    undo = cuda_attention.install(dec)  # the CUDA backend's attention, on CPU tensors
+    try:
+        for backend in ("torch", "triton"):
+            dec.setup_caches(2, max_len=16, max_text=8)
+            dec.set_condition(text, mask)
+            step = GraphedStep(dec, 2)
+            with use_backend(backend), torch.no_grad():
+                outs.append(torch.stack([step(codes[t], t).clone() for t in range(6)]))
+        calls = []
+        original = triton_attention.decode_attention
+        with use_backend("triton"), torch.no_grad():
+            triton_attention.decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+            try:
+                step(codes[0], 0)
+            finally:
+                triton_attention.decode_attention = original
+        assert len(calls) == tiny.cfg.layers  # the kernel, not the reference, ran the static step
+    finally:
+        undo()
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

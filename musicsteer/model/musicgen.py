@@ -11,11 +11,25 @@ Named hook points (`blocks.{i}.attn`, `blocks.{i}.cross`, `blocks.{i}.out`) let
 steering add to the self-attention output, the cross-attention output and the
 residual stream after each block. The decoder knows nothing of MIDI, OSC, text
 tokenizers or audio: it sees codes and projected text states, and gives logits.
+
+It also knows nothing of backends. Every layer here has one path, the reference
+(torch's products and `scaled_dot_product_attention`); faster ones are applied from
+outside, once, at load (backends/select.py): the CPU backend swaps the attention
+classes and linear layers for subclasses with C fast paths and sets `fused_stack`,
+which runs the blocks of a one-token step as C calls; the CUDA backend swaps in the
+Triton attention of the static step. A swapped layer keeps its parameters, buffers and
+state-dict keys, and falls back to the reference path for any call it does not take.
+
+Threading model: the forward runs on one thread at a time (the producer's, or the
+caller's offline). Hooks are installed and removed only while no forward runs (before
+a stream starts, after it stops, or between offline calls); `Block.forward` reads its
+hook lists without a lock.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import insort_right
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -23,9 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends.cpu.linear import Linear
-from ..kernels import cpu as cpu_kernels
-from ..kernels.dispatch import backend_for
 from .config import ModelConfig
 from .kv_cache import CrossCache, KVCache
 
@@ -66,40 +77,27 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 CAUSAL = torch.ones(())  # stands for the causal mask of a prompt that fills the cache from position 0
 
 
-def cpu_fast_path(x: torch.Tensor) -> bool:
-    """Whether a one-token float32 CPU step can use the C attention kernel (kernels/cpu.py)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and cpu_kernels.library() is not None)
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.wqkv = Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
-        self.wo = Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wqkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
-        if T == 1 and kv_len is not None and mask is None and cpu_fast_path(x):
-            qkv = self.wqkv(x).reshape(B, 3 * D).contiguous()
-            out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), self.cache.k, self.cache.v,
-                                     int(input_pos[0]), kv_len)
-            return self.wo(out.view(B, 1, D))
         q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if input_pos is None:  # uncached: attend within this call, causally
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             assert self.cache is not None, "call setup_caches() before a cached forward"
             k, v = self.cache.update(input_pos, k, v)  # (B, H, L, hd)
-            if kv_len is None and T == 1 and backend_for(x.device) == "triton":
-                # static (graph) step: the kernel reads the filled length from the position tensor
-                from ..kernels.triton_attention import decode_attention
-
-                out = decode_attention(q, k, v, input_pos + 1)
-                return self.wo(out.transpose(1, 2).reshape(B, T, D))
             if kv_len is not None:  # eager: read only the filled part of the cache
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             if k.dtype != q.dtype:  # a narrower cache (cache_dtype)
@@ -115,9 +113,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.wq = Linear(cfg.hidden, cfg.hidden, bias=False)
-        self.wkv = Linear(cfg.hidden, 2 * cfg.hidden, bias=False)
-        self.wo = Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wkv = nn.Linear(cfg.hidden, 2 * cfg.hidden, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.cache: CrossCache | None = None
 
     def memory(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +127,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
         assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
         B, T, D = x.shape
-        q = self.wq(x)
-        if not static and T == 1 and cpu_fast_path(x):
-            out = cpu_kernels.attend(q.reshape(B, D).contiguous(), None, self.cache.k, self.cache.v, -1,
-                                     self.cache.length)
-            return self.wo(out.view(B, 1, D))
-        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if static:  # fixed shapes: all slots, padding masked out
             out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=self.cache.mask)
         else:
@@ -151,13 +144,21 @@ class Block(nn.Module):
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.norm_mlp = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.fc1 = Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.fc2 = Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
         self.activation = cfg.activation
-        self.act = _activation(cfg.activation)
-        self.fused_act = False  # fc1 applies the activation itself (linear.fuse_activations)
+        self.act = _activation(cfg.activation)  # the identity where fc1 applies it itself
         # kind -> hooks applied in order; read by forward, written only through MusicGen's hook methods
         self.hooks: dict[str, list[Hook]] = {}
+
+    @property
+    def fused_act(self) -> bool:
+        """Whether fc1 applies the activation itself (a backend fused it into the product)."""
+        return self.act is _identity
+
+    @fused_act.setter
+    def fused_act(self, fused: bool) -> None:
+        self.act = _identity if fused else _activation(self.activation)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
                 mask: torch.Tensor | None, static: bool) -> torch.Tensor:
@@ -171,7 +172,7 @@ class Block(nn.Module):
             c = hook(c)
         x = x + c
         h = self.fc1(self.norm_mlp(x))
-        x = x + self.fc2(h if self.fused_act else self.act(h))
+        x = x + self.fc2(self.act(h))
         for hook in hooks.get("out", ()):
             x = hook(x)
         return x
@@ -191,13 +192,14 @@ class MusicGen(nn.Module):
         self.text_proj: nn.Module = nn.Linear(cfg.text_hidden, D) if cfg.text_hidden != D else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.heads = Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
+        self.heads = nn.Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
         self.batch = 0
         # Storage dtype of the self-attention caches (None: the model's). Reduced-precision CPU
         # weights pair with bfloat16 caches: at a 30 s window the cache is ~0.6 GB of float32 reads
         # per `small` step, more than its int8 weights.
         self.cache_dtype: torch.dtype | None = None
-        # The blocks as C calls for one-token CPU steps (fused.fuse_blocks), or None.
+        # A backend's runner for the blocks of one-token cached steps (backends/cpu/fused.py), or
+        # None: `takes(x, kv_len, mask)` says whether it runs a call, which then skips the loop.
         self.fused_stack = None
 
     # -- set-up --------------------------------------------------------------
@@ -287,6 +289,15 @@ class MusicGen(nn.Module):
             raise KeyError(f"hook point {name!r}: the model has {len(self.blocks)} blocks")
         return self.blocks[index], parts[2]
 
+    # Hooks at one point run in `order`: a hook's `order` attribute, lower first, ties in the
+    # order attached; a hook without one (a plain callable) has order 1, an observer. Steering
+    # hooks declare a lower order, so they run first and observers see the steered state
+    # whatever order the two were attached in. The decoder reads only the attribute.
+
+    @staticmethod
+    def hook_order(hook: Hook) -> int:
+        return getattr(hook, "order", 1)
+
     def set_hook(self, name: str, hook: Hook | None) -> None:
         """Make `hook(h) -> h` the only hook at a named point; None removes every hook there."""
         block, kind = self._hook_slot(name)
@@ -296,9 +307,10 @@ class MusicGen(nn.Module):
             block.hooks[kind] = [hook]
 
     def add_hook(self, name: str, hook: Hook) -> None:
-        """Add `hook` after those already at a named point (steering, then observers)."""
+        """Add `hook` at a named point, after the hooks there of its order or lower and before those
+        of a higher order (steering before observers)."""
         block, kind = self._hook_slot(name)
-        block.hooks.setdefault(kind, []).append(hook)
+        insort_right(block.hooks.setdefault(kind, []), hook, key=self.hook_order)
 
     def remove_hook(self, name: str, hook: Hook) -> None:
         block, kind = self._hook_slot(name)
@@ -358,14 +370,12 @@ class MusicGen(nn.Module):
             length = kv_len if kv_len is not None else self.blocks[0].self_attn.cache.max_len
             if kv_len is not None and kv_len == codes.shape[-1] > 1:  # a prompt from position 0: fused causal
                 mask = CAUSAL
-            elif kv_len is None and codes.shape[-1] == 1 and backend_for(codes.device) == "triton":
-                pass  # the static step's attention kernel reads the length from input_pos: no mask to build
             elif kv_len is None or codes.shape[-1] > 1:  # the one-token eager step sees all filled slots: no mask
                 mask = torch.arange(length, device=codes.device)[None, :] <= input_pos[:, None]  # (T, L)
         static = use_cache and kv_len is None
-        if (self.fused_stack is not None and use_cache and kv_len is not None and mask is None and codes.shape[-1] == 1
-                and cpu_fast_path(x)):
-            x = self.fused_stack(x, input_pos, kv_len)
+        stack = self.fused_stack
+        if stack is not None and use_cache and stack.takes(x, kv_len, mask):
+            x = stack(x, input_pos, kv_len)
         else:
             for block in self.blocks:
                 x = block(x, pos, kv_len, mask, static)

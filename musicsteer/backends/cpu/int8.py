@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from .linear import Linear, _PackedBase
+from .linear import PackedBase
 
 
 class Int8Linear(nn.Module):
@@ -37,7 +37,7 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class PackedInt8Linear(_PackedBase):
+class PackedInt8Linear(PackedBase):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -80,7 +80,7 @@ def quantize_int8(module: nn.Module, packed: bool | None = None) -> nn.Module:
     if packed is None:
         packed = packed_int8_kernels()
     for name, child in list(module.named_children()):
-        if isinstance(child, Linear) and child.bias is None:
+        if isinstance(child, nn.Linear) and child.bias is None:
             fits = child.out_features % 16 == 0 and child.in_features % 64 == 0
             setattr(module, name, PackedInt8Linear(child.weight) if packed and fits else Int8Linear(child.weight))
         else:

@@ -66,7 +66,7 @@ class ChunkedLinear(nn.Module):
 PACKED_ROWS = 32
 
 
-class _PackedBase(nn.Module):
+class PackedBase(nn.Module):
     """What the packed layers share: the one-token path calls the C kernel with the buffers'
     addresses bound once (a step makes ~150 of these calls, so the per-call Python matters),
     re-bound whenever a buffer is replaced. Float32 rows go through the kernel (in slices for
@@ -112,7 +112,7 @@ class _PackedBase(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-class PackedLinear(_PackedBase):
+class PackedLinear(PackedBase):
     """A bias-free float32 linear layer in the packed layout of the C kernels (CPU only).
 
     Every float32 call streams the packed weight, `PACKED_ROWS` rows at a time."""
@@ -146,7 +146,7 @@ def fuse_activations(decoder: nn.Module) -> int:
     hidden vector per block, and one operation less to dispatch); returns how many were fused."""
     fused = 0
     for block in getattr(decoder, "blocks", ()):
-        if isinstance(block.fc1, _PackedBase) and block.activation in cpu_kernels.ACTIVATIONS:
+        if isinstance(block.fc1, PackedBase) and block.activation in cpu_kernels.ACTIVATIONS:
             block.fc1.fuse_activation(block.activation)
             block.fused_act = True
             fused += 1
@@ -157,13 +157,22 @@ def packed_kernels() -> bool:
     return cpu_kernels.library() is not None
 
 
+def use_few_row_linear(module: nn.Module) -> int:
+    """Give every plain `nn.Linear` below `module` the few-row fast path of `Linear`, in place (a
+    class swap: the weight, bias and state-dict keys stay); returns how many."""
+    plain = [m for m in module.modules() if type(m) is nn.Linear]  # modules() includes `module`
+    for m in plain:
+        m.__class__ = Linear
+    return len(plain)
+
+
 def optimize_for_cpu(module: nn.Module, packed: bool | None = None) -> nn.Module:
     """Swap float32 layers for the fastest CPU form, in place (CPU one-token steps): all of them
     for `PackedLinear` where the C kernels build, else the wide ones for `ChunkedLinear`."""
     if packed is None:
         packed = packed_kernels()
     for name, child in list(module.named_children()):
-        if not (isinstance(child, Linear) and child.bias is None and child.weight.dtype == torch.float32):
+        if not (isinstance(child, nn.Linear) and child.bias is None and child.weight.dtype == torch.float32):
             optimize_for_cpu(child, packed)
         elif packed and child.out_features % 16 == 0:
             setattr(module, name, PackedLinear(child.weight))

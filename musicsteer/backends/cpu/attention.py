@@ -1,0 +1,66 @@
+"""The CPU backend's attention: the decoder's attention layers with the C kernel
+(kernels/cpu.py) for one-token float32 steps, applied by swapping the classes of a
+decoder's layers in place (`install`), so parameters, caches and state-dict keys stay.
+
+A one-token eager step that reads the filled part of the cache (`kv_len` given, no
+mask) goes to the kernel: it writes the new keys and values into the cache and attends
+over the filled positions in one call. Everything else (prefill, the static step,
+gradients, other dtypes) takes the reference path of model/musicgen.py.
+
+Threading model: as the decoder's forward (one thread at a time); `install` and
+`uninstall` run while no forward does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ...kernels import cpu as cpu_kernels
+from ...model.musicgen import CrossAttention, SelfAttention
+
+
+def fast_path(x: torch.Tensor) -> bool:
+    """Whether a one-token step on `x` can use the C attention kernel."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and cpu_kernels.library() is not None)
+
+
+class CpuSelfAttention(SelfAttention):
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, kv_len: int | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        if T == 1 and kv_len is not None and mask is None and fast_path(x):
+            qkv = self.wqkv(x).reshape(B, 3 * D).contiguous()  # (B, 3D)
+            out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), self.cache.k, self.cache.v,
+                                     int(input_pos[0]), kv_len)  # (B, D)
+            return self.wo(out.view(B, 1, D))
+        return super().forward(x, input_pos, kv_len, mask)
+
+
+class CpuCrossAttention(CrossAttention):
+    def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
+        B, T, D = x.shape
+        if not static and T == 1 and fast_path(x):
+            assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
+            q = self.wq(x).reshape(B, D).contiguous()  # (B, D)
+            out = cpu_kernels.attend(q, None, self.cache.k, self.cache.v, -1, self.cache.length)  # (B, D)
+            return self.wo(out.view(B, 1, D))
+        return super().forward(x, static)
+
+
+_SWAPS = {SelfAttention: CpuSelfAttention, CrossAttention: CpuCrossAttention}
+
+
+def install(decoder: nn.Module) -> Callable[[], None]:
+    """Swap every attention layer below `decoder` for its CPU form; returns what swaps them back."""
+    saved = [(m, type(m)) for m in decoder.modules() if type(m) in _SWAPS]
+    for module, cls in saved:
+        module.__class__ = _SWAPS[cls]
+
+    def undo() -> None:
+        for module, cls in saved:
+            module.__class__ = cls
+    return undo

@@ -1,0 +1,97 @@
+"""The one place a backend is chosen: once, at load, from the device, the dtype and the
+weight format (`--compute`, `--dtype`, `--weights`).
+
+- CPU, float32, full weights: `cpu-f32`. Every linear layer packed for the C kernels
+  (or the few-row torch forms where they do not build), the MLP activation fused into
+  the first product, the attention layers with the C kernel, and the blocks of a
+  one-token step as C calls (`fused_stack`).
+- CPU, int8 weights: `cpu-int8`. The same, with int8 products (AVX-512 VNNI where the
+  CPU has it) and bfloat16 self-attention caches.
+- CPU, another dtype: `cpu`. The few-row linear forms and the C attention where they apply.
+- CUDA: `cuda`. The static (graph) step's attention through the Triton kernel where
+  Triton is installed; the live stream captures CUDA graphs by default.
+- Anything else: `torch`, the model's reference path.
+
+`prepare` applies the choice to a decoder in place and says what it chose. The model
+knows nothing of this: the backends swap its layers' classes or set its
+`fused_stack`, and the reference path stays underneath for every call they do not take.
+
+Threading model: `prepare` runs once, at load, before any forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.dispatch import triton_available
+
+WEIGHTS = ("full", "int8")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # cpu-f32 | cpu-int8 | cpu | cuda | torch
+    device: str  # the device type
+    graphs: bool  # whether the live stream captures CUDA graphs unless told otherwise
+    fused_blocks: int = 0  # blocks a one-token step runs as C calls
+    detail: str = ""
+
+
+class BackendError(ValueError):
+    """A combination of device, dtype and weights no backend offers."""
+
+
+def captures_graphs(device: torch.device | str) -> bool:
+    """Whether a stream on `device` steps through captured CUDA graphs by default."""
+    return torch.device(device).type == "cuda"
+
+
+def prepare(decoder: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32,
+            weights: str = "full") -> Backend:
+    """Move `decoder` to `device`/`dtype` and apply the backend for them, in place."""
+    kind = torch.device(device).type
+    if weights not in WEIGHTS:
+        raise BackendError(f"unknown weight format {weights!r}; use {' or '.join(WEIGHTS)}")
+    if weights == "int8" and kind != "cpu":
+        raise BackendError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
+    decoder.to(device=device, dtype=dtype)
+    if kind == "cpu":
+        return _prepare_cpu(decoder, dtype, weights)
+    if kind == "cuda":
+        from .cuda import attention
+
+        triton = triton_available()
+        if triton:
+            attention.install(decoder)
+        return Backend("cuda", kind, graphs=True, detail="Triton decode attention" if triton else "torch attention")
+    return Backend("torch", kind, graphs=False, detail="the reference path")
+
+
+def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backend:
+    from ..kernels import cpu as cpu_kernels
+    from .cpu import attention
+    from .cpu.fused import fuse_blocks
+    from .cpu.int8 import quantize_int8
+    from .cpu.linear import fuse_activations, optimize_for_cpu, use_few_row_linear
+
+    if weights == "int8":
+        quantize_int8(decoder)
+        decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
+        name = "cpu-int8"
+    elif dtype == torch.float32:
+        optimize_for_cpu(decoder)
+        name = "cpu-f32"
+    else:
+        name = "cpu"
+    for part in (decoder.blocks, decoder.heads):  # what was not packed keeps the few-row path
+        use_few_row_linear(part)
+    attention.install(decoder)
+    fused = 0
+    if name != "cpu":
+        fuse_activations(decoder)
+        fused = fuse_blocks(decoder)
+    detail = "C kernels" if cpu_kernels.library() is not None else f"torch only ({cpu_kernels.unavailable()})"
+    return Backend(name, "cpu", graphs=False, fused_blocks=fused, detail=detail)
