@@ -1,9 +1,9 @@
 """Offline generation: prompt -> codes, one decoder step per token position.
 
 The loop is the one the live producer runs, without the stream around it: encode
-the prompt once, cache cross-attention K/V, then per step read the last tokens,
-run the decoder, guide, sample, and keep only the codebooks the delay pattern
-allows at that step. It knows nothing of files, audio devices or controllers.
+the prompt once, cache cross-attention K/V, then per step the one `DecodeStep`
+(step.py): read the last tokens, run the decoder, guide, sample, and keep only the
+codebooks the delay pattern allows at that step. It knows nothing of files, audio devices or controllers.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .delay import deinterleave, steps_for, valid_mask
-from .graph_step import GraphedStep
 from .musicgen import MusicGen
-from .sampling import SamplingSettings, guided_logits, make_generator, sample
+from .sampling import SamplingSettings, make_generator
+from .step import DecodeStep
 from .text import TextEncoder, condition_rows
 
 
@@ -53,21 +53,16 @@ def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, set
     generator = make_generator(settings.seed, device)
     sequence = torch.full((K, steps + 1), special, dtype=torch.long, device=device)
     valid = torch.stack([valid_mask(s, K, frames, device) for s in range(steps)])  # (steps, K)
-    positions = torch.arange(steps, device=device)
     recorded = torch.empty((steps, K, cfg.vocab), dtype=torch.float32) if record_logits else None
-    graphed = GraphedStep(decoder, settings.batch) if graph else None
+    step = DecodeStep(decoder, settings.batch)
+    if graph:
+        step.capture([decoder.caches])
     for s in range(steps):
         if before_step is not None:
             before_step(s)
-        codes_in = sequence[:, s].view(1, K, 1).expand(settings.batch, K, 1)  # (B, K, 1)
-        if graphed is not None:
-            logits = graphed(codes_in, s)
-        else:
-            logits = decoder.step(codes_in, positions[s : s + 1], kv_len=s + 1)  # (B, K, V)
-        guided = guided_logits(logits, settings)  # (K, V)
+        sequence[:, s + 1], guided = step(sequence[:, s], s, settings, generator, valid[s])
         if recorded is not None:
             recorded[s] = guided.cpu()
-        sequence[:, s + 1] = torch.where(valid[s], sample(guided, settings, generator), special)
         if on_step is not None:
             on_step(s)
     return Generation(deinterleave(sequence).cpu(), sequence.cpu(), recorded)
