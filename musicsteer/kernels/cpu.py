@@ -1,5 +1,11 @@
 """The CPU weight-product kernels of `cpu_gemv.c`: build, load, pack, call.
 
+Threading model: `library()` builds and loads the kernels once per process, under a lock
+(the first caller may be the producer thread, a benchmark, or a test's worker; later
+callers get the loaded library without locking). The kernels themselves are called from
+one thread at a time per decoder (the forward's thread) and release the GIL; each call
+runs its own OpenMP region.
+
 The C source is compiled on first use with the system C compiler (`cc`, `-O3 -march=native`)
 into a cache directory keyed by the source, the compiler and the CPU, and loaded with ctypes
 (the call releases the GIL). `MUSICSTEER_CPU_KERNELS=0` turns them off; without a compiler
@@ -20,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -39,6 +46,7 @@ ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # what a product's epilogu
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def _cpu_key() -> str:
@@ -80,10 +88,24 @@ def _build() -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (see `unavailable`)."""
-    global _lib, _reason, _loaded
-    if _loaded:
+    if _loaded:  # set only once the library (or the reason it is absent) is in place
         return _lib
-    _loaded = True
+    with _load_lock:
+        if not _loaded:
+            _load()
+    return _lib
+
+
+def _load() -> None:
+    global _lib, _loaded
+    try:
+        _lib = _open()
+    finally:
+        _loaded = True
+
+
+def _open() -> ctypes.CDLL | None:
+    global _reason
     if os.environ.get("MUSICSTEER_CPU_KERNELS", "1") in ("0", "off", "torch"):
         _reason = "turned off by MUSICSTEER_CPU_KERNELS"
         return None
@@ -108,7 +130,6 @@ def library() -> ctypes.CDLL | None:
     lib.ms_block.restype = ctypes.c_int
     lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
     lib.ms_blocks.restype = ctypes.c_int
-    _lib = lib
     return lib
 
 
