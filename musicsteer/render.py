@@ -1,7 +1,7 @@
 """`musicsteer render`: load a model, generate a clip offline, write WAV and tokens.
 
 It knows the file formats and the progress bar; generation itself is in
-`model.generate`.
+`model.generate`, steering from the flags in `steering.build`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .model.config import FRAME_RATE
 from .model.generate import Generation, generate
 from .model.loading.load import LoadedModel
 from .model.sampling import SamplingSettings
+from .steering.build import make_steering
 from .steering.plan import SteeringSettings
 
 
@@ -95,43 +96,3 @@ def parse_strengths(items: list[str] | None) -> dict[str, float]:
         if not math.isfinite(out[name]):
             raise UsageError(f"--steer {name}={value}: the strength must be finite")
     return out
-
-
-def make_steering(model: LoadedModel, concepts: Path | None, steer: dict[str, float], schedules: dict[str, str],
-                  settings: SteeringSettings, batch: int):
-    """Steerer and plan for a concept pack, strengths and schedule specs; (None, None) without a pack."""
-    from .probes.pack import ConceptPack
-    from .steering.plan import build_steering
-    from .steering.schedules import (
-        Crossfade,
-        LinearDown,
-        LinearUp,
-        ScheduleError,
-        parse_schedule,
-    )
-
-    if concepts is None:
-        if steer or schedules:
-            raise UsageError("--steer and --schedule need a concept pack: add --concepts PACK")
-        return None, None
-    pack = ConceptPack.load(concepts)
-    pack.check_fits(model.cfg)
-    for name in [*steer, *schedules]:
-        pack[name]  # unknown names fail here, with the pack's list
-    steerer, plan = build_steering(model.decoder, pack, settings, batch)
-    for name, value in steer.items():
-        plan.set_strength(name, value)
-    for name, spec in schedules.items():
-        try:
-            schedule = parse_schedule(spec)
-        except ScheduleError as exc:
-            raise UsageError(f"--schedule {name}={spec}: {exc}") from None
-        if isinstance(schedule, Crossfade):
-            pack[schedule.other]
-            plan.set_schedule(name, LinearDown(schedule.T))
-            plan.set_schedule(schedule.other, LinearUp(schedule.T))
-            if schedule.other not in steer:
-                plan.set_strength(schedule.other, steer.get(name, 0.0))
-        else:
-            plan.set_schedule(name, schedule)
-    return steerer, plan

@@ -263,3 +263,101 @@ def test_other_out_hooks_beside_steering_run_in_python():
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
     for a, b in zip(seen, seen_plain, strict=True):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def c_calls(monkeypatch):
+    """Counts of the C library's block entry points called ({'ms_blocks': n, 'ms_block': n}), by
+    wrapping the library's own function objects (the stack and blocks pick them up when built)."""
+    lib, counts = cpu.library(), {"ms_blocks": 0, "ms_block": 0}
+    for name in counts:
+        function = getattr(lib, name)
+
+        def counted(*args, _function=function, _name=name):
+            counts[_name] += 1
+            return _function(*args)
+
+        monkeypatch.setattr(lib, name, counted)
+    return counts
+
+
+def _ablation(model, strengths, seed=0) -> "SteeringHook":  # noqa: F821
+    """A steering hook in ablate mode with its own buffers: (rows=2, K) strengths, unit directions."""
+    from musicsteer.steering import modes
+    from musicsteer.steering.hooks import SteeringHook
+
+    g = torch.Generator().manual_seed(seed)
+    K = len(strengths)
+    directions = torch.nn.functional.normalize(torch.randn(K, model.cfg.hidden, generator=g), dim=-1)
+    alpha = torch.tensor([strengths, strengths], dtype=torch.float32)  # (2, K)
+    return SteeringHook(alpha, directions.contiguous(), torch.zeros(K), modes.get("ablate"))
+
+
+def test_ablate_in_the_call_follows_its_formula_and_is_exact_at_zero(c_calls):
+    """Ablation at block 1's output, applied by the C call: what an observer at that point sees
+    is x - sum_k a_k <x, v_k> v_k of what it sees unsteered; strength 0 changes no bit."""
+    model = packed(WIDE, seed=13)
+    seen = []
+    observer = lambda h: seen.append(h.clone()) or h  # noqa: E731
+    model.add_hook("blocks.1.out", observer)
+    plain_logits = steps(model, fused=True, n=3)
+    plain = [h for h in seen if h.shape[1] == 1]  # the one-token steps (not the prefill)
+    for strengths in ((1.0, 0.0, 0.0), (0.8, -0.5, 0.25), (0.0, 0.0, 0.0)):
+        hook = _ablation(model, strengths, seed=2)
+        model.add_hook("blocks.1.out", hook)  # attached after the observer: runs before it
+        assert model.blocks[1].hooks["out"] == [hook, observer]
+        seen.clear()
+        c_calls.update(ms_blocks=0, ms_block=0)
+        logits = steps(model, fused=True, n=3)
+        assert c_calls == {"ms_blocks": 2 * 3, "ms_block": 0}  # blocks 0-1 (steered inside), then block 2
+        steered = [h for h in seen if h.shape[1] == 1]
+        a, v = hook.alpha[:, None, :].double(), hook.directions.double()  # (2, 1, K), (K, D)
+        for x, y in zip(plain, steered, strict=True):
+            want = x.double() - (a * (x.double() @ v.T)) @ v
+            torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=1e-5)
+        if strengths[0] == 1.0:
+            assert all(float((y @ hook.directions[0]).abs().max()) < 1e-4 for y in steered)  # removed
+        if any(strengths):
+            assert (logits - plain_logits).abs().max() > 1e-3
+        else:
+            assert all(torch.equal(x, y) for x, y in zip(plain, steered)) and torch.equal(logits, plain_logits)
+        model.remove_hook("blocks.1.out", hook)
+
+
+def test_a_meter_attached_before_steering_reads_the_steered_state_in_one_call_up_to_it(c_calls):
+    """live/session attaches the meters before the producer attaches steering: the meter still
+    reads the steered state, and its block stays in the C call that steers it."""
+    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.meters import Meter
+    from musicsteer.steering.plan import SteeringSettings, build_steering
+
+    model = packed(WIDE, seed=14)
+    pack = ConceptPack.random(["c0", "c1"], WIDE, "wide", seed=5)
+    steerer, plan = build_steering(model, pack, SteeringSettings(mode="ablate", layers="all"), batch=2)
+    plan.set_strength("c0", 1.0)  # c1 stays at 0: c0's component is then removed exactly
+    readings = {}
+    for order in ("meter first", "steering first", "module path"):
+        meter = Meter(model, plan.names, steerer.directions, plan.scores)
+        if order == "meter first":
+            meter.attach()
+            steerer.attach()
+        else:
+            steerer.attach()
+            meter.attach()
+        plan.write(0, steerer)
+        for layer in meter.layers:
+            assert isinstance(model.blocks[layer].hooks["out"][0], type(steerer._hooks[layer]))
+        c_calls.update(ms_blocks=0, ms_block=0)
+        steps(model, fused=order != "module path", n=2)
+        readings[order] = meter.read()
+        runs = 1 + sum(layer < WIDE.layers - 1 for layer in meter.layers)  # split once after each meter
+        assert c_calls == ({"ms_blocks": 2 * runs, "ms_block": 0} if order != "module path"
+                           else {"ms_blocks": 0, "ms_block": 0})
+        meter.detach()
+        steerer.detach()
+    assert not any(b.hooks for b in model.blocks)
+    for name in plan.names:
+        assert readings["meter first"][name] == pytest.approx(readings["module path"][name], abs=1e-4)
+        assert readings["meter first"][name] == readings["steering first"][name]
+    assert readings["meter first"]["c0"] == pytest.approx(0.0, abs=1e-4)  # it read the ablated state
+    assert abs(readings["meter first"]["c1"]) > 1e-3

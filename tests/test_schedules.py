@@ -1,4 +1,5 @@
-"""Schedules against their formulas, and the spec parser."""
+"""Schedules against their formulas, the spec parser, and installing a schedule on a plan
+(the one crossfade split render and live share)."""
 
 import math
 
@@ -15,6 +16,7 @@ from musicsteer.steering.schedules import (
     ScheduleError,
     Sine,
     Started,
+    apply_schedule,
     parse_schedule,
     parse_steps,
 )
@@ -69,3 +71,42 @@ def test_parse_specs():
 def test_bad_specs(spec, message):
     with pytest.raises(ScheduleError, match=message):
         parse_schedule(spec)
+
+
+def _plan(names):
+    import numpy as np
+
+    from musicsteer.steering.plan import SteeringPlan, SteeringSettings
+
+    return SteeringPlan(names, np.ones((len(names), 2)), SteeringSettings(), batch=2)
+
+
+def test_apply_schedule_splits_a_crossfade_and_carries_the_strength():
+    plan = _plan(["a", "b", "c"])
+    plan.set_strength("a", 0.7)
+    apply_schedule(plan, "a", parse_schedule("crossfade:b:10"))
+    assert plan.schedules[:2] == [LinearDown(10), LinearUp(10)]
+    assert plan.strengths[1] == pytest.approx(0.7)  # b had none: it takes a's
+    plan.set_strength("c", 0.2)
+    apply_schedule(plan, "b", parse_schedule("crossfade:c:4"), start=30)  # a live trigger at step 30
+    assert plan.schedules[1:] == [Started(LinearDown(4), 30), Started(LinearUp(4), 30)]
+    assert plan.strengths[2] == pytest.approx(0.2)  # c keeps its own
+    apply_schedule(plan, "a", Sine(8), start=5)
+    assert plan.schedules[0] == Started(Sine(8), 5)
+    with pytest.raises(KeyError, match="no concept 'z'"):
+        apply_schedule(plan, "a", Crossfade("z", 3))
+    assert plan.schedules[0] == Started(Sine(8), 5)  # nothing set by the failed call
+
+
+def test_render_and_live_split_a_crossfade_alike(tmp_path, tiny):
+    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.build import make_steering
+    from musicsteer.steering.plan import SteeringSettings
+
+    ConceptPack.random(["a", "b"], tiny.cfg, "tiny", seed=1).save(tmp_path / "pack")
+    _, rendered = make_steering(tiny, tmp_path / "pack", {"a": 0.6}, {"a": "crossfade:b:12"}, SteeringSettings(), 2)
+    live = _plan(["a", "b"])
+    live.set_strength("a", 0.6)
+    apply_schedule(live, "a", parse_schedule("crossfade:b:12"), start=0)
+    assert [s.schedule for s in live.schedules] == rendered.schedules == [LinearDown(12), LinearUp(12)]
+    assert list(live.strengths) == list(rendered.strengths) == pytest.approx([0.6, 0.6])

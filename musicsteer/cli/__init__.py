@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import MusicsteerError, UsageError
+from ..steering import modes as steering_modes  # the mode registry; imports no torch
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--concepts", default="0,1,4,16", metavar="K[,K...]",
                      help="numbers of active steering concepts to time (0 = unsteered)")
     lat.add_argument("--cfg", type=float, default=3.0)
-    lat.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
+    lat.add_argument("--steer-mode", default="add", choices=steering_modes.names(),
+                     help=steering_modes.describe())
     lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
     lat.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram and timeline of step times")
     lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
@@ -158,7 +160,8 @@ def _add_steering_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", action="append", metavar="NAME=SPEC",
                    help="schedule a concept's strength: linear-up:T, linear-down:T, decay[:RATE], logistic:T, "
                         "sine:T, crossfade:OTHER:T, points:STEP=V,...; T in steps or seconds (4s)")
-    p.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp"))
+    p.add_argument("--steer-mode", default="add", choices=steering_modes.names(),
+                   help=steering_modes.describe())
     p.add_argument("--steer-rows", default="both", choices=("both", "cond"), help="CFG rows to steer")
     p.add_argument("--steer-point", default="out", choices=("out", "attn"),
                    help="residual stream after each block, or the self-attention output")

@@ -39,7 +39,7 @@ typedef struct {
     const float *steer_alpha, *steer_dirs, *steer_targets;
 } ms_layer;
 
-enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2 }; /* kernels/reference.py */
+enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2, STEER_ABLATE = 3 }; /* kernels/ids.py */
 #define MS_MAX_STEER 64
 
 /* What one call shares between its threads (for a stack of blocks: the current block's). */
@@ -155,6 +155,7 @@ static void attention(block_call *c, int slot, const attend_args *a) {
  *   add    x + sum_k a_k v_k
  *   norm   (x + |x| sum_k a_k v_k) / (1 + sum_k a_k)
  *   clamp  x + sum_k a_k (c_k - <x, v_k>) v_k
+ *   ablate x - sum_k a_k <x, v_k> v_k
  * as y = s x + sum_k w_k v_k: every thread works out s and w for every row (a few dot products),
  * then, after a barrier (so no row is read while it is written), updates its share of them. */
 static void steer_out(block_call *c) {
@@ -171,12 +172,14 @@ static void steer_out(block_call *c) {
             const float norm = (float)sqrt(n2), inv = 1.0f / (1.0f + (float)total);
             s[r] = inv;
             for (int k = 0; k < K; k++) w[r][k] = norm * a[k] * inv;
-        } else if (L->steer_mode == STEER_CLAMP) {
+        } else if (L->steer_mode == STEER_CLAMP || L->steer_mode == STEER_ABLATE) {
+            const int clamp = L->steer_mode == STEER_CLAMP;
             for (int k = 0; k < K; k++) {
                 const float *v = L->steer_dirs + (size_t)k * d;
                 double proj = 0.0;
                 for (int i = 0; i < d; i++) proj += (double)x[i] * v[i];
-                w[r][k] = a[k] * (L->steer_targets[k] - (float)proj);
+                /* a_k = 0 gives w = -0 or 0: y = x exactly */
+                w[r][k] = clamp ? a[k] * (L->steer_targets[k] - (float)proj) : -(a[k] * (float)proj);
             }
         } else {
             for (int k = 0; k < K; k++) w[r][k] = a[k];
@@ -247,6 +250,7 @@ static int check_layer(const ms_layer *L, int first, int last, int rows, int pos
 #endif
     if (L->kind == KIND_I8 && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
     if (L->steer_k < 0 || L->steer_k > MS_MAX_STEER || (L->steer_k && last != 2)) return -2;
+    if (L->steer_k && (L->steer_mode < STEER_ADD || L->steer_mode > STEER_ABLATE)) return -2;
     return 0;
 }
 

@@ -1,9 +1,11 @@
 """The Triton steering kernel: one pass over each hidden vector applies every active
-concept, with per-row (CFG branch) strengths. Same arithmetic as `reference.py`.
+concept, with per-row (CFG branch) strengths. Same arithmetic as `reference.py`; MODE
+is the kernel id of kernels/ids.py (0 add, 1 norm, 2 clamp, 3 ablate).
 
 One program steers one (row, position) vector, in chunks of BLOCK_D features, with
-all K concepts in one tile: the first loop gathers |x|^2 and the projections <x, v_k>
-(NORM and CLAMP need them before the update), the second writes the result in place.
+all K concepts in one tile: the first loop gathers |x|^2 (NORM) or the projections
+<x, v_k> (CLAMP, ABLATE), which the update needs first; the second writes the result
+in place as y = scale * (x + sum_k coef_k v_k).
 It reads the strength buffer on the device, so a captured CUDA graph picks up new
 strengths without recapture.
 """
@@ -36,16 +38,18 @@ def _steer_kernel(h_ptr, alpha_ptr, v_ptr, c_ptr, T, D, K,
             dmask = ds < D
             x = tl.load(h_row + ds, mask=dmask, other=0.0).to(tl.float32)
             sq += x * x
-            if MODE == 2:
+            if MODE >= 2:
                 v = tl.load(v_ptr + ks[:, None] * stride_vk + ds[None, :],
                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 proj += tl.sum(v * x[None, :], axis=1)
         if MODE == 1:  # NORM: (x + |x| sum a v) / (1 + sum a)
             coef = a * tl.sqrt(tl.sum(sq, axis=0))
             scale = 1.0 / (1.0 + tl.sum(a, axis=0))
-        else:  # CLAMP: x + sum a (c - <x, v>) v
+        elif MODE == 2:  # CLAMP: x + sum a (c - <x, v>) v
             target = tl.load(c_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
             coef = a * (target - proj)
+        else:  # ABLATE: x - sum a <x, v> v
+            coef = -(a * proj)
 
     for c in range(CHUNKS):
         ds = c * BLOCK_D + tl.arange(0, BLOCK_D)

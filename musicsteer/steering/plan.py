@@ -9,7 +9,9 @@ top-K, or all layers); `gate(t)` is one seeded draw per step shared by all layer
 
 The buffers (`alpha` [L, B, K], `directions` [L, K, D], `targets` [L, K]) are
 allocated once on the model's device and only ever written in place, so a step
-captured in a CUDA graph replays with new strengths without recapture.
+captured in a CUDA graph replays with new strengths without recapture. The hooks
+are `SteeringHook`s (steering/hooks.py) in the settings' registered mode
+(steering/modes.py); at their points they run before any observer.
 
 Threading model: `SteeringPlan.set_*` may be called from any thread (they store a
 value under a lock); `write(step)` runs on the producer thread before each step and
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
-from ..kernels import MODES, steer
 from ..model.musicgen import MusicGen
+from . import modes
+from .hooks import SteeringHook
 from .schedules import Constant
 
 POINTS = ("out", "attn")
@@ -35,7 +37,7 @@ ROWS = ("both", "cond")
 
 @dataclass(frozen=True)
 class SteeringSettings:
-    mode: str = "add"  # add (MusicRFM) | norm (linear-probe, norm-preserving) | clamp
+    mode: str = "add"  # a registered steering mode (steering/modes.py): add | norm | clamp | ablate
     rows: str = "both"  # both CFG branches, or the conditional one only
     point: str = "out"  # residual stream after the block, or the self-attention output
     layers: str = "weighted"  # weighted | top:K | all
@@ -44,8 +46,7 @@ class SteeringSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"steering mode {self.mode!r}; use one of {', '.join(MODES)}")
+        modes.get(self.mode)  # validates against the registry
         if self.rows not in ROWS:
             raise ValueError(f"steered rows {self.rows!r}; use both or cond")
         if self.point not in POINTS:
@@ -97,7 +98,7 @@ class Steerer:
         assert L == decoder.cfg.layers and D == decoder.cfg.hidden
         p = decoder.embed.weight
         self.decoder, self.settings = decoder, settings
-        self.mode = MODES[settings.mode]
+        self.mode = modes.get(settings.mode)
         self.directions = directions.to(device=p.device, dtype=p.dtype).contiguous()  # (L, K, D)
         self.targets = targets.to(device=p.device, dtype=torch.float32).contiguous()  # (L, K)
         self.alpha = torch.zeros((L, batch, K), dtype=torch.float32, device=p.device)  # (L, B, K)
@@ -109,8 +110,7 @@ class Steerer:
         if self.attached:
             return self
         for i in self.layers:
-            hook = partial(_steer_hook, alpha=self.alpha[i], directions=self.directions[i],
-                           targets=self.targets[i], mode=self.mode)
+            hook = SteeringHook(self.alpha[i], self.directions[i], self.targets[i], self.mode)
             self.decoder.add_hook(f"blocks.{i}.{self.settings.point}", hook)
             self._hooks[i] = hook
         self.attached = True
@@ -127,10 +127,6 @@ class Steerer:
 
     def __exit__(self, *exc) -> None:
         self.detach()
-
-
-def _steer_hook(h: torch.Tensor, *, alpha, directions, targets, mode) -> torch.Tensor:
-    return steer(h, alpha, directions, targets, mode)
 
 
 class SteeringPlan:

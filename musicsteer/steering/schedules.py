@@ -6,6 +6,8 @@ Spec strings (`--schedule NAME=SPEC`, OSC and mapping files use the same):
   constant[:V]   linear-up:T   linear-down:T   decay[:RATE]   logistic:T   sine:T
   crossfade:OTHER:T   points:STEP=V,STEP=V,...
 T and STEP are steps, or seconds with an `s` suffix (`4s` = 200 steps).
+`apply_schedule` installs a parsed schedule on a plan (render flags and live triggers
+both go through it).
 """
 
 from __future__ import annotations
@@ -98,6 +100,26 @@ class Crossfade:
     """Parsed `crossfade:OTHER:T` on concept A: A follows LinearDown(T), OTHER LinearUp(T)."""
     other: str
     T: int
+
+
+def apply_schedule(plan, name: str, schedule, start: int | None = None) -> None:
+    """Give concept `name` of `plan` (a SteeringPlan) its schedule, from step 0 or, for a live
+    trigger, from step `start`. A `Crossfade` is split here, the one place: `name` follows
+    LinearDown(T) and the other concept LinearUp(T), both from the same step, and the other
+    takes `name`'s strength when it has none of its own (a crossfade carries one strength
+    across). An unknown concept is a KeyError before anything is set."""
+    def started(s):
+        return s if start is None else Started(s, start)
+
+    k = plan.concept(name)
+    if not isinstance(schedule, Crossfade):
+        plan.set_schedule(name, started(schedule))
+        return
+    other = plan.concept(schedule.other)
+    plan.set_schedule(name, started(LinearDown(schedule.T)))
+    plan.set_schedule(schedule.other, started(LinearUp(schedule.T)))
+    if plan.strengths[other] == 0.0:
+        plan.set_strength(schedule.other, float(plan.strengths[k]))
 
 
 def parse_steps(text: str) -> int:

@@ -7,24 +7,27 @@ for every run of blocks between two hook points (one call for an unsteered step)
 instead of about twenty Python-dispatched operations per block (about 5 ms of a
 `small` step on the 2-core test machines).
 
-Hooks keep their points and their order: hooks at `out` run between two calls; a block
-with hooks at `attn` or `cross` runs in three calls with its hooks between them. A block
-that cannot be fused (another weight format, an unknown activation) takes the module
-path inside the same step. Prefill, the static (graph) step, gradients and other dtypes
-keep the module path.
+Hooks keep their points and their order (steering first, then observers; the decoder
+keeps them so): a steering hook (`SteeringHook`) first at a block's `out` is applied
+inside the C call, reading the steerer's buffers, so a steered step is still one call;
+the other `out` hooks run in Python on the block's output, after the run of blocks up to
+it is called (an observer beside steering sees the steered output and splits the run
+there, once). A block with hooks at `attn` or `cross` runs in three calls with its hooks
+between them. A block that cannot be fused (another weight format, an unknown
+activation) takes the module path inside the same step. Prefill, the static (graph)
+step, gradients and other dtypes keep the module path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from functools import partial
 
 import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from ...steering.plan import _steer_hook
+from ...steering.hooks import SteeringHook
 from .int8 import PackedInt8Linear
 from .linear import PackedLinear
 
@@ -48,25 +51,19 @@ class _Layer(ctypes.Structure):
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
 
-def steering_of(hooks) -> dict | None:
-    """The tensors of a block's `out` hooks when they are exactly one steering hook the C path can
-    apply itself (float32 CPU buffers, at most MAX_STEER concepts), else None."""
-    if not hooks or len(hooks) != 1:
+def steering_of(hooks) -> SteeringHook | None:
+    """The first of a block's `out` hooks when it is a steering hook the C path can apply itself
+    (float32 CPU buffers, at most MAX_STEER concepts), else None. The hooks after it run in Python."""
+    if not hooks or not isinstance(hooks[0], SteeringHook):
         return None
     hook = hooks[0]
-    if not (isinstance(hook, partial) and hook.func is _steer_hook):
+    alpha, directions, targets = hook.alpha, hook.directions, hook.targets
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               for t in (alpha, directions, targets)):
         return None
-    kw = hook.keywords
-    alpha, directions, targets = kw["alpha"], kw["directions"], kw["targets"]
-    tensors = (alpha, directions, targets)
-    if not all(t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for t in tensors):
+    if directions.shape[0] > MAX_STEER:
         return None
-    if directions.dim() != 2 or alpha.dim() != 2 or alpha.shape[1] != directions.shape[0]:
-        return None
-    if directions.shape[0] > MAX_STEER or targets.shape != (directions.shape[0],):
-        return None
-    return kw
+    return hook
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -122,7 +119,7 @@ class FusedBlock:
         self.address = ctypes.addressof(self.layer)
         self._key: tuple | None = None
         self._held: tuple = ()  # what the binding points into
-        self._steer_hook = None  # the steering hook applied in C (its partial holds the buffers)
+        self._steer_hook = None  # the steering hook applied in C (it holds the buffers)
         self._call = cpu_kernels.library().ms_block
 
     def _signature(self) -> tuple:
@@ -174,19 +171,19 @@ class FusedBlock:
             self._bind(key)
         return True
 
-    def steer(self, hook, kw: dict | None, rows: int) -> bool:
-        """Apply the steering hook `hook` (its tensors `kw`) in C from now on, or none (None); False
-        when its buffers do not fit `rows`."""
+    def steer(self, hook: SteeringHook | None, rows: int) -> bool:
+        """Apply the steering hook `hook` in C from now on, or none (None); False when its buffers
+        do not fit `rows`."""
         L = self.layer
-        if kw is None:
+        if hook is None:
             L.steer_k, self._steer_hook = 0, None
             return True
-        if kw["alpha"].shape[0] != rows or kw["directions"].shape[1] != self.hidden:
+        if hook.alpha.shape[0] != rows or hook.directions.shape[1] != self.hidden:
             return False
         if hook is not self._steer_hook:
-            L.steer_k, L.steer_mode = kw["directions"].shape[0], int(kw["mode"])
-            L.steer_alpha, L.steer_dirs = kw["alpha"].data_ptr(), kw["directions"].data_ptr()
-            L.steer_targets = kw["targets"].data_ptr()
+            L.steer_k, L.steer_mode = hook.directions.shape[0], hook.mode.kernel
+            L.steer_alpha, L.steer_dirs = hook.alpha.data_ptr(), hook.directions.data_ptr()
+            L.steer_targets = hook.targets.data_ptr()
             self._steer_hook = hook  # holds the buffers the pointers point into
         return True
 
@@ -220,8 +217,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _out_hooks(x: torch.Tensor, hooks: dict) -> torch.Tensor:
-    for hook in hooks.get("out", ()):
+def _out_hooks(x: torch.Tensor, hooks) -> torch.Tensor:
+    """x through `hooks` in order (a block's `out` list, or what is left of it)."""
+    for hook in hooks:
         x = hook(x)
     return _rows(x)
 
@@ -260,21 +258,23 @@ class FusedStack:
         for i, (block, fused) in enumerate(zip(self.blocks, self.fused)):
             hooks = block.hooks
             inner = "attn" in hooks or "cross" in hooks
+            out_hooks = hooks.get("out", ())
             if fused is not None and fused.ready(rows):
                 if not inner:
                     if start is None:
                         start = i
-                    kw = steering_of(hooks.get("out"))
-                    if kw is not None and fused.steer(hooks["out"][0], kw, rows):
-                        continue  # steering applied inside the call: the run goes on
-                    fused.steer(None, None, rows)
-                    if hooks:  # `out` hooks see this block's output: call the run up to here
-                        x, start = _out_hooks(self._flush(start, i + 1, x, pos, kv_len), hooks), None
-                    continue
+                    steering = steering_of(out_hooks)
+                    if steering is not None and fused.steer(steering, rows):
+                        out_hooks = out_hooks[1:]  # steering applied inside the call
+                    else:
+                        fused.steer(None, rows)
+                    if out_hooks:  # observers see this block's (steered) output: call the run up to here
+                        x, start = _out_hooks(self._flush(start, i + 1, x, pos, kv_len), out_hooks), None
+                    continue  # else the run goes on
                 if start is not None:
                     x, start = self._flush(start, i, x, pos, kv_len), None
-                fused.steer(None, None, rows)
-                x = _out_hooks(fused.forward_parts(x, pos, kv_len, hooks), hooks)
+                fused.steer(None, rows)
+                x = _out_hooks(fused.forward_parts(x, pos, kv_len, hooks), out_hooks)
                 continue
             if start is not None:
                 x, start = self._flush(start, i, x, pos, kv_len), None

@@ -1,0 +1,82 @@
+"""The steering modes, registered by name: what `--steer-mode`, `SteeringSettings` and
+the steering hooks accept, and the one place a new mode is declared.
+
+A mode is a small value: its name, the kernel id the Triton kernel, the C block kernel
+and the torch reference all switch on (kernels/ids.py), a one-line description, whether
+it reads the concepts' targets, and whether it is CUDA-graph safe (reads only device
+buffers, so a captured step replays it with new strengths). Adding a mode is one
+`register` call here plus its formula in each kernel.
+
+This module knows the kernels' ids, not their code: it imports no torch, so the CLI
+can list the modes without loading it; `SteeringMode.reference` loads the formula when
+asked. It knows nothing of the decoder, plans or packs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..kernels.ids import ABLATE, ADD, CLAMP, KERNEL_IDS, NORM
+
+
+@dataclass(frozen=True)
+class SteeringMode:
+    name: str
+    kernel: int  # the id the kernels switch on (kernels/ids.py)
+    description: str  # one line, for help and tables
+    uses_targets: bool = False  # reads the concepts' per-layer targets (c_k)
+    graph_safe: bool = True  # reads only device buffers: safe inside a captured CUDA graph
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").isalnum() or self.name != self.name.lower():
+            raise ValueError(f"steering mode name {self.name!r}: lower-case letters, digits and dashes")
+        if self.kernel not in KERNEL_IDS:
+            raise ValueError(f"steering mode {self.name!r}: kernel id {self.kernel} is not one the kernels "
+                             f"implement ({', '.join(map(str, KERNEL_IDS))})")
+
+    @property
+    def reference(self) -> Callable:
+        """The torch formula of kernels/reference.py for this mode: (x, a, v, c) -> y, float32."""
+        from ..kernels.reference import FORMULAS
+
+        return FORMULAS[self.kernel]
+
+
+_REGISTRY: dict[str, SteeringMode] = {}
+
+
+def register(mode: SteeringMode) -> SteeringMode:
+    """Add `mode` under its name; a name already taken is an error (modes are not replaced)."""
+    if mode.name in _REGISTRY:
+        raise ValueError(f"steering mode {mode.name!r} is already registered")
+    _REGISTRY[mode.name] = mode
+    return mode
+
+
+def get(name: str) -> SteeringMode:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"steering mode {name!r}; use one of {', '.join(_REGISTRY)}") from None
+
+
+def names() -> tuple[str, ...]:
+    """Registered mode names, in registration order (the first is the default)."""
+    return tuple(_REGISTRY)
+
+
+def modes() -> tuple[SteeringMode, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def describe() -> str:
+    """'name: description' for every mode, one phrase each (CLI help)."""
+    return "; ".join(f"{m.name}: {m.description}" for m in _REGISTRY.values())
+
+
+register(SteeringMode("add", ADD, "h + a v (MusicRFM)"))
+register(SteeringMode("norm", NORM, "(h + a |h| v) / (1 + a), norm-preserving (linear-probe steering)"))
+register(SteeringMode("clamp", CLAMP, "move the component along v toward the concept's target (a = 1 sets it)",
+                      uses_targets=True))
+register(SteeringMode("ablate", ABLATE, "remove the component along v (a = 1 removes it, 0 keeps it)"))
