@@ -1,5 +1,8 @@
 """Mapping files: which MIDI knob, note or wheel sets which ControlState parameter.
 
+Threading model: a `Mapping` keeps per-binding state (takeover, 14-bit MSB, held
+notes) and is used by one thread at a time (the MIDI reader thread). It never blocks.
+
 A mapping is a TOML file. It turns each MIDI message into zero or more settings
 `(param, value, smooth_ms)` for `ControlState.set`. Everything here is pure logic: no
 ports, no threads, no clock. `MidiController` (midi.py) feeds it messages; MIDI learn
@@ -71,11 +74,13 @@ The format, by example (every key shown; most are optional)::
     range = [-2.0, 2.0]                  # the wheel's centre (8192) gives the middle exactly
     takeover = "jump"                    # default jump for the wheel (it springs back)
 
-Defaults: `range` is [0, 1] for a concept strength, [1, 10] for cfg, [0.1, 2] for
-temperature, [1, 500] for topk, [0, 1] for topp; a range must stay inside what
-ControlState accepts for the parameter. `note_off` defaults to 0 for concept strengths
-driven by velocity and to "hold" otherwise (it applies only to numeric parameters).
-topk values are rounded to integers. A note-on with velocity 0 is a note-off.
+Defaults: `range` is the parameter's knob range in the parameter table (params.py):
+[0, 1] for a concept strength, [1, 10] for cfg, [0.1, 2] for temperature, [1, 500] for
+topk, [0, 1] for topp; a range must stay inside the table's limits for the parameter
+(what ControlState accepts). `note_off` defaults to the parameter's default in the table
+(0 for concept strengths) and to "hold" for one without (it applies only to numeric
+parameters). Integer parameters (topk) are rounded. A note-on with velocity 0 is a
+note-off.
 
 Curves map the control's position x in [0, 1] to y in [0, 1]; the value is
 lo + (hi - lo) * y. With k = shape:
@@ -100,8 +105,9 @@ has caught the parameter's current value: it applies when its position is within
 current value, or when it passes through it (the previous and the new position lie on
 both sides of it, or either one on it). A value outside the binding's range is caught at
 the nearest end. Once caught it follows until the parameter changes from elsewhere
-(the current value is no longer what this binding last set). A concept strength never
-set counts as 0; another parameter never set is caught at once. With "jump" every
+(the current value is no longer what this binding last set). A parameter never set
+counts as its default in the table (0 for a concept strength); one without a default
+is caught at once. With "jump" every
 position applies at once. Prompt slots and notes have no takeover.
 
 MIDI learn (`add_cc_binding`) writes a `[[cc]]` block in this format. The learned knob
@@ -112,8 +118,6 @@ a shared channel, are replaced; the rest of the file, comments included, is kept
 Errors: a malformed file raises `MappingError` naming the file, the line and the reason
 in one line ("map.toml, line 7: cc 130 is out of 0..127").
 
-Threading model: a `Mapping` keeps per-binding state (takeover, 14-bit MSB, held
-notes) and is used by one thread at a time (the MIDI reader thread). It never blocks.
 This module knows nothing of ports, JACK or tensors.
 """
 
@@ -122,30 +126,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import MusicsteerError
-from .state import ControlError, validate
+from . import params
+from .bindings import (
+    CURVES,
+    PROMPT_SLOT,
+    TAKEOVERS,
+    BendBinding,
+    CCBinding,
+    MappingError,
+    NoteBinding,
+    Scale,
+)
+from .mapping_toml import block_spans, parse_mapping
 
-PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-PROMPT_SLOT = "prompt_slot"
+__all__ = ["CURVES", "PROMPT_SLOT", "TAKEOVERS", "BendBinding", "CCBinding", "Mapping", "MappingError", "NoteBinding",
+           "Scale", "Setting", "add_cc_binding", "bend_position", "conflicts", "format_table", "toml_value"]
+
 PICKUP_TOLERANCE = 0.02  # of the knob's travel
-CURVES = {"linear": None, "exp": 4.0, "log": 4.0, "s": 2.0}  # curve -> default shape
-DEFAULT_RANGES = {"strength": (0.0, 1.0), "cfg": (1.0, 10.0), "temperature": (0.1, 2.0), "topk": (1.0, 500.0),
-                  "topp": (0.0, 1.0)}
-TAKEOVERS = ("pickup", "jump")
 HEADER = "# musicsteer MIDI mapping (format: musicsteer/controllers/mapping.py)\n"
-
-
-class MappingError(MusicsteerError):
-    def __init__(self, reason: str, path: str | None = None, line: int | None = None) -> None:
-        where = f"{path}, line {line}: " if path is not None and line is not None else f"{path}: " if path else ""
-        super().__init__(where + reason)
-        self.path, self.line, self.reason = path, line, reason
 
 
 class Setting(NamedTuple):
@@ -154,113 +157,11 @@ class Setting(NamedTuple):
     smooth_ms: float = 0.0
 
 
-# -- curves and scales -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Scale:
-    """A control position x in [0, 1] -> a parameter value, through a curve into a range."""
-    lo: float
-    hi: float
-    curve: str = "linear"
-    shape: float = 0.0
-    integer: bool = False  # topk
-
-    def shaped(self, x: float) -> float:
-        k = self.shape
-        if self.curve == "exp":
-            return math.expm1(k * x) / math.expm1(k)
-        if self.curve == "log":
-            return math.log1p(math.expm1(k) * x) / k
-        if self.curve == "s":
-            a, b = x ** k, (1.0 - x) ** k
-            return a / (a + b)
-        return x
-
-    def unshaped(self, y: float) -> float:
-        """The inverse of `shaped`."""
-        k = self.shape
-        if self.curve == "exp":
-            return math.log1p(math.expm1(k) * y) / k
-        if self.curve == "log":
-            return math.expm1(k * y) / math.expm1(k)
-        if self.curve == "s":
-            a, b = y ** (1.0 / k), (1.0 - y) ** (1.0 / k)
-            return a / (a + b)
-        return y
-
-    def value(self, x: float) -> float | int:
-        v = self.lo + (self.hi - self.lo) * self.shaped(min(max(x, 0.0), 1.0))
-        return int(round(v)) if self.integer else v
-
-    def position(self, value: float) -> float:
-        """The position whose value is `value`, a value outside the range clamped to its end."""
-        y = min(max((value - self.lo) / (self.hi - self.lo), 0.0), 1.0)
-        return self.unshaped(y)
-
-
 def bend_position(pitch: int) -> float:
     return 0.5 + pitch / 16384.0 if pitch <= 0 else 0.5 + pitch / 16382.0
 
 
-# -- bindings ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CCBinding:
-    cc: int
-    param: str
-    scale: Scale | None  # None for prompt_slot
-    channel: int | None = None  # 1..16, None = any
-    bits: int = 7
-    smooth_ms: float = 0.0
-    takeover: str = "pickup"
-    line: int = 0
-
-    @property
-    def lsb(self) -> int | None:
-        return self.cc + 32 if self.bits == 14 else None
-
-    def to_table(self) -> dict:
-        """The binding as the TOML table that describes it (what MIDI learn writes)."""
-        t: dict = {"cc": self.cc}
-        if self.channel is not None:
-            t["channel"] = self.channel
-        t["bits"] = self.bits
-        t["param"] = self.param
-        if self.scale is not None:
-            s = self.scale
-            t["range"] = [s.lo, s.hi]
-            t["curve"] = s.curve
-            if s.curve != "linear":
-                t["shape"] = s.shape
-            t["smooth_ms"] = self.smooth_ms
-            t["takeover"] = self.takeover
-        return t
-
-
-@dataclass(frozen=True)
-class NoteBinding:
-    param: str | None  # one note: its target; None with a concept template
-    note: int | None = None  # one note, or None for every note in `notes` (pitch-class mode)
-    concepts: tuple[str | None, ...] | None = None  # pitch class -> concept (None: not loaded)
-    notes: tuple[int, int] = (0, 127)
-    channel: int | None = None
-    scale: Scale | None = None  # velocity -> value (velocity-driven bindings)
-    value: float | int | str | None = None  # the value a note-on sets (schedule spec, slot number, number)
-    note_off: float | None = None  # None = hold
-    mono: bool = False
-    smooth_ms: float = 0.0
-    line: int = 0
-
-
-@dataclass(frozen=True)
-class BendBinding:
-    param: str
-    scale: Scale | None
-    channel: int | None = None
-    smooth_ms: float = 0.0
-    takeover: str = "jump"
-    line: int = 0
-
+# -- binding state -----------------------------------------------------------------------------
 
 @dataclass
 class _Knob:  # state of a continuous binding (cc, pitch bend)
@@ -315,8 +216,6 @@ class Mapping:
     @classmethod
     def parse(cls, text: str, path: Path | str = "<mapping>", concepts=None) -> Mapping:
         """Parse and check a mapping; `concepts` (names) also checks the concepts it names."""
-        from .mapping_toml import parse_mapping
-
         prompts, bindings = parse_mapping(text, str(path), frozenset(concepts) if concepts is not None else None)
         return cls(bindings, prompts, path if str(path) != "<mapping>" else None)
 
@@ -451,9 +350,11 @@ def conflicts(old: CCBinding, new: CCBinding) -> bool:
 
 
 def _number(cur, param: str) -> float | None:
-    """A parameter's current value for takeover; a strength never set counts as 0."""
-    if cur is None and param.endswith("/strength"):
-        return 0.0
+    """A parameter's current value for takeover; one never set counts as its default (a
+    strength's 0), or as nothing to catch when it has none."""
+    if cur is None:
+        ref = params.find(param)
+        cur = ref.param.default if ref is not None else None
     if isinstance(cur, bool) or not isinstance(cur, (int, float)):
         return None  # nothing to catch
     return float(cur)
@@ -469,31 +370,6 @@ def _catches(scale: Scale, prev: float | None, x: float, cur: float) -> bool:
 
 def _strength(concept: str) -> str:
     return f"concept/{concept}/strength"
-
-
-def pitch_class_names(template: str) -> list[str]:
-    """The 12 concept names a template gives ({pc}, {pc_s}, {pc_num}); ValueError if malformed."""
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    unknown = [f for f in fields if f not in ("pc", "pc_s", "pc_num")]
-    if unknown:
-        raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {template!r}; use {{pc}}, {{pc_s}} or {{pc_num}}")
-    if not fields:
-        raise ValueError(f"concept template {template!r} has no {{pc}}, {{pc_s}} or {{pc_num}}")
-    return [template.format(pc=pc, pc_s=pc.replace("#", "s"), pc_num=i) for i, pc in enumerate(PITCH_CLASSES)]
-
-
-def check_param(param: str, concepts: frozenset[str] | None, *, numeric: bool) -> None:
-    """ControlError unless `param` names a parameter a binding can set (numeric: a
-    strength, cfg, temperature, topk or topp; else also a concept schedule)."""
-    if param == "prompt":
-        raise ControlError("bind prompt_slot (and list prompts), not prompt")
-    if param.endswith("/schedule") and numeric:
-        raise ControlError(f"{param} takes a schedule spec: bind it to a note with value = \"decay:0.99\"")
-    validate(param, "constant" if param.endswith("/schedule") else 0.5, concepts)
-
-
-def default_range(param: str) -> tuple[float, float]:
-    return DEFAULT_RANGES["strength" if param.endswith("/strength") else param]
 
 
 def format_table(name: str, table: dict) -> str:
@@ -524,8 +400,6 @@ def add_cc_binding(path: Path | str, binding: CCBinding, concepts=None) -> Mappi
     the new block takes the place of the first of them, else it is appended. Everything
     else in the file (other bindings, prompts, comments) is kept as written; comments
     inside a replaced block go with it. The file is replaced atomically."""
-    from .mapping_toml import block_spans
-
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
     old = Mapping.parse(text, path, concepts)  # never rewrite a file we cannot read

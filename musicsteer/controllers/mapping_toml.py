@@ -1,12 +1,15 @@
 """Reading mapping files: TOML to checked bindings, every error with its line.
 
+Threading model: pure functions, no state and no I/O; any thread may call them (the
+CLI and the live session at start, the MIDI reader when MIDI learn writes a binding).
+
 tomllib parses the TOML (and gives the line of a syntax error); it forgets where each
 key was, so `scan` reads the text once more, line by line, to learn the line of every
 table header and key. The checks then report "file, line N: reason" for the key at
 fault. `block_spans` gives the lines each `[[cc]]` block covers, for MIDI learn to
-replace a block in place. The format itself is documented in mapping.py.
-
-Pure functions; no state, no I/O.
+replace a block in place. The format itself is documented in mapping.py; which
+parameters a binding may set, their default ranges and limits come from the parameter
+table (params.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from .mapping import (
+from . import params
+from .bindings import (
     CURVES,
     PROMPT_SLOT,
     TAKEOVERS,
@@ -26,10 +30,9 @@ from .mapping import (
     NoteBinding,
     Scale,
     check_param,
-    default_range,
     pitch_class_names,
 )
-from .state import NUMERIC, STRENGTH_LIMIT, ControlError, validate
+from .params import ControlError
 
 TOP_KEYS = ("version", "prompts", "cc", "note", "pitchbend")
 SCALE_KEYS = ("range", "curve", "shape")
@@ -161,10 +164,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _limits(param: str) -> tuple[float, float]:
-    if param.endswith("/strength"):
-        return -STRENGTH_LIMIT, STRENGTH_LIMIT
-    return NUMERIC[param]
+def _param(param: str) -> params.Param:
+    """The table's entry of a parameter `check_param` has let through."""
+    return params.find(param).param
 
 
 class _Fields:
@@ -227,14 +229,14 @@ class _Fields:
         return v
 
     def within(self, key: str, param: str, value: float) -> None:
-        lo, hi = _limits(param)
+        lo, hi = _param(param).limits
         if not lo <= value <= hi:
             raise self.bad(key, f"{key} {value:g} is outside what {param} accepts ({lo:g}..{hi:g})")
 
     def scale(self, param: str) -> Scale:
         rng = self.table.get("range")
         if rng is None:
-            lo, hi = default_range(param)
+            lo, hi = _param(param).knob
         else:
             if not (isinstance(rng, list) and len(rng) == 2 and all(_is_number(x) for x in rng)):
                 raise self.bad("range", f"range must be two numbers [lo, hi], got {rng!r}")
@@ -252,7 +254,7 @@ class _Fields:
             shape = self.number("shape", CURVES[curve])
             if not 0.0 < shape <= 50.0:
                 raise self.bad("shape", f"shape must be in (0, 50], got {shape:g}")
-        return Scale(lo, hi, curve, shape, integer=param == "topk")
+        return Scale(lo, hi, curve, shape, integer=_param(param).type is int)
 
     def no(self, keys, why: str) -> None:
         for key in keys:
@@ -301,7 +303,7 @@ def _note_off(f: _Fields, param: str, default):
     if not _is_number(v):
         raise f.bad("note_off", f"note_off must be a number or \"hold\", got {v!r}")
     f.within("note_off", param, float(v))
-    return int(round(v)) if param == "topk" else float(v)
+    return _param(param).coerce(v)
 
 
 def _note(f: _Fields, concepts, prompts) -> NoteBinding:
@@ -333,16 +335,17 @@ def _note(f: _Fields, concepts, prompts) -> NoteBinding:
         if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(n, int) and not isinstance(n, bool)
                                                                  and 0 <= n <= 127 for n in rng) and rng[0] <= rng[1]):
             raise f.bad("notes", f"notes must be [lowest, highest] note numbers in 0..127, got {rng!r}")
-        probe = "concept/x/strength"
+        probe = "concept/x/strength"  # every pitch class drives a strength
         return NoteBinding(None, None, tuple(names), (rng[0], rng[1]), channel, f.scale(probe), None,
-                           _note_off(f, probe, 0.0), mono, smooth, line)
+                           _note_off(f, probe, _param(probe).default), mono, smooth, line)
     f.no(("notes", "mono"), "to a single note (use concept = \"name_{pc}\" for every note)")
     note = f.integer("note", 0, 127)
     param = f.param(concepts, numeric=False)
+    event = param != PROMPT_SLOT and _param(param).event
     if not f.has("value"):
-        if param == PROMPT_SLOT or param.endswith("/schedule"):
+        if param == PROMPT_SLOT or event:
             raise f.bad("param", f"{param} needs value = ... (the slot number or schedule spec the note sets)")
-        off = _note_off(f, param, 0.0 if param.endswith("/strength") else None)
+        off = _note_off(f, param, _param(param).default)
         return NoteBinding(param, note, None, (note, note), channel, f.scale(param), None, off, False, smooth, line)
     f.no(SCALE_KEYS, "with value = ... (the note sets that value; leave value out to use velocity)")
     value = f.table["value"]
@@ -351,18 +354,18 @@ def _note(f: _Fields, concepts, prompts) -> NoteBinding:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(prompts):
             raise f.bad("value", f"value must be a prompt slot 1..{len(prompts)}, got {value!r}")
         f.no(("note_off",), "to prompt_slot")
-    elif param.endswith("/schedule"):
+    elif event:
         try:
-            value = validate(param, value, concepts)
+            value = params.validate(param, value, concepts)
         except ControlError as exc:
             raise f.bad("value", str(exc)) from None
-        f.no(("note_off",), "to a schedule")
+        f.no(("note_off",), f"to a {_param(param).target}")
     else:
         if not _is_number(value):
             raise f.bad("value", f"value must be a number for {param}, got {value!r}")
         f.within("value", param, float(value))
-        value = int(round(value)) if param == "topk" else float(value)
-    off = _note_off(f, param, None) if param != PROMPT_SLOT and not param.endswith("/schedule") else None
+        value = _param(param).coerce(value)
+    off = _note_off(f, param, None) if param != PROMPT_SLOT and not event else None
     return NoteBinding(param, note, None, (note, note), channel, None, value, off, False, smooth, line)
 
 

@@ -42,7 +42,10 @@ from pathlib import Path
 import mido
 
 from ..errors import MusicsteerError
-from .mapping import CCBinding, Mapping, MappingError, add_cc_binding, default_range
+from .bindings import CCBinding, MappingError
+from .mapping import Mapping, add_cc_binding
+from .mapping_toml import cc_binding
+from .params import default_range
 from .state import ControlError, ControlState
 
 log = logging.getLogger("musicsteer.midi")
@@ -358,13 +361,13 @@ class MidiLearner:
             shape: float | None = None, takeover: str = "pickup", smooth_ms: float = 0.0, bits: int | None = None,
             any_channel: bool = False) -> None:
         """Wait for a knob for `param`; the options are checked now (MappingError)."""
-        from .mapping_toml import cc_binding
-
         if bits not in (None, 7, 14):
             raise MappingError(f"bits must be 7 or 14, got {bits!r}")
         table = {"cc": 0, "param": param}
         if param != "prompt_slot":
-            table.update(range=list(range) if range is not None else list(_default_range(param)),
+            # a parameter without a knob range gets [0, 1]; cc_binding then says why it cannot be bound
+            knob = default_range(param) or (0.0, 1.0)
+            table.update(range=list(range) if range is not None else list(knob),
                          curve=curve, smooth_ms=smooth_ms, takeover=takeover)
             if shape is not None:
                 table["shape"] = shape
@@ -420,8 +423,6 @@ class MidiLearner:
             return self._bind(self._pending[0], self._pending[1], 7)
 
     def _bind(self, cc: int, channel: int, bits: int) -> Mapping | None:
-        from .mapping_toml import cc_binding
-
         table = dict(self._table, cc=cc, bits=bits)
         if not self._any:
             table["channel"] = channel
@@ -437,10 +438,3 @@ class MidiLearner:
             self.mapping = None
         self._done.set()
         return self.mapping
-
-
-def _default_range(param: str) -> tuple[float, float]:
-    try:
-        return default_range(param)
-    except KeyError:
-        return (0.0, 1.0)  # an unknown parameter: cc_binding reports it

@@ -1,5 +1,10 @@
 """OSC control: a router (addresses -> control state and queries) and a UDP transport.
 
+Threading model: one receive thread owns parsing and routing, so messages are handled
+in the order they arrive (a threading server would reorder them). `publish` is called
+by the producer thread and only enqueues; one sender thread sends meters to
+subscribers. Replies to queries go out from the receive thread.
+
 Address space (DESIGN.md):
   /musicsteer/concept/<name>/strength f|i     target strength, applied from the next step
   /musicsteer/concept/<name>/schedule s       start a schedule (decay:0.99, crossfade:B:4s, ...)
@@ -14,12 +19,9 @@ unknown addresses or concepts, NaN, infinities) is logged, counted, and answered
 /musicsteer/error s; out-of-range values are clamped. Bundles are taken in arrival
 order; their time tags are not waited for (a sleeping server would stall control).
 
-The router knows nothing of sockets; the server knows nothing of parameters.
-
-Threading model: one receive thread owns parsing and routing, so messages are handled
-in the order they arrive (a threading server would reorder them). `publish` is called
-by the producer thread and only enqueues; one sender thread sends meters to
-subscribers. Replies to queries go out from the receive thread.
+The parameters it sets and gets are the entries of the parameter table (params.py);
+the address of one is /musicsteer/ and its name. The router knows nothing of sockets;
+the server knows nothing of parameters.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket, ParseError
 
 from ..errors import MusicsteerError
+from . import params
 from .state import ControlState
 
 log = logging.getLogger("musicsteer.osc")
 PREFIX = "/musicsteer/"
-SETTABLE = ("prompt", "cfg", "temperature", "topk", "topp")
 
 
 class OscError(MusicsteerError):
@@ -74,14 +76,16 @@ class OscRouter:
                 raise OscError("MIDI learn needs MIDI input: start live with --midi-in or a mapping")
             self.learn(self._string(address, args[0]))
             return []
-        if path in SETTABLE or _is_concept_param(path):
+        ref = params.find(path)
+        if ref is not None or params.family(path) is not None:  # ControlState names what a family has
             self._arity(address, args, 1)
             value = args[0]
-            if path == "prompt" or path.endswith("/schedule"):
+            if ref is not None and not ref.param.numeric:
                 value = self._string(address, value)
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise OscError(f"{address} needs a number, got {type(value).__name__} {value!r}")
-            self.controls.set(path, value, source="osc", smooth_ms=0.0 if path == "prompt" else self.smooth_ms)
+            smoothed = ref is not None and ref.param.smoothed
+            self.controls.set(path, value, source="osc", smooth_ms=self.smooth_ms if smoothed else 0.0)
             return []
         raise OscError(f"unknown address {address!r}")
 
@@ -91,12 +95,13 @@ class OscRouter:
             return address, list(self.concepts)
         if path == "stats":
             return address, self.stats_args()
-        if path in SETTABLE or (_is_concept_param(path) and path.endswith("/strength")):
-            if path.startswith("concept/") and path.split("/")[1] not in self.concepts:
-                raise OscError(f"unknown concept {path.split('/')[1]!r}; loaded: {', '.join(self.concepts) or 'none'}")
+        ref = params.find(path)
+        if ref is not None and not ref.param.event:
+            if ref.concept is not None and ref.concept not in self.concepts:
+                raise OscError(f"unknown concept {ref.concept!r}; loaded: {', '.join(self.concepts) or 'none'}")
             value = self.controls.current(path)
             if value is None:
-                value = 0.0 if path.startswith("concept/") else ""
+                value = ref.param.default if ref.param.default is not None else ""
             return address, [value]
         raise OscError(f"nothing to get at {address!r}")
 
@@ -124,11 +129,6 @@ class OscRouter:
         if not isinstance(value, str):
             raise OscError(f"{address} needs a string, got {type(value).__name__} {value!r}")
         return value
-
-
-def _is_concept_param(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 3 and parts[0] == "concept"
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,18 @@
 """ControlState: the targets controllers write and the producer reads once per step.
 
-Parameters are named by their OSC path below `/musicsteer/`:
-  concept/<name>/strength (float), concept/<name>/schedule (a schedule spec, started
-  at the step it arrives), prompt (str), cfg (float), temperature (float), topk (int),
-  topp (float).
-A setter validates, stores the latest value per parameter and bumps a generation
-counter: O(1), never waits on the producer. The producer calls `take(step)` once per
-step and gets every change since the last call; each change takes effect at that
-step and is what the control log records. A change may ask for smoothing (a one-pole
-time constant in ms); the producer's `Smoother` then moves the value toward the new
-target a little every step, so a knob never clicks, and replay reproduces it exactly
-from the logged targets.
-
 Threading model: `set` may be called from any thread (OSC server, MIDI callback,
 the CLI); it holds a lock for a dict assignment only. `take` is called by the
 producer thread alone. Nothing here touches tensors or blocks on I/O.
+
+Parameters are named by their OSC path below `/musicsteer/`; params.py holds the one
+table of them (concept/<name>/strength, concept/<name>/schedule, prompt, cfg, ...), and
+its `validate` checks and clamps every value that comes in. A setter validates, stores
+the latest value per parameter and bumps a generation counter: O(1), never waits on
+the producer. The producer calls `take(step)` once per step and gets every change
+since the last call; each change takes effect at that step and is what the control
+log records. A change may ask for smoothing (a one-pole time constant in ms); the
+producer's `Smoother` then moves the value toward the new target a little every step,
+so a knob never clicks, and replay reproduces it exactly from the logged targets.
 """
 
 from __future__ import annotations
@@ -24,13 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import MusicsteerError
-
-NUMERIC = {"cfg": (0.0, 20.0), "temperature": (1e-3, 10.0), "topk": (0, 2048), "topp": (0.0, 1.0)}
-
-
-class ControlError(MusicsteerError):
-    pass
+from .params import ControlError, validate
 
 
 @dataclass(frozen=True)
@@ -49,46 +41,6 @@ class ControlChange:
         if self.received_step >= 0:
             entry["received_step"] = self.received_step
         return entry
-
-
-def validate(param: str, value, concepts: frozenset[str] | None = None):
-    """The value to store for `param`, clamped to its range; ControlError if it cannot be one."""
-    if param == "prompt":
-        if not isinstance(value, str) or not value.strip():
-            raise ControlError("prompt must be a non-empty string")
-        return value
-    parts = param.split("/")
-    if len(parts) == 3 and parts[0] == "concept":
-        if parts[2] not in ("strength", "schedule"):
-            raise ControlError(f"unknown parameter {param!r}; a concept has strength and schedule")
-        if concepts is not None and parts[1] not in concepts:
-            raise ControlError(f"unknown concept {parts[1]!r}; loaded: {', '.join(sorted(concepts)) or 'none'}")
-        if parts[2] == "schedule":
-            from ..steering.schedules import Crossfade, ScheduleError, parse_schedule
-
-            if not isinstance(value, str):
-                raise ControlError("a schedule is a spec string like decay:0.99 or linear-up:4s")
-            try:
-                parsed = parse_schedule(value)
-            except ScheduleError as exc:
-                raise ControlError(str(exc)) from None
-            if isinstance(parsed, Crossfade) and concepts is not None and parsed.other not in concepts:
-                raise ControlError(f"unknown concept {parsed.other!r} to crossfade to")
-            return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ControlError(f"{param} needs a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ControlError(f"{param} needs a finite number, got {value}")
-    if param in NUMERIC:
-        lo, hi = NUMERIC[param]
-        value = min(max(value, lo), hi)
-        return int(round(value)) if param == "topk" else float(value)
-    if len(parts) == 3 and parts[0] == "concept":  # strength
-        return float(min(max(value, -STRENGTH_LIMIT), STRENGTH_LIMIT))
-    raise ControlError(f"unknown parameter {param!r}")
-
-
-STRENGTH_LIMIT = 100.0
 
 
 class ControlState:

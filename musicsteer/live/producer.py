@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..codec.stream import StreamingCodecSettings, StreamingDecoder
+from ..controllers import params
 from ..controllers.state import ControlChange, Smoother
 from ..model.config import FRAME_RATE
 from ..model.graph_step import GraphedStep
@@ -282,48 +283,62 @@ class Producer:
             self._apply(param, value)
 
     def _accept(self, change: ControlChange, step: int) -> None:
-        """Take a target: strings apply now, numbers through the smoother."""
-        p, v = change.param, change.value
-        if p == "prompt":
-            self._set_prompt(str(v))
-        elif p.endswith("/schedule"):
-            self._start_schedule(p.split("/")[1], str(v), step)
-        else:
-            self._check_param(p)
-            self.smoother.set_target(p, float(v), change.smooth_ms, self._current(p))
+        """Take a target (params.py): numbers through the smoother (a parameter that is not
+        smoothed jumps there this step), a prompt or a schedule now."""
+        ref = self._check_param(change.param)
+        if ref.param.numeric:  # targets "sampling" and "strength"
+            smooth_ms = change.smooth_ms if ref.param.smoothed else 0.0
+            self.smoother.set_target(change.param, float(change.value), smooth_ms, self._current(ref))
+        elif ref.param.target == "prompt":
+            self._set_prompt(str(change.value))
+        else:  # "schedule"
+            self._start_schedule(ref.concept, str(change.value), step)
 
-    def _check_param(self, p: str) -> None:
-        if p.startswith("concept/"):
+    def _check_param(self, p: str) -> params.ParamRef:
+        """The table's entry for `p`; KeyError if there is none or its concept is not loaded."""
+        ref = params.find(p)
+        if ref is None:
+            raise KeyError(f"unknown parameter {p!r}")
+        if ref.concept is not None:
             if self.plan is None:
                 raise KeyError("no concept pack is loaded")
-            self.plan.concept(p.split("/")[1])
-        elif p not in ("cfg", "temperature", "topk", "topp"):
-            raise KeyError(f"unknown parameter {p!r}")
+            self.plan.concept(ref.concept)
+        return ref
 
-    def _current(self, p: str) -> float:
-        if p.startswith("concept/"):
-            return float(self.plan.strengths[self.plan.concept(p.split("/")[1])])
-        return float({"cfg": self.sampling.cfg, "temperature": self.sampling.temperature,
-                      "topk": self.sampling.top_k, "topp": self.sampling.top_p}[p])
+    def _current(self, ref: params.ParamRef) -> float:
+        """The value a smoothed parameter has in the engine now."""
+        if ref.param.target == "sampling":
+            return float(getattr(self.sampling, ref.param.field))
+        return float(self.plan.strengths[self.plan.concept(ref.concept)])  # "strength"
 
     def _start_schedule(self, name: str, spec: str, step: int) -> None:
-        from ..steering.schedules import apply_schedule, parse_schedule
+        from ..steering.schedules import (
+            Crossfade,
+            LinearDown,
+            LinearUp,
+            Started,
+            parse_schedule,
+        )
 
         if self.plan is None:
             raise KeyError("no concept pack is loaded")
-        apply_schedule(self.plan, name, parse_schedule(spec), start=step)
+        schedule = parse_schedule(spec)
+        if isinstance(schedule, Crossfade):
+            self.plan.set_schedule(name, Started(LinearDown(schedule.T), step))
+            self.plan.set_schedule(schedule.other, Started(LinearUp(schedule.T), step))
+            other = self.plan.concept(schedule.other)
+            if self.plan.strengths[other] == 0.0:
+                self.plan.set_strength(schedule.other, float(self.plan.strengths[self.plan.concept(name)]))
+        else:
+            self.plan.set_schedule(name, Started(schedule, step))
 
     def _apply(self, p: str, v: float) -> None:
-        if p == "cfg":
-            self.sampling = replace(self.sampling, cfg=float(v))
-        elif p == "temperature":
-            self.sampling = replace(self.sampling, temperature=float(v))
-        elif p == "topk":
-            self.sampling = replace(self.sampling, top_k=int(round(v)))
-        elif p == "topp":
-            self.sampling = replace(self.sampling, top_p=float(v))
-        else:  # concept/<name>/strength, checked when its target was set
-            self.plan.set_strength(p.split("/")[1], float(v))
+        """One smoothed value into the engine: a sampling field, or a concept's strength."""
+        ref = params.find(p)  # checked when its target was set
+        if ref.param.target == "sampling":
+            self.sampling = replace(self.sampling, **{ref.param.field: ref.param.coerce(v)})
+        else:  # "strength"
+            self.plan.set_strength(ref.concept, float(v))
 
     def _wait_for_room(self) -> None:
         """Just in time: a step whose frame completes a codec chunk starts only once that chunk's

@@ -20,13 +20,13 @@ import numpy as np
 
 from .. import __version__
 from ..codec.stream import StreamingCodecSettings
+from ..controllers import params
 from ..controllers.state import ControlState, ScriptedControls
 from ..errors import UsageError
 from ..model.config import FRAME_RATE
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
-from ..render import write_wav
-from ..steering.build import make_steering
+from ..render import make_steering, write_wav
 from ..steering.plan import SteeringSettings
 from .producer import Producer, StreamConfig, StreamStats
 from .recorder import SessionRecorder, load_session
@@ -169,13 +169,25 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
 
 
 def seed_controls(controls: ControlState, request: LiveRequest, names: list[str]) -> None:
-    """The engine's starting values, so /get answers before anything was set."""
-    s = request.sampling
-    for param, value in (("prompt", request.prompt), ("cfg", s.cfg), ("temperature", s.temperature),
-                         ("topk", s.top_k), ("topp", s.top_p)):
-        controls.seed(param, value)
-    for name in names:
-        controls.seed(f"concept/{name}/strength", request.steer.get(name, 0.0))
+    """The starting value of every parameter in the table (params.py) that has one, so /get
+    answers before anything was set (events, such as schedules, have none)."""
+    for param in params.PARAMS:
+        if param.event:
+            continue
+        for concept in names if param.is_pattern else [None]:
+            controls.seed(param.path(concept), starting_value(param, concept, request))
+
+
+def starting_value(param: params.Param, concept: str | None, request: LiveRequest):
+    """A parameter's value when the session starts, from its target: the request's sampling
+    settings and prompt, a concept's --steer strength (else the table's default)."""
+    if param.target == "sampling":
+        return getattr(request.sampling, param.field)
+    if param.target == "prompt":
+        return request.prompt
+    if param.target == "strength":
+        return request.steer.get(concept, param.default)
+    raise ValueError(f"{param.name}: no starting value for target {param.target!r}")
 
 
 def start_midi(request: LiveRequest, controls: ControlState):
