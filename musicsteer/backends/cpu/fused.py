@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
+from .attention import fast_path
 from ...steering.hooks import SteeringHook
 from .int8 import PackedInt8Linear
 from .linear import PackedLinear
@@ -249,6 +250,11 @@ class FusedStack:
             raise RuntimeError(f"fused blocks {start}-{end - 1} refused the step ({rc}) at position {pos}, "
                                f"length {kv_len}")
         return out
+
+    def takes(self, x: torch.Tensor, kv_len: int | None, mask) -> bool:
+        """Whether the decoder's blocks on `x` (B, T, D) run here: one-token float32 CPU steps that
+        read the filled part of the cache (the eager step), without gradients."""
+        return kv_len is not None and mask is None and x.shape[1] == 1 and fast_path(x)
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Hidden states (B, 1, D) through every block, as `Block.forward` would give them."""
