@@ -312,25 +312,11 @@ class Producer:
         return float(self.plan.strengths[self.plan.concept(ref.concept)])  # "strength"
 
     def _start_schedule(self, name: str, spec: str, step: int) -> None:
-        from ..steering.schedules import (
-            Crossfade,
-            LinearDown,
-            LinearUp,
-            Started,
-            parse_schedule,
-        )
+        from ..steering.schedules import apply_schedule, parse_schedule
 
         if self.plan is None:
             raise KeyError("no concept pack is loaded")
-        schedule = parse_schedule(spec)
-        if isinstance(schedule, Crossfade):
-            self.plan.set_schedule(name, Started(LinearDown(schedule.T), step))
-            self.plan.set_schedule(schedule.other, Started(LinearUp(schedule.T), step))
-            other = self.plan.concept(schedule.other)
-            if self.plan.strengths[other] == 0.0:
-                self.plan.set_strength(schedule.other, float(self.plan.strengths[self.plan.concept(name)]))
-        else:
-            self.plan.set_schedule(name, Started(schedule, step))
+        apply_schedule(self.plan, name, parse_schedule(spec), start=step)
 
     def _apply(self, p: str, v: float) -> None:
         """One smoothed value into the engine: a sampling field, or a concept's strength."""

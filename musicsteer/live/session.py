@@ -26,7 +26,8 @@ from ..errors import UsageError
 from ..model.config import FRAME_RATE
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
-from ..render import make_steering, write_wav
+from ..render import write_wav
+from ..steering.build import make_steering
 from ..steering.plan import SteeringSettings
 from .producer import Producer, StreamConfig, StreamStats
 from .recorder import SessionRecorder, load_session
