@@ -210,7 +210,7 @@ def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
 def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
     """A steerer's `out` hooks are applied by the C call itself (one call for the whole steered
     step) and give what the hooks give; strength 0 leaves the step bit-identical."""
-    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.plan import SteeringSettings, build_steering
 
     model = packed(WIDE, seed=11)
@@ -245,7 +245,7 @@ def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
 
 
 def test_other_out_hooks_beside_steering_run_in_python():
-    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.plan import SteeringSettings, build_steering
 
     model = packed(WIDE, seed=12)
@@ -327,7 +327,7 @@ def test_ablate_in_the_call_follows_its_formula_and_is_exact_at_zero(c_calls):
 def test_a_meter_attached_before_steering_reads_the_steered_state_in_one_call_up_to_it(c_calls):
     """live/session attaches the meters before the producer attaches steering: the meter still
     reads the steered state, and its block stays in the C call that steers it."""
-    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.meters import Meter
     from musicsteer.steering.plan import SteeringSettings, build_steering
 

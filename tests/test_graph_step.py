@@ -8,7 +8,7 @@ import torch
 from musicsteer.model.generate import generate
 from musicsteer.model.graph_step import GraphedStep
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 from musicsteer.steering.plan import SteeringSettings, build_steering
 from musicsteer.steering.schedules import LinearUp
 

@@ -14,7 +14,7 @@ from jack_server import jack_server_fixture
 from musicsteer.controllers.state import ControlState
 from musicsteer.live.session import LiveRequest, run_live
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 
 pytestmark = pytest.mark.audio
 jack = jack_server_fixture(scope="module")

@@ -18,7 +18,7 @@ from musicsteer.controllers.state import ControlError, ControlState
 from musicsteer.live.recorder import load_session
 from musicsteer.live.session import LiveRequest, run_live
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 
 ME = ("127.0.0.1", 5555)
 

@@ -8,7 +8,7 @@ import torch
 
 from musicsteer.cli import main
 from musicsteer.model.config import PRESETS
-from musicsteer.probes.pack import ConceptPack, PackError
+from musicsteer.steering.pack import ConceptPack, PackError
 
 TINY = PRESETS["tiny"]
 

@@ -11,7 +11,7 @@ import torch
 from musicsteer.errors import MusicsteerError
 from musicsteer.probes.common import ProbeError, auc
 from musicsteer.probes.linear import fit_diffmean, fit_logistic, fit_ridge
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 from musicsteer.probes.rfm import RfmParams, RfmSearch, fit_rfm
 from musicsteer.probes.train import evaluation_table, train_pack
 

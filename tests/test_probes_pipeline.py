@@ -18,7 +18,7 @@ from musicsteer.probes.common import ProbeError
 from musicsteer.probes.dataset import DatasetError, build_dataset
 from musicsteer.probes.evaluate import run_generation_eval
 from musicsteer.probes.extract import ExtractError, ExtractSettings, extract
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 from musicsteer.probes.train import train_pack
 
 

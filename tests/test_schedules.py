@@ -99,7 +99,7 @@ def test_apply_schedule_splits_a_crossfade_and_carries_the_strength():
 
 
 def test_render_and_live_split_a_crossfade_alike(tmp_path, tiny):
-    from musicsteer.probes.pack import ConceptPack
+    from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.build import make_steering
     from musicsteer.steering.plan import SteeringSettings
 

@@ -9,7 +9,7 @@ import torch
 
 from musicsteer.model.generate import generate
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 from musicsteer.steering.plan import (
     SteeringPlan,
     SteeringSettings,

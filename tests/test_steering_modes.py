@@ -15,7 +15,7 @@ from musicsteer.cli import build_parser
 from musicsteer.kernels import ABLATE, FORMULAS, KERNEL_IDS, steer_reference
 from musicsteer.model.generate import generate
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 from musicsteer.steering import modes
 from musicsteer.steering.hooks import STEERING, SteeringHook
 from musicsteer.steering.plan import SteeringSettings, build_steering

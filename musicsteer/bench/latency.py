@@ -29,7 +29,7 @@ from ..kernels import steer
 from ..model.generate import generate
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
-from ..probes.pack import ConceptPack
+from ..steering.pack import ConceptPack
 from ..steering.plan import SteeringSettings, build_steering
 
 FRAME_MS = 20.0

@@ -27,7 +27,7 @@ from ..steering.plan import SteeringSettings, build_steering
 from .common import ProbeError
 from .extract import ExtractSettings, hidden_states, layout
 from .features import concept_name, families_of, load_features
-from .pack import ConceptPack
+from ..steering.pack import ConceptPack
 
 CLAP_REPOS = ("laion/larger_clap_music", "laion/clap-htsat-unfused")
 

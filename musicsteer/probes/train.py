@@ -36,7 +36,7 @@ from .features import (
     strata,
 )
 from .linear import RIDGE_ALPHAS, fit_diffmean, fit_logistic, fit_multiclass, fit_ridge
-from .pack import SIGN, Concept, ConceptPack
+from ..steering.pack import SIGN, Concept, ConceptPack
 from .rfm import RfmSearch, fit_rfm, fit_rfm_multiclass
 
 __all__ = ["METHODS", "ProbeError", "evaluation_table", "plot_scores", "train_pack"]

@@ -8,7 +8,7 @@ instead of about twenty Python-dispatched operations per block (about 5 ms of a
 `small` step on the 2-core test machines).
 
 Hooks keep their points and their order (steering first, then observers; the decoder
-keeps them so): a steering hook (`SteeringHook`) first at a block's `out` is applied
+keeps them so): a steering hook (`KernelHook`) first at a block's `out` is applied
 inside the C call, reading the steerer's buffers, so a steered step is still one call;
 the other `out` hooks run in Python on the block's output, after the run of blocks up to
 it is called (an observer beside steering sees the steered output and splits the run
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
+from ...kernels.hook import KernelHook
 from .attention import fast_path
-from ...steering.hooks import SteeringHook
 from .int8 import PackedInt8Linear
 from .linear import PackedLinear
 
@@ -52,10 +52,10 @@ class _Layer(ctypes.Structure):
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
 
-def steering_of(hooks) -> SteeringHook | None:
+def steering_of(hooks) -> KernelHook | None:
     """The first of a block's `out` hooks when it is a steering hook the C path can apply itself
     (float32 CPU buffers, at most MAX_STEER concepts), else None. The hooks after it run in Python."""
-    if not hooks or not isinstance(hooks[0], SteeringHook):
+    if not hooks or not isinstance(hooks[0], KernelHook):
         return None
     hook = hooks[0]
     alpha, directions, targets = hook.alpha, hook.directions, hook.targets
@@ -172,7 +172,7 @@ class FusedBlock:
             self._bind(key)
         return True
 
-    def steer(self, hook: SteeringHook | None, rows: int) -> bool:
+    def steer(self, hook: KernelHook | None, rows: int) -> bool:
         """Apply the steering hook `hook` in C from now on, or none (None); False when its buffers
         do not fit `rows`."""
         L = self.layer
@@ -182,7 +182,7 @@ class FusedBlock:
         if hook.alpha.shape[0] != rows or hook.directions.shape[1] != self.hidden:
             return False
         if hook is not self._steer_hook:
-            L.steer_k, L.steer_mode = hook.directions.shape[0], hook.mode.kernel
+            L.steer_k, L.steer_mode = hook.directions.shape[0], hook.kernel
             L.steer_alpha, L.steer_dirs = hook.alpha.data_ptr(), hook.directions.data_ptr()
             L.steer_targets = hook.targets.data_ptr()
             self._steer_hook = hook  # holds the buffers the pointers point into

@@ -1,0 +1,35 @@
+"""The steering update bound to its buffers, as a hook `h -> steered h`: what a backend
+recognises (`isinstance(hook, KernelHook)`) and may apply itself, reading the same
+buffers (the fused CPU blocks apply it inside their C call).
+
+It knows the kernels' dispatch and a mode id, not the decoder nor the mode registry
+(steering/hooks.py builds these from a registered mode).
+
+Threading model: called on the decoder's forward thread; the strength buffer it reads is
+rewritten in place between steps by that same thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import steer
+
+STEERING, OBSERVER = 0, 1  # hook orders; the decoder treats a hook without `order` as OBSERVER
+
+
+class KernelHook:
+    """h (B, T, D) -> steered h. alpha (B, K) is read at every call (rewritten in place between
+    steps), directions (K, D) are unit vectors, targets (K,) are read by modes that use them,
+    `kernel` is the mode id (kernels/ids.py)."""
+
+    order = STEERING
+    __slots__ = ("alpha", "directions", "targets", "kernel")
+
+    def __init__(self, alpha: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, kernel: int) -> None:
+        assert alpha.dim() == 2 and directions.dim() == 2 and alpha.shape[1] == directions.shape[0]
+        assert targets.shape == (directions.shape[0],)
+        self.alpha, self.directions, self.targets, self.kernel = alpha, directions, targets, kernel
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return steer(h, self.alpha, self.directions, self.targets, self.kernel)
