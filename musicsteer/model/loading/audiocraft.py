@@ -16,9 +16,9 @@ import torch
 from ...errors import ModelLoadError
 from ..config import FRAME_RATE, ModelConfig
 from ..musicgen import MusicGen
-from .load import (
+from .common import (
     LoadedModel,
-    _first_line,
+    first_line,
     hf_cache_dir,
     hf_cache_snapshot,
     load_codec_dir,
@@ -124,7 +124,7 @@ def decoder_from_audiocraft(cfg: ModelConfig, state: dict, position_scale: float
     try:
         model = MusicGen.from_state_dict(cfg, sd, position_style="audiocraft")
     except RuntimeError as exc:
-        raise ModelLoadError(f"{path}/state_dict.bin: weights do not fit xp.cfg ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}/state_dict.bin: weights do not fit xp.cfg ({first_line(exc)})") from exc
     if position_scale != 1.0:
         model.positions.mul_(position_scale)
     return model
@@ -184,7 +184,7 @@ def _torch_load(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {file}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read {file}: {first_line(exc)}") from exc
 
 
 def _parse_cfg(text, path: Path) -> dict:
@@ -195,7 +195,7 @@ def _parse_cfg(text, path: Path) -> dict:
     try:
         xp = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ModelLoadError(f"{path}/state_dict.bin: xp.cfg is not valid YAML ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}/state_dict.bin: xp.cfg is not valid YAML ({first_line(exc)})") from exc
     if not isinstance(xp, dict):
         raise ModelLoadError(f"{path}/state_dict.bin: xp.cfg is not a mapping")
     return xp

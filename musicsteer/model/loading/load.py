@@ -11,29 +11,26 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ...backends.select import BackendError, prepare
 from ...codec.codec import Codec
 from ...errors import ModelLoadError
 from ..config import PRESETS, ModelConfig
 from ..musicgen import MusicGen
 from ..text import ByteTokenizer, TextEncoder
-
-
-@dataclass
-class LoadedModel:
-    decoder: MusicGen
-    text: TextEncoder
-    codec: Codec
-    model_id: str  # what the user named: preset, directory or repo id
-    format: str  # "preset" | "transformers" | "audiocraft"
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.decoder.cfg
+from .audiocraft import load_audiocraft_dir
+from .common import (
+    LoadedModel,
+    first_line,
+    hf_cache_dir,
+    hf_cache_snapshot,
+    load_codec_dir,
+    load_text_encoder_dir,
+    load_tokenizer,
+)
 
 
 def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None = None,
@@ -50,35 +47,16 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         if kind == "transformers":
             loaded = load_transformers_dir(path, spec)
         else:
-            from .audiocraft import load_audiocraft_dir
-
             loaded = load_audiocraft_dir(path, spec, text_encoder=text_encoder, codec=codec)
     if text_encoder is not None and loaded.format != "audiocraft":
         loaded.text = load_text_encoder_dir(Path(text_encoder), "--text-encoder")
     if codec is not None and loaded.format != "audiocraft":
         loaded.codec = load_codec_dir(Path(codec), "--codec")
     check_compatible(loaded)
-    loaded.decoder.to(device=device, dtype=dtype)
-    if weights == "int8":
-        from ...backends.cpu.fused import fuse_blocks
-        from ...backends.cpu.int8 import quantize_int8
-        from ...backends.cpu.linear import fuse_activations
-
-        if torch.device(device).type != "cpu":
-            raise ModelLoadError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
-        quantize_int8(loaded.decoder)
-        loaded.decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
-        fuse_activations(loaded.decoder)
-        fuse_blocks(loaded.decoder)
-    elif weights != "full":
-        raise ModelLoadError(f"unknown weight format {weights!r}; use full or int8")
-    elif torch.device(device).type == "cpu" and dtype == torch.float32:
-        from ...backends.cpu.fused import fuse_blocks
-        from ...backends.cpu.linear import fuse_activations, optimize_for_cpu
-
-        optimize_for_cpu(loaded.decoder)
-        fuse_activations(loaded.decoder)
-        fuse_blocks(loaded.decoder)
+    try:
+        loaded.backend = prepare(loaded.decoder, device, dtype, weights)  # the one backend choice
+    except BackendError as exc:
+        raise ModelLoadError(str(exc)) from None
     loaded.text.model.to(device)
     loaded.codec.model.to(device)
     return loaded
@@ -96,9 +74,7 @@ def model_config(spec: str) -> ModelConfig:
         try:
             return config_from_transformers(MusicgenConfig.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read {path}/config.json: {_first_line(exc)}") from exc
-    from .audiocraft import load_audiocraft_dir
-
+            raise ModelLoadError(f"cannot read {path}/config.json: {first_line(exc)}") from exc
     return load_audiocraft_dir(path, spec, text_encoder=None, codec=None, decoder_only=True).cfg
 
 
@@ -130,25 +106,6 @@ def resolve_path(spec: str) -> Path:
     raise ModelLoadError(
         f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), no such directory, "
         f"and no snapshot of that repo id in the Hugging Face cache ({hf_cache_dir()})")
-
-
-def hf_cache_dir() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hf_cache_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot directory of `repo_id`, looked up offline; None if absent."""
-    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")) or not repo_id.strip():
-        return None
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError, ValueError):
-        return None
 
 
 def detect_format(path: Path) -> str:
@@ -233,7 +190,7 @@ def load_transformers_dir(path: Path, spec: str) -> LoadedModel:
     try:
         hf = MusicgenForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # corrupt or truncated files: say which, in one line
-        raise ModelLoadError(f"cannot load {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load {path}: {first_line(exc)}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     decoder = decoder_from_transformers(hf)
@@ -284,46 +241,6 @@ def decoder_from_transformers(hf) -> MusicGen:
     return MusicGen.from_state_dict(cfg, sd, position_style="transformers")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    # Without vocabulary files transformers builds an empty tokenizer silently; refuse instead.
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
-        raise ModelLoadError(f"no usable tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}); "
-                             f"save one there with the tokenizer's save_pretrained")
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"no usable tokenizer in {path} ({_first_line(exc)}); "
-                             f"save one there with the tokenizer's save_pretrained") from exc
-
-
-def load_text_encoder_dir(path: Path, what: str) -> TextEncoder:
-    """A T5 encoder directory (config.json, weights, tokenizer files)."""
-    from transformers import T5EncoderModel
-
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{what} {path}: no config.json there; give a T5 directory written by save_pretrained")
-    try:
-        model = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except Exception as exc:
-        raise ModelLoadError(f"{what} {path}: cannot load a T5 encoder ({_first_line(exc)})") from exc
-    return TextEncoder(model.eval(), load_tokenizer(path), str(path))
-
-
-def load_codec_dir(path: Path, what: str) -> Codec:
-    from transformers import EncodecModel
-
-    try:
-        model = EncodecModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except Exception as exc:
-        raise ModelLoadError(f"{what} {path}: cannot load an EnCodec model ({_first_line(exc)})") from exc
-    return Codec(model.eval(), str(path))
-
-
 def _activation_name(name: str) -> str:
     return {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}.get(name, name)
 
@@ -332,9 +249,4 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+        raise ModelLoadError(f"cannot read {path}: {first_line(exc)}") from exc
