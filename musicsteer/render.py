@@ -7,6 +7,7 @@ It knows the file formats and the progress bar; generation itself is in
 from __future__ import annotations
 
 import math
+import wave
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +71,14 @@ def render(model: LoadedModel, request: RenderRequest) -> Generation:
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    import soundfile as sf
-
-    sf.write(str(path), np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    """16-bit PCM, samples (frames,) or (frames, channels), with the standard library's wave."""
+    scaled = np.floor(np.clip(audio, -1.0, 1.0) * 32768.0)  # libsndfile's scale and rounding: the same samples
+    pcm = np.clip(scaled, -32768, 32767).astype("<i2")  # as soundfile wrote
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm.tobytes())
 
 
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from ..controllers.mapping import CURVES, TAKEOVERS, Mapping, format_table
+from ..controllers.state import ControlState
+from .extras import require
 
 
 def register(subparsers) -> None:
@@ -66,6 +68,7 @@ def _input_ports() -> list[str]:
 
 
 def run_ports(args) -> int:
+    require(args, "mido", "rtmidi")
     names = _input_ports()
     for name in names:
         print(name)
@@ -76,12 +79,12 @@ def run_ports(args) -> int:
 
 
 def run_learn(args) -> int:
-    from ..controllers.midi import MidiController, MidiError, MidiLearner, describe
-    from ..controllers.state import ControlState
+    require(args, "mido", "rtmidi")
+    from ..controllers.midi import MidiController, MidiError, MidiLearner, describe  # mido, at its top
 
     concepts = None
     if args.concepts is not None:
-        from ..probes.pack import ConceptPack
+        from ..steering.pack import ConceptPack
 
         concepts = ConceptPack.load(args.concepts).names
     mapping = Mapping.load(args.map, concepts) if args.map.exists() else Mapping(path=args.map)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UsageError
+from . import probes_dataset as dataset_cli
+from .common import load_from_args
+from .extras import require
+
 
 def register(sub) -> None:
-    from . import probes_dataset as dataset_cli
-
     probes = sub.add_parser("probes", help="learn concept directions: datasets, extraction, training, evaluation")
     psub = probes.add_subparsers(dest="probes_command", required=True)
     dataset_cli.register(psub)
@@ -57,26 +60,19 @@ def register(sub) -> None:
     ev.set_defaults(run=run_eval)
 
 
-def _model(args):
-    import argparse as _argparse
-
-    from . import _load
-
-    ns = _argparse.Namespace(model=args.model, text_encoder=None, codec=None, compute=args.compute, dtype="float32")
-    return _load(ns)
-
-
 def run_extract(args: argparse.Namespace) -> int:
+    require(args, "soundfile")
     from ..probes.extract import ExtractSettings, extract
 
     settings = ExtractSettings(prompt=args.prompt, delay=not args.no_delay, text=not args.no_text,
                                per_frame=args.per_frame, batch=max(args.batch, 1))
-    out = extract(_model(args), args.dataset, args.out, settings, progress=not args.no_progress)
+    out = extract(load_from_args(args), args.dataset, args.out, settings, progress=not args.no_progress)
     print(f"wrote {out} (pooled.npy, index.csv, meta.json)")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require(args, *(("xrfm",) if args.method == "rfm" else ()), "matplotlib")
     from ..probes.train import evaluation_table, train_pack
 
     split = (lambda text: [t for t in text.split(",") if t] if text else None)
@@ -95,19 +91,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
+    from ..bench.latency import write_json
     from ..probes.evaluate import format_eval, run_generation_eval
 
     try:
         strengths = [float(s) for s in args.strengths.split(",")]
     except ValueError:
         raise UsageError(f"--strengths {args.strengths!r}: expected numbers like 0,0.3,0.6") from None
-    record = run_generation_eval(_model(args), args.features, args.concepts, args.family, strengths,
+    record = run_generation_eval(load_from_args(args), args.features, args.concepts, args.family, strengths,
                                  args.per_concept, args.duration, args.prompt, args.gate, args.seed)
     print(format_eval(record))
     if args.json:
-        from ..bench.latency import write_json
-
         write_json(record, args.json)
         print(f"wrote {args.json}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..probes.theory import FAMILIES, FAMILY_NAMES, KEPT_PROGRAMS, RHYTHM_PROGRAMS
+from .extras import require
 
 
 def register(probes_subparsers) -> argparse.ArgumentParser:
@@ -68,6 +69,7 @@ def parse_families(text: str) -> list[str]:
 
 
 def run_dataset(args) -> int:
+    require(args, "mido", "soundfile")
     from ..probes.dataset import (
         build_dataset,
         find_fluidsynth,

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import mido
+if TYPE_CHECKING:
+    import mido
 
 CLIP_SECONDS = 4.0
 BASE_BPM = 120
@@ -376,6 +378,8 @@ def _fit_register(notes: list[Note], program: int) -> list[Note]:
 def to_midi(clip: Clip) -> mido.MidiFile:
     """A type-0 MIDI file of the clip: tempo, time signature, program, reverb, notes, and
     the end of track exactly at the clip's end."""
+    import mido  # here, not at the top: the CLI's parser reads this module's tables
+
     events: list[tuple[int, int, mido.Message]] = []  # (tick, order: offs before ons, message)
     for n in clip.notes:
         on, off = _tick(n.start), _tick(n.end)

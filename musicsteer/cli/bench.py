@@ -1,0 +1,151 @@
+"""`musicsteer bench latency | stream | control | codec`: parses, delegates to the bench
+package, prints the report and writes the JSON record. `latency` and `codec` need only the
+core packages (`--plot` adds matplotlib); `stream` and `control` run the live stream."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UsageError
+from ..steering import modes as steering_modes  # the mode registry; imports no torch
+from .common import add_model_args, load_from_args
+from .extras import STREAM, require
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    lat = bsub.add_parser("latency", help="per-token time of the generation loop, with and without steering")
+    add_model_args(lat)
+    lat.add_argument("--steps", type=int, default=100, help="timed steps per configuration")
+    lat.add_argument("--warmup", type=int, default=10)
+    lat.add_argument("--concepts", default="0,1,4,16", metavar="K[,K...]",
+                     help="numbers of active steering concepts to time (0 = unsteered)")
+    lat.add_argument("--cfg", type=float, default=3.0)
+    lat.add_argument("--steer-mode", default="add", choices=steering_modes.names(),
+                     help=steering_modes.describe())
+    lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
+    lat.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram and timeline of step times")
+    lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
+                     help="also time a reference implementation on the same shape (repeatable)")
+    lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
+    lat.add_argument("--rounds", type=int, default=1,
+                     help="take turns between the concept counts in this many rounds, sampling the bandwidth "
+                          "between them (for noisy shared hosts)")
+    lat.add_argument("--cuda-graph", action="store_true",
+                     help="replay each step as one captured CUDA graph (needs --compute cuda)")
+    lat.set_defaults(run=run_latency)
+
+    stream = bsub.add_parser("stream", help="a long live stream: gaps, re-primes, memory over time")
+    add_model_args(stream)
+    stream.add_argument("--seconds", type=float, default=150.0)
+    stream.add_argument("--fast", action="store_true", help="as fast as possible instead of real-time paced")
+    stream.add_argument("--window", type=float, default=30.0)
+    stream.add_argument("--keep", type=float, default=10.0)
+    stream.add_argument("--buffer-ms", type=float, default=60.0)
+    stream.add_argument("--json", type=Path, metavar="FILE")
+    stream.set_defaults(run=run_stream)
+
+    control = bsub.add_parser("control", help="control-to-sound latency through OSC, the stream and the device")
+    add_model_args(control)
+    control.add_argument("--device", metavar="NAME", help="audio output device (default: JACK or the system's)")
+    control.add_argument("--messages", type=int, default=100)
+    control.add_argument("--interval", type=float, default=0.15, metavar="SECONDS", help="mean gap between changes")
+    control.add_argument("--buffer-ms", type=float, default=60.0)
+    control.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
+    control.add_argument("--json", type=Path, metavar="FILE")
+    control.set_defaults(run=run_control)
+
+    codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
+    add_model_args(codec)
+    codec.add_argument("--frames", type=int, default=1000)
+    codec.add_argument("--chunk", type=int, default=1)
+    codec.add_argument("--method", choices=("state", "window"), default="state",
+                       help="stateful layers (each frame decoded once) or a window decoded per chunk")
+    codec.add_argument("--json", type=Path, metavar="FILE")
+    codec.set_defaults(run=run_codec)
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from ..bench.latency import format_report, write_json
+    from ..bench.latency import run_latency as time_steps
+    from ..model.sampling import SamplingSettings
+    from ..steering.plan import SteeringSettings
+
+    try:
+        counts = [int(k) for k in args.concepts.split(",")]
+    except ValueError:
+        raise UsageError(f"--concepts {args.concepts!r}: expected numbers like 0,1,4,16") from None
+    if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise UsageError("--concepts, --steps, --warmup and --rounds must not be negative (--steps and --rounds "
+                         "at least 1)")
+    if args.plot:
+        require(args, "matplotlib")  # before minutes of timing, not after
+    model = load_from_args(args)
+    if args.cuda_graph and model.decoder.embed.weight.device.type != "cuda":
+        raise UsageError("--cuda-graph needs the model on a CUDA device (--compute cuda)")
+    if args.steps + args.warmup + 1 > model.cfg.max_positions:
+        raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
+    sampling = SamplingSettings(cfg=args.cfg, seed=0)
+    record = time_steps(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
+                        args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
+                        weights=args.weights, rounds=args.rounds)
+    print(format_report(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from ..bench.latency import plot
+
+        plot(record, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def emit(record: dict, path: Path | None) -> None:
+    """Print the record (without the machine details) and write it whole to `path`."""
+    import json
+
+    from ..bench.latency import write_json
+
+    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=2))
+    if path:
+        write_json(record, path)
+        print(f"wrote {path}")
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    require(args, *STREAM)
+    from ..bench.stream import run_stream_bench
+
+    model = load_from_args(args)
+    emit(run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms), args.json)
+    return 0
+
+
+def run_control(args: argparse.Namespace) -> int:
+    require(args, *STREAM, "pythonosc", "sounddevice")
+    from ..bench.control import format_control, run_control_bench
+    from ..bench.latency import write_json
+
+    if args.messages < 1 or not args.interval > 0 or args.codec_chunk < 1:
+        raise UsageError("--messages and --codec-chunk must be >= 1 and --interval > 0")
+    record = run_control_bench(load_from_args(args), args.device, args.messages, args.interval, args.buffer_ms,
+                               codec_chunk=args.codec_chunk)
+    print(format_control(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_codec(args: argparse.Namespace) -> int:
+    from ..bench.codec import run_codec_bench
+
+    if args.frames < 100:
+        raise UsageError("--frames must be at least 100")
+    if args.chunk < 1:
+        raise UsageError("--chunk must be at least 1")
+    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method), args.json)
+    return 0
