@@ -18,7 +18,7 @@ from musicsteer.controllers.params import PARAMS, ControlError, Param
 from musicsteer.controllers.state import ControlState
 from musicsteer.live.session import LiveRequest, run_live, seed_controls
 from musicsteer.model.sampling import SamplingSettings
-from musicsteer.probes.pack import ConceptPack
+from musicsteer.steering.pack import ConceptPack
 
 ME = ("127.0.0.1", 9)
 # SamplingSettings fields a session keeps from its start (--greedy, --seed): no live parameter

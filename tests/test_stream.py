@@ -125,13 +125,13 @@ def test_steps_run_just_in_time_for_their_audio(tiny):
     """Paced by the device, a step starts only once its audio will fit in the buffer, so its
     frame reaches the ring right after it (not a frame later, after waiting for room), and the
     controls it read were as fresh as the buffer allows. The ring never runs dry."""
-    from musicsteer.live.producer import Timeline
+    from musicsteer.bench.timeline import Timeline
 
     holder = {}
     timeline = Timeline(steps=200)
 
     def on_start(producer):
-        producer.timeline = timeline
+        producer.observers.append(timeline)
         holder["p"] = producer
 
     request = LiveRequest(PROMPT, SAMPLING, null="realtime", seconds=3.0, buffer_ms=60, status=False)

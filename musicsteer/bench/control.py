@@ -34,11 +34,11 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from ..codec.stream import StreamingCodecSettings
 from ..controllers.state import ControlState
 from ..errors import MusicsteerError
-from ..live.producer import Timeline
+from .timeline import Timeline
 from ..live.session import LiveRequest, run_live
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
-from ..probes.pack import ConceptPack
+from ..steering.pack import ConceptPack
 from .latency import git_commit, machine_info
 
 PARTS = ("wait_for_step", "delay_pattern", "codec_lookahead", "ring_buffer", "device")
@@ -113,7 +113,7 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
                               status=False)
 
         def on_start(producer):
-            producer.timeline = timeline
+            producer.observers.append(timeline)
             holder["producer"] = producer
 
         def play():

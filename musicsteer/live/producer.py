@@ -1,21 +1,17 @@
 """The producer: generation running ahead of playback in its own thread.
 
-Per step it takes the control changes (once), writes the steering strengths, runs
-one decoder step on the CFG batch, guides and samples, appends the token column to
-the delayed stream, hands each complete frame to the streaming codec, and pushes
-the codec's audio into the ring buffer, waiting only while the ring is full.
-
-Endless streams: positions in the KV cache are bounded by the model's window. Before
-the window fills, a second cache is filled in slices of a few positions per step
-with the last `keep` seconds of the stream (re-interleaved so that the window
-starts at a frame boundary, exactly as if generation had started there), while the
-first cache keeps decoding; once the second has caught up, the two swap. No single
-step does the whole re-prime, and the audio never stops.
-
 Threading model: `Producer` runs `run()` in its own thread and is the only writer
 of tokens, caches, the ring buffer and the recorder queue. Other threads call
 `pause`, `resume`, `stop` (events) and `stats` (a snapshot built from plain
 attributes); controls arrive through the control source's own thread-safe setters.
+Observers (`StepObserver`) are called on the producer thread and must not block; add
+them before `start()`.
+
+Per step it takes the control changes (once), writes the steering strengths, runs
+the one decoder step (model/step.py) on the CFG batch, appends the token column to
+the window's history (window.py: endless streams, re-primed into a spare cache while
+decoding goes on), hands each complete frame to the streaming codec, and pushes the
+codec's audio into the ring buffer, waiting only while the ring is full.
 """
 
 from __future__ import annotations
@@ -29,15 +25,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from ..backends.select import captures_graphs
 from ..codec.stream import StreamingCodecSettings, StreamingDecoder
 from ..controllers import params
 from ..controllers.state import ControlChange, Smoother
 from ..model.config import FRAME_RATE
-from ..model.graph_step import GraphedStep
 from ..model.loading.load import LoadedModel
-from ..model.sampling import SamplingSettings, guided_logits, make_generator, sample
+from ..model.graph_step import GraphedStep
+from ..model.sampling import SamplingSettings, make_generator
+from ..model.step import DecodeStep
 from ..model.text import condition_rows
 from .ring_buffer import AudioRing
+from .window import Window
 
 log = logging.getLogger("musicsteer.stream")
 
@@ -88,23 +87,39 @@ class StreamStats:
     error: str | None
 
 
-class Timeline:
-    """Stamps (time.monotonic) of what the producer did, for control-to-sound latency.
+class StepObserver:
+    """What a producer tells its observers, on the producer thread, in this order per step:
+    `step_started`, `control_applied` for each change taken, `before_decode`, `step_computed`
+    (the column is pushed: frame step - (K - 1) is complete), `audio_pushed` for audio that step
+    put in the ring, `step_done`. Every method is optional; none may block."""
 
-    Preallocated for `steps` steps; the producer writes, a benchmark reads afterwards."""
+    def step_started(self, step: int) -> None:
+        pass
 
-    def __init__(self, steps: int) -> None:
-        self.step_start = np.full(steps, np.nan)
-        self.step_end = np.full(steps, np.nan)
-        self.pushes: list[tuple[int, int, int, float]] = []  # (first sample, samples, ring index, time)
-        self.changes: list[tuple[str, float, int, int]] = []  # (param, received, received_step, applied step)
+    def control_applied(self, change: ControlChange, step: int) -> None:
+        pass
 
-    def sample_pushed(self, sample: int) -> tuple[int, float] | None:
-        """(ring index of stream sample `sample`, time it entered the ring), if pushed."""
-        for first, n, ring_index, t in self.pushes:
-            if first <= sample < first + n:
-                return ring_index + (sample - first), t
-        return None
+    def before_decode(self, step: int) -> None:
+        pass
+
+    def step_computed(self, step: int) -> None:
+        pass
+
+    def audio_pushed(self, first_sample: int, samples: int, ring_index: int) -> None:
+        pass
+
+    def step_done(self, step: int) -> None:
+        pass
+
+
+class _Calls(StepObserver):
+    """Plain callables as an observer: `before_decode(step)` and `step_done(step)`."""
+
+    def __init__(self, before_decode: Callable[[int], None] | None, step_done: Callable[[int], None] | None) -> None:
+        if before_decode is not None:
+            self.before_decode = before_decode
+        if step_done is not None:
+            self.step_done = step_done
 
 
 class ControlSource:
@@ -118,12 +133,15 @@ class Producer:
     def __init__(self, model: LoadedModel, config: StreamConfig, ring: AudioRing,
                  controls: ControlSource | None = None, steering=None, recorder=None,
                  step_hook: Callable[[int], None] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
-        """`steering` is (Steerer, SteeringPlan) or None; `step_hook(step)` runs inside every step
-        (tests use it to make the producer slow); `on_step(step)` after it (meters)."""
+                 on_step: Callable[[int], None] | None = None, observers: list[StepObserver] = ()) -> None:
+        """`steering` is (Steerer, SteeringPlan) or None; `observers` are told what each step did
+        (meters, benchmark stamps); `step_hook(step)` runs inside every step, before the decoder
+        (tests use it to make the producer slow), `on_step(step)` after it: both as an observer."""
         self.model, self.config, self.ring = model, config, ring
-        self.controls, self.recorder, self.step_hook, self.on_step = controls, recorder, step_hook, on_step
-        self.timeline: Timeline | None = None  # set before start() to record stamps
+        self.controls, self.recorder = controls, recorder
+        self.observers: list[StepObserver] = list(observers)
+        if step_hook is not None or on_step is not None:
+            self.observers.append(_Calls(step_hook, on_step))
         self.steerer, self.plan = steering if steering is not None else (None, None)
         cfg = model.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
@@ -134,12 +152,12 @@ class Producer:
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
-        self.graphs: dict[int, GraphedStep] | None = None  # set up in the producer thread (_setup)
+        self.decode: DecodeStep | None = None  # set up in the producer thread (_setup), with the window
+        self.context: Window | None = None
         self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
         self._decode_s = 0.0  # the last codec decode, seconds
         self.step = 0
         self.frames = 0
-        self.reprimes = 0
         self.error: str | None = None
         self.first_audio_at: float | None = None
         self.audio_pushed = 0  # samples
@@ -170,6 +188,15 @@ class Producer:
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def reprimes(self) -> int:
+        return self.context.reprimes if self.context is not None else 0
+
+    @property
+    def graphs(self) -> dict[int, GraphedStep] | None:
+        """The graphed step per cache set, where the stream steps through graphs."""
+        return self.decode.graphs if self.decode is not None else None
 
     def stats(self) -> StreamStats:
         n = min(self.step, len(self._times))
@@ -216,54 +243,25 @@ class Producer:
         decoder = self.model.decoder
         device = decoder.embed.weight.device
         self.device = device
-        decoder.setup_caches(2, max_len=self.window)  # always the CFG batch: cfg may change live
-        self.spare = decoder.make_caches(2, self.window)
+        self.context = Window(decoder, self.window, self.keep, self.config.reprime_chunk,
+                              self.config.reprime_margin(self.keep))
         self._set_prompt(self.prompt)
         self.codec_stream.warm_up()
         self.generator = make_generator(self.sampling.seed, device)
-        self.positions = torch.arange(self.window, device=device)
-        # The delayed stream: global column c holds codebook k of frame c - 1 - k. Keep the last
-        # `keep` + a margin columns; column 0 is all special.
-        self.retain = self.keep + self.config.reprime_margin(self.keep) + 2 * self.K + 8
-        self.history = torch.full((self.K, 2 * self.retain), self.special, dtype=torch.long, device=device)
-        self.hist_base = 0  # global column of history[:, 0]
-        self.columns = 1  # global columns known (column 0 exists)
-        self.base = 0  # global column at window position 0
-        self.reprime: dict | None = None
+        self.decode = DecodeStep(decoder, 2)
         if self.steerer is not None:
             self.steerer.attach()
-        use_graph = self.config.graph if self.config.graph is not None else device.type == "cuda"
-        self.graphs = self._capture_graphs() if use_graph else None
-
-    def _capture_graphs(self) -> dict[int, GraphedStep]:
-        """One graphed step per self-attention cache set, keyed by the set's first cache: a graph
-        bakes in the addresses it was captured over, and the re-prime swaps the two sets. Steering
-        is attached first (its hooks are part of the graph; strengths stay live in its buffers)."""
-        decoder = self.model.decoder
-        current, graphs = decoder.caches, {}
-        try:
-            for caches in (current, self.spare):
-                decoder.use_caches(caches)
-                graphs[id(caches[0])] = GraphedStep(decoder, 2)
-        finally:
-            decoder.use_caches(current)
-        return graphs
+        backend = self.model.backend
+        use_graph = self.config.graph
+        if use_graph is None:
+            use_graph = backend.graphs if backend is not None else captures_graphs(device)
+        if use_graph:  # one graph per cache set: the re-prime swaps them (steering attached first)
+            self.decode.capture(self.context.cache_sets)
 
     def _set_prompt(self, prompt: str) -> None:
         states, mask = self.model.text.encode(prompt)
         self.model.decoder.set_condition(*condition_rows(states, mask, 2))
         self.prompt = prompt
-
-    def _column(self, c: int) -> torch.Tensor:
-        return self.history[:, c - self.hist_base]
-
-    def _push_column(self, col: torch.Tensor) -> None:
-        if self.columns - self.hist_base == self.history.shape[1]:  # keep the newest `retain` columns
-            shift = self.history.shape[1] - self.retain
-            self.history[:, : self.retain] = self.history[:, shift:].clone()
-            self.hist_base += shift
-        self.history[:, self.columns - self.hist_base] = col
-        self.columns += 1
 
     def _apply_controls(self, step: int) -> None:
         if self.controls is None:
@@ -277,8 +275,8 @@ class Producer:
                 continue
             if self.recorder is not None:
                 self.recorder.control(change.to_json(step))
-            if self.timeline is not None:
-                self.timeline.changes.append((change.param, change.received, change.received_step, step))
+            for observer in self.observers:
+                observer.control_applied(change, step)
         for param, value in self.smoother.advance().items():
             self._apply(param, value)
 
@@ -346,38 +344,29 @@ class Producer:
 
     def _one_step(self) -> None:
         t0 = time.perf_counter()
-        s = self.step
-        timeline = self.timeline
-        if timeline is not None and s < len(timeline.step_start):
-            timeline.step_start[s] = time.monotonic()
+        s, context, observers = self.step, self.context, self.observers
+        for observer in observers:
+            observer.step_started(s)
         self._apply_controls(s)
         if self.plan is not None:
             self.plan.write(s, self.steerer)
-        if self.step_hook is not None:
-            self.step_hook(s)
-        decoder, K = self.model.decoder, self.K
-        pos = s - self.base  # window position of the input column s
-        codes_in = self._column(s).view(1, K, 1).expand(2, K, 1)  # (B, K, 1)
-        if self.graphs is not None:  # the graph of the cache set in use (held for the producer's life)
-            logits = self.graphs[id(decoder.blocks[0].self_attn.cache)](codes_in, pos)
-        else:
-            logits = decoder.step(codes_in, self.positions[pos : pos + 1], kv_len=pos + 1)  # (B, K, V)
-        token = sample(guided_logits(logits, self.sampling), self.sampling, self.generator)  # (K,)
-        if s < K - 1:  # the delay pattern's opening: codebooks k > s have no frame yet
-            token = torch.where(torch.arange(K, device=self.device) <= s, token, self.special)
-        self._push_column(token)
+        for observer in observers:
+            observer.before_decode(s)
+        token, _ = self.decode(context.column(s), s - context.base, self.sampling, self.generator,
+                               self.decode.opening(s))  # (K,): input column s at its window position
+        context.push(token)
         self.step += 1
-        self._advance_reprime()
+        context.advance(self.step)
         self._times[s % len(self._times)] = time.perf_counter() - t0
-        if timeline is not None and s < len(timeline.step_end):
-            timeline.step_end[s] = time.monotonic()  # frame s - (K - 1) is complete
-        if s >= K - 1:
-            self._emit_frame(s - (K - 1))
-        if self.on_step is not None:
-            self.on_step(s)
+        for observer in observers:
+            observer.step_computed(s)  # frame s - (K - 1) is complete
+        if s >= self.K - 1:
+            self._emit_frame(s - (self.K - 1))
+        for observer in observers:
+            observer.step_done(s)
 
     def _emit_frame(self, f: int) -> None:
-        frame = torch.stack([self._column(f + 1 + k)[k] for k in range(self.K)]).cpu()  # (K,)
+        frame = torch.stack([self.context.column(f + 1 + k)[k] for k in range(self.K)]).cpu()  # (K,)
         self.frames += 1
         if self.recorder is not None:
             self.recorder.frame(frame.numpy())
@@ -389,15 +378,15 @@ class Producer:
 
     def _push_audio(self, audio: np.ndarray) -> None:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        ring_index = self.ring.metrics().frames_written if self.timeline is not None else 0
+        ring_index = self.ring.metrics().frames_written if self.observers else 0
         limit = max(self.config.fill_target or self.ring.capacity, len(audio))
         # Ahead of playback by the fill target (or the ring is full): wait for the sink.
         while self.ring.read_available() + len(audio) > limit or not self.ring.write(audio):
             if self._stop.is_set():
                 return
             time.sleep(0.001)
-        if self.timeline is not None:
-            self.timeline.pushes.append((self.audio_pushed, len(audio), ring_index, time.monotonic()))
+        for observer in self.observers:
+            observer.audio_pushed(self.audio_pushed, len(audio), ring_index)
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
         self.audio_pushed += len(audio)
@@ -412,45 +401,3 @@ class Producer:
         piece = self.config.codec.chunk * self.model.codec.hop
         for i in range(0, len(tail), piece):
             self._push_audio(tail[i : i + piece])
-
-    # -- re-priming the window ------------------------------------------------------------------
-
-    def _advance_reprime(self) -> None:
-        """Start, continue or finish filling the spare cache (a few positions per step)."""
-        pos_next = self.step - self.base  # window position of the next input column
-        if self.reprime is None:
-            if pos_next + self.config.reprime_margin(self.keep) < self.window:
-                return
-            new_base = self.step + 1 - self.keep  # the window will start at this global column
-            self.reprime = {"base": new_base, "done": 0}
-        r = self.reprime
-        target = self.step - r["base"]  # columns new_base .. step-1 go in; column `step` is the next input
-        n = min(self.config.reprime_chunk, target - r["done"])
-        if n > 0:
-            self._prefill_spare(r["base"], r["done"], n)
-            r["done"] += n
-        if r["done"] == target:
-            decoder = self.model.decoder
-            current = decoder.caches
-            decoder.use_caches(self.spare)
-            self.spare = current
-            self.base = r["base"]
-            self.reprime = None
-            self.reprimes += 1
-            log.debug("re-primed at step %d: window starts at column %d", self.step, self.base)
-
-    def _prefill_spare(self, base: int, start: int, n: int) -> None:
-        """Run window positions start..start+n of the new window into the spare cache."""
-        K = self.K
-        cols = torch.stack([self._column(base + j) for j in range(start, start + n)], dim=1)  # (K, n)
-        j = torch.arange(start, start + n, device=self.device)
-        k = torch.arange(K, device=self.device)[:, None]
-        cols = torch.where(j[None, :] <= k, self.special, cols)  # frames before the new start: special
-        decoder = self.model.decoder
-        current = decoder.caches
-        decoder.use_caches(self.spare)
-        try:
-            decoder.hidden_states(cols.unsqueeze(0).expand(2, K, n), self.positions[start : start + n],
-                                  kv_len=start + n)
-        finally:
-            decoder.use_caches(current)
