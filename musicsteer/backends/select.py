@@ -1,4 +1,6 @@
-"""The one place a backend is chosen: once, at load, from the device, the dtype and the
+"""Threading model: `prepare` runs once, at load, before any forward.
+
+The one place a backend is chosen: once, at load, from the device, the dtype and the
 weight format (`--compute`, `--dtype`, `--weights`).
 
 - CPU, float32, full weights: `cpu-f32`. Every linear layer packed for the C kernels
@@ -15,8 +17,6 @@ weight format (`--compute`, `--dtype`, `--weights`).
 `prepare` applies the choice to a decoder in place and says what it chose. The model
 knows nothing of this: the backends swap its layers' classes or set its
 `fused_stack`, and the reference path stays underneath for every call they do not take.
-
-Threading model: `prepare` runs once, at load, before any forward.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def time_steering_only(model: LoadedModel, concepts: int, batch: int, steering: 
         t0 = time.perf_counter()
         plan.write(s, steerer)
         for i in steerer.layers:
-            h = steer(h, steerer.alpha[i], steerer.directions[i], steerer.targets[i], steerer.mode)
+            h = steer(h, steerer.alpha[i], steerer.directions[i], steerer.targets[i], steerer.mode.kernel)
         sync()
         times.append(time.perf_counter() - t0)
     return np.array(times[10:])

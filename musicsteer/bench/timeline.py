@@ -1,8 +1,8 @@
-"""Stamps (time.monotonic) of what a live producer did, for control-to-sound latency: a
-`StepObserver` the benchmark adds to the producer before it starts.
-
-Threading model: the producer thread writes (through the observer calls); the benchmark
+"""Threading model: the producer thread writes (through the observer calls); the benchmark
 reads after the producer has stopped.
+
+Stamps (time.monotonic) of what a live producer did, for control-to-sound latency: a
+`StepObserver` the benchmark adds to the producer before it starts.
 """
 
 from __future__ import annotations

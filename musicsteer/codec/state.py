@@ -1,4 +1,7 @@
-"""Stateful streaming EnCodec decode: every layer of the SEANet decoder keeps what it
+"""Threading model: each stage and the decoder built from them belong to one thread (the
+producer's): `push` and `flush` mutate the layers' past without a lock.
+
+Stateful streaming EnCodec decode: every layer of the SEANet decoder keeps what it
 needs of the past, so each frame is decoded once.
 
 The offline decoder pads every convolution at both ends (reflect) and runs one LSTM over

@@ -1,4 +1,7 @@
-"""Streaming EnCodec decode for the live stream: which decoder, and the windowed one.
+"""Threading model: a streaming decoder is created, pushed to and flushed on one thread (the
+producer's); it holds its layers' past and shares nothing.
+
+Streaming EnCodec decode for the live stream: which decoder, and the windowed one.
 
 Two ways to turn frames of codes into audio as they arrive, both equal to an offline
 decode of the whole stream to float32 round-off (tests/test_codec_stream.py):

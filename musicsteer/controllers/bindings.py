@@ -1,8 +1,8 @@
-"""Mapping bindings as values: which MIDI control sets which parameter, through what scale.
-
-Threading model: plain immutable values and pure functions, shared freely between
+"""Threading model: plain immutable values and pure functions, shared freely between
 threads (the MIDI reader uses them, MIDI learn builds them on another); nothing here
 holds state or blocks.
+
+Mapping bindings as values: which MIDI control sets which parameter, through what scale.
 
 `Scale` turns a control position into a parameter value (a curve into a range);
 `CCBinding`, `NoteBinding` and `BendBinding` are one binding each, as a mapping file

@@ -1,7 +1,7 @@
-"""Mapping files: which MIDI knob, note or wheel sets which ControlState parameter.
-
-Threading model: a `Mapping` keeps per-binding state (takeover, 14-bit MSB, held
+"""Threading model: a `Mapping` keeps per-binding state (takeover, 14-bit MSB, held
 notes) and is used by one thread at a time (the MIDI reader thread). It never blocks.
+
+Mapping files: which MIDI knob, note or wheel sets which ControlState parameter.
 
 A mapping is a TOML file. It turns each MIDI message into zero or more settings
 `(param, value, smooth_ms)` for `ControlState.set`. Everything here is pure logic: no

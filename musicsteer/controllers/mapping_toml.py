@@ -1,7 +1,7 @@
-"""Reading mapping files: TOML to checked bindings, every error with its line.
-
-Threading model: pure functions, no state and no I/O; any thread may call them (the
+"""Threading model: pure functions, no state and no I/O; any thread may call them (the
 CLI and the live session at start, the MIDI reader when MIDI learn writes a binding).
+
+Reading mapping files: TOML to checked bindings, every error with its line.
 
 tomllib parses the TOML (and gives the line of a syntax error); it forgets where each
 key was, so `scan` reads the text once more, line by line, to learn the line of every

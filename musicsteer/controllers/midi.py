@@ -1,4 +1,16 @@
-"""MIDI input on JACK: knobs, notes and wheels into ControlState through a mapping, and MIDI learn.
+"""Threading model: three threads of ours. The reader thread drains both inputs' RtMidi
+queues (every 1 ms while messages flow, every 4 ms after 0.5 s of quiet), decodes each
+message, feeds an armed learner or the mapping, and calls `ControlState.set` (a dict
+write under a lock; it never blocks on the producer). It is the only thread that uses
+the mapping; a learned binding's file write (a few ms, rare) happens there too. The
+watcher thread (only with `port`) lists JACK's MIDI sources once per `poll_s` and
+closes or reopens the link client. `_ports_lock` is held by the reader while draining
+and by the watcher while it lists or swaps ports; JACK's process thread never takes it
+and never runs Python. `start`, `stop`, `stats`, `learn` and `set_mapping` are called
+from any other thread (the CLI, the OSC server). Each counter has one writing thread.
+If the JACK server itself dies, messages stop (nothing crashes); restart the session.
+
+MIDI input on JACK: knobs, notes and wheels into ControlState through a mapping, and MIDI learn.
 
 `MidiController` opens a virtual MIDI input, `<client_name>:in`, that any JACK MIDI
 source can be connected to (a DAW, a2jmidid's bridge of a USB controller, a test
@@ -15,18 +27,6 @@ no ALSA sequencer. mido is used for message objects only: its rtmidi backend alw
 installs a Python callback, and RtMidi calls that callback in JACK's process thread,
 which would then wait for the GIL while holding up the whole JACK graph (the audio sink
 included). Here RtMidi queues messages in C++ and a Python thread drains the queue.
-
-Threading model: three threads of ours. The reader thread drains both inputs' RtMidi
-queues (every 1 ms while messages flow, every 4 ms after 0.5 s of quiet), decodes each
-message, feeds an armed learner or the mapping, and calls `ControlState.set` (a dict
-write under a lock; it never blocks on the producer). It is the only thread that uses
-the mapping; a learned binding's file write (a few ms, rare) happens there too. The
-watcher thread (only with `port`) lists JACK's MIDI sources once per `poll_s` and
-closes or reopens the link client. `_ports_lock` is held by the reader while draining
-and by the watcher while it lists or swaps ports; JACK's process thread never takes it
-and never runs Python. `start`, `stop`, `stats`, `learn` and `set_mapping` are called
-from any other thread (the CLI, the OSC server). Each counter has one writing thread.
-If the JACK server itself dies, messages stop (nothing crashes); restart the session.
 
 This module knows nothing of tensors or the engine; ControlState validates values.
 """

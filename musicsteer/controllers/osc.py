@@ -1,9 +1,9 @@
-"""OSC control: a router (addresses -> control state and queries) and a UDP transport.
-
-Threading model: one receive thread owns parsing and routing, so messages are handled
+"""Threading model: one receive thread owns parsing and routing, so messages are handled
 in the order they arrive (a threading server would reorder them). `publish` is called
 by the producer thread and only enqueues; one sender thread sends meters to
 subscribers. Replies to queries go out from the receive thread.
+
+OSC control: a router (addresses -> control state and queries) and a UDP transport.
 
 Address space (DESIGN.md):
   /musicsteer/concept/<name>/strength f|i     target strength, applied from the next step

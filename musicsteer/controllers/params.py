@@ -1,9 +1,9 @@
-"""The one table of controllable parameters: every name a controller may set, its type,
-limits, knob range, starting value, smoothing and what it changes in the engine.
-
-Threading model: `PARAMS` is an immutable table built at import; any thread (the OSC
+"""Threading model: `PARAMS` is an immutable table built at import; any thread (the OSC
 receive thread, the MIDI reader, the producer, the CLI) reads it without a lock. The
 functions here hold no state, never block and never touch the engine.
+
+The one table of controllable parameters: every name a controller may set, its type,
+limits, knob range, starting value, smoothing and what it changes in the engine.
 
 Names are the OSC paths below `/musicsteer/` (DESIGN.md). An entry's name is either a
 fixed path (`cfg`) or a pattern with one `<name>` segment, which stands for a loaded

@@ -1,8 +1,8 @@
-"""ControlState: the targets controllers write and the producer reads once per step.
-
-Threading model: `set` may be called from any thread (OSC server, MIDI callback,
+"""Threading model: `set` may be called from any thread (OSC server, MIDI callback,
 the CLI); it holds a lock for a dict assignment only. `take` is called by the
 producer thread alone. Nothing here touches tensors or blocks on I/O.
+
+ControlState: the targets controllers write and the producer reads once per step.
 
 Parameters are named by their OSC path below `/musicsteer/`; params.py holds the one
 table of them (concept/<name>/strength, concept/<name>/schedule, prompt, cfg, ...), and

@@ -1,10 +1,10 @@
-"""The CPU weight-product kernels of `cpu_gemv.c`: build, load, pack, call.
-
-Threading model: `library()` builds and loads the kernels once per process, under a lock
+"""Threading model: `library()` builds and loads the kernels once per process, under a lock
 (the first caller may be the producer thread, a benchmark, or a test's worker; later
 callers get the loaded library without locking). The kernels themselves are called from
 one thread at a time per decoder (the forward's thread) and release the GIL; each call
 runs its own OpenMP region.
+
+The CPU weight-product kernels of `cpu_gemv.c`: build, load, pack, call.
 
 The C source is compiled on first use with the system C compiler (`cc`, `-O3 -march=native`)
 into a cache directory keyed by the source, the compiler and the CPU, and loaded with ctypes

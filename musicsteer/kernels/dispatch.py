@@ -1,4 +1,8 @@
-"""The one steering entry point the model calls, and the one place a backend is chosen.
+"""Threading model: `steer` may be called from any thread; it reads the backend choice, which
+`use_backend` (tests) changes process-wide for the duration of a `with` block: use it only
+where no other thread steps a decoder.
+
+The one steering entry point the model calls, and the one place a backend is chosen.
 
 `steer` runs the Triton kernel on CUDA tensors when Triton is importable, and the
 torch reference everywhere else. `MUSICSTEER_KERNELS=torch|triton|auto` or

@@ -1,12 +1,12 @@
-"""The steering update bound to its buffers, as a hook `h -> steered h`: what a backend
+"""Threading model: called on the decoder's forward thread; the strength buffer it reads is
+rewritten in place between steps by that same thread.
+
+The steering update bound to its buffers, as a hook `h -> steered h`: what a backend
 recognises (`isinstance(hook, KernelHook)`) and may apply itself, reading the same
 buffers (the fused CPU blocks apply it inside their C call).
 
 It knows the kernels' dispatch and a mode id, not the decoder nor the mode registry
 (steering/hooks.py builds these from a registered mode).
-
-Threading model: called on the decoder's forward thread; the strength buffer it reads is
-rewritten in place between steps by that same thread.
 """
 
 from __future__ import annotations

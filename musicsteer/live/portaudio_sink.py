@@ -1,4 +1,16 @@
-"""Plays an `AudioRing` on a PortAudio output device through rtmixer's C callback.
+"""Threading model: the owner thread calls `start`, `drain` (blocks up to its timeout)
+and `stop` (idempotent; joins the supervisor and blocks until PortAudio has stopped).
+`stats`, `output_time`, `stream_time` and `output_latency_s` may be called from any
+thread and only wait for a short Python lock. The C callback runs on PortAudio's audio
+thread, never takes the GIL or a lock, and is the ring's only consumer while the sink
+is started. One supervisor thread (started by `start`, joined by `stop`) polls the
+ring action every few ms, restarts it after an underrun and fetches the status-flag
+counts; it and the public methods share that Python lock, which the audio thread never
+sees. Device lookup (`list_output_devices`, the constructor) and `release_portaudio`
+change PortAudio's global state under a module lock; the device list is rescanned (so a
+JACK server started after import is found) only while no sink stream is open.
+
+Plays an `AudioRing` on a PortAudio output device through rtmixer's C callback.
 
 The audio callback is rtmixer's, written in C: each period it copies what the ring
 holds into the device buffer without the GIL, so Python threads (the model, the
@@ -35,18 +47,6 @@ supervisor fetches and resets them every STATS_EVERY_S and sums them.
 
 The stream is mono on the device's first output channel (on JACK, PortAudio connects
 `PortAudio:out_0` to `system:playback_1` only).
-
-Threading model: the owner thread calls `start`, `drain` (blocks up to its timeout)
-and `stop` (idempotent; joins the supervisor and blocks until PortAudio has stopped).
-`stats`, `output_time`, `stream_time` and `output_latency_s` may be called from any
-thread and only wait for a short Python lock. The C callback runs on PortAudio's audio
-thread, never takes the GIL or a lock, and is the ring's only consumer while the sink
-is started. One supervisor thread (started by `start`, joined by `stop`) polls the
-ring action every few ms, restarts it after an underrun and fetches the status-flag
-counts; it and the public methods share that Python lock, which the audio thread never
-sees. Device lookup (`list_output_devices`, the constructor) and `release_portaudio`
-change PortAudio's global state under a module lock; the device list is rescanned (so a
-JACK server started after import is found) only while no sink stream is open.
 
 This module knows nothing of the model or of how the ring is filled.
 """

@@ -1,11 +1,11 @@
-"""The producer: generation running ahead of playback in its own thread.
-
-Threading model: `Producer` runs `run()` in its own thread and is the only writer
+"""Threading model: `Producer` runs `run()` in its own thread and is the only writer
 of tokens, caches, the ring buffer and the recorder queue. Other threads call
 `pause`, `resume`, `stop` (events) and `stats` (a snapshot built from plain
 attributes); controls arrive through the control source's own thread-safe setters.
 Observers (`StepObserver`) are called on the producer thread and must not block; add
 them before `start()`.
+
+The producer: generation running ahead of playback in its own thread.
 
 Per step it takes the control changes (once), writes the steering strengths, runs
 the one decoder step (model/step.py) on the CFG batch, appends the token column to

@@ -1,4 +1,8 @@
-"""Session recording: a directory that replays to the same tokens.
+"""Threading model: the producer thread calls `frame`, `audio` and `control`, which
+only put items on a queue; the writer thread owns every file. `close` (any thread,
+once) drains the queue and finalises the files.
+
+Session recording: a directory that replays to the same tokens.
 
   audio.wav       16-bit PCM of the music the producer emitted, header kept valid
   tokens.npy      int64 [4, frames] (stored column-major, so frames append at the end)
@@ -7,10 +11,6 @@
 
 Files are flushed and synced about once a second by a writer thread, so a session
 killed at any moment leaves files that load, missing at most the last second.
-
-Threading model: the producer thread calls `frame`, `audio` and `control`, which
-only put items on a queue; the writer thread owns every file. `close` (any thread,
-once) drains the queue and finalises the files.
 """
 
 from __future__ import annotations

@@ -1,13 +1,4 @@
-"""The ring between the stream's producer and its audio sink: mono float32 PCM frames.
-
-A single-producer single-consumer ring backed by PortAudio's lock-free ring buffer
-(PaUtilRingBuffer, compiled into rtmixer's `_rtmixer` extension), so the consumer can
-be rtmixer's C audio callback, which reads it without the GIL, or a Python thread
-(WAV and null sinks) through `read_into`. Semantics: power-of-two capacity in frames;
-writes are all-or-nothing and never block; a short read plays what is there,
-zero-fills the rest and counts one underrun; `metrics()` returns a snapshot object.
-
-Threading model: exactly one producer thread calls `write` (and only it changes
+"""Threading model: exactly one producer thread calls `write` (and only it changes
 `frames_written` and `rejected_writes`). Exactly one consumer reads: either one
 Python thread calling `read_into`, or a C callback whose Python owner (the PortAudio
 sink) has called `attach_consumer` and reports the underruns the C side saw through
@@ -16,6 +7,15 @@ consumer is attached. `metrics`, `read_available` and `write_available` may be c
 from any thread. Nothing here blocks or takes a lock; the C side never touches the
 GIL. The consistency of `metrics()` (frames_read = frames_written - fill, read with a
 sequence counter) relies on the GIL making attribute reads and writes atomic.
+
+The ring between the stream's producer and its audio sink: mono float32 PCM frames.
+
+A single-producer single-consumer ring backed by PortAudio's lock-free ring buffer
+(PaUtilRingBuffer, compiled into rtmixer's `_rtmixer` extension), so the consumer can
+be rtmixer's C audio callback, which reads it without the GIL, or a Python thread
+(WAV and null sinks) through `read_into`. Semantics: power-of-two capacity in frames;
+writes are all-or-nothing and never block; a short read plays what is there,
+zero-fills the rest and counts one underrun; `metrics()` returns a snapshot object.
 
 This module knows nothing of devices, PortAudio streams or the model; importing it does
 not initialise PortAudio.

@@ -1,11 +1,11 @@
-"""Python-side consumers of the ring buffer: a WAV file played in real time (a stand-in
-for a sound card) and a null sink (real-time paced, or as fast as audio comes).
-The PortAudio sink, whose consumer is a C callback, is in `portaudio_sink.py`.
-
-Threading model: each sink runs one consumer thread that reads the ring with
+"""Threading model: each sink runs one consumer thread that reads the ring with
 `read_into` (never blocking the producer); `start`/`stop` are called from the
 controlling thread. A real-time sink that finds the ring short plays (writes)
 silence for the missing part, and the ring counts the underrun.
+
+Python-side consumers of the ring buffer: a WAV file played in real time (a stand-in
+for a sound card) and a null sink (real-time paced, or as fast as audio comes).
+The PortAudio sink, whose consumer is a C callback, is in `portaudio_sink.py`.
 """
 
 from __future__ import annotations

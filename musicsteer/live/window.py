@@ -1,4 +1,6 @@
-"""The live stream's context: the delayed token history and the KV-cache window over it,
+"""Threading model: producer thread only (created, advanced and read there).
+
+The live stream's context: the delayed token history and the KV-cache window over it,
 re-primed into a spare cache set while decoding goes on.
 
 Positions in the KV cache are bounded by the model's window. Before the window fills,
@@ -12,8 +14,6 @@ Global columns: column c of the delayed stream holds codebook k of frame c - 1 -
 column 0 is all special. The window starts at global column `base`.
 
 It knows nothing of audio, controllers or sampling.
-
-Threading model: producer thread only (created, advanced and read there).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The decoder step as a CUDA graph: captured once over the static caches, replayed per step.
+"""Threading model: captured and replayed on one thread (the producer's, or the caller's
+offline), which also owns the caches it was captured over; nothing else may swap those caches.
+
+The decoder step as a CUDA graph: captured once over the static caches, replayed per step.
 
 A graphed step has fixed shapes and fixed addresses: the codes and the position are
 copied into static input buffers, the step runs the decoder's static path (the whole

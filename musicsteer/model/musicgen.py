@@ -1,4 +1,11 @@
-"""The lean MusicGen decoder: codebook embeddings, sinusoidal positions, pre-norm
+"""Threading model: the forward runs on one thread at a time (the producer's, or the
+caller's offline). Hooks may be added and removed from any thread (a live session's
+main thread attaches meters while the producer thread attaches steering): every write
+replaces a hook point's list with a new one under one lock, and `Block.forward` reads
+the lists without a lock, so a forward running meanwhile sees each point's old or new
+list whole, never a half-changed one.
+
+The lean MusicGen decoder: codebook embeddings, sinusoidal positions, pre-norm
 blocks (self-attention, cross-attention to the projected text states, MLP), a final
 norm and one output head per codebook, over a static KV cache.
 
@@ -19,16 +26,12 @@ classes and linear layers for subclasses with C fast paths and sets `fused_stack
 which runs the blocks of a one-token step as C calls; the CUDA backend swaps in the
 Triton attention of the static step. A swapped layer keeps its parameters, buffers and
 state-dict keys, and falls back to the reference path for any call it does not take.
-
-Threading model: the forward runs on one thread at a time (the producer's, or the
-caller's offline). Hooks are installed and removed only while no forward runs (before
-a stream starts, after it stops, or between offline calls); `Block.forward` reads its
-hook lists without a lock.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from bisect import insort_right
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -74,6 +77,7 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
+_HOOK_WRITES = threading.Lock()  # every decoder's hook writes (a module-level lock: decoders deep-copy)
 CAUSAL = torch.ones(())  # stands for the causal mask of a prompt that fills the cache from position 0
 
 
@@ -301,28 +305,34 @@ class MusicGen(nn.Module):
     def set_hook(self, name: str, hook: Hook | None) -> None:
         """Make `hook(h) -> h` the only hook at a named point; None removes every hook there."""
         block, kind = self._hook_slot(name)
-        if hook is None:
-            block.hooks.pop(kind, None)
-        else:
-            block.hooks[kind] = [hook]
+        with _HOOK_WRITES:
+            if hook is None:
+                block.hooks.pop(kind, None)
+            else:
+                block.hooks[kind] = [hook]
 
     def add_hook(self, name: str, hook: Hook) -> None:
         """Add `hook` at a named point, after the hooks there of its order or lower and before those
         of a higher order (steering before observers)."""
         block, kind = self._hook_slot(name)
-        insort_right(block.hooks.setdefault(kind, []), hook, key=self.hook_order)
+        with _HOOK_WRITES:  # a new list: a forward holding the old one keeps it whole
+            hooks = list(block.hooks.get(kind, ()))
+            insort_right(hooks, hook, key=self.hook_order)
+            block.hooks[kind] = hooks
 
     def remove_hook(self, name: str, hook: Hook) -> None:
         block, kind = self._hook_slot(name)
-        hooks = block.hooks.get(kind, [])
-        if hook in hooks:
-            hooks.remove(hook)
-        if not hooks:
-            block.hooks.pop(kind, None)
+        with _HOOK_WRITES:
+            hooks = [h for h in block.hooks.get(kind, ()) if h is not hook]
+            if hooks:
+                block.hooks[kind] = hooks
+            else:
+                block.hooks.pop(kind, None)
 
     def clear_hooks(self) -> None:
-        for block in self.blocks:
-            block.hooks.clear()
+        with _HOOK_WRITES:
+            for block in self.blocks:
+                block.hooks.clear()
 
     @contextmanager
     def hooked(self, hooks: Mapping[str, Hook]) -> Iterator["MusicGen"]:

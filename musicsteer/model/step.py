@@ -1,4 +1,6 @@
-"""The one decoder step every loop calls: the last column of codes in, the next column
+"""Threading model: called from one thread (the producer's, or the caller's offline).
+
+The one decoder step every loop calls: the last column of codes in, the next column
 out (decoder, classifier-free guidance, sampling, the delay pattern's mask).
 
 Offline generation (generate.py) and the live producer (live/producer.py) both step
@@ -9,8 +11,6 @@ blocks as C calls), or the replay of a graphed static step (graph_step.py), one 
 self-attention cache set, since a graph bakes in the addresses it was captured over.
 
 It knows nothing of audio, controllers or threads beyond its caller's.
-
-Threading model: called from one thread (the producer's, or the caller's offline).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def make_steering(model: LoadedModel, concepts: Path | None, steer: dict[str, float], schedules: dict[str, str],
                   settings: SteeringSettings, batch: int) -> tuple[Steerer | None, SteeringPlan | None]:
     """Steerer and plan for a concept pack, strengths and schedule specs; (None, None) without a pack."""
-    from ..probes.pack import ConceptPack
+    from .pack import ConceptPack
 
     if concepts is None:
         if steer or schedules:

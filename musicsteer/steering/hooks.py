@@ -1,4 +1,6 @@
-"""The steering hook: one layer's steering at one decoder hook point, as a callable
+"""Threading model: as kernels/hook.py (the decoder's forward thread).
+
+The steering hook: one layer's steering at one decoder hook point, as a callable
 object `h -> steered h` holding that layer's views of the steerer's buffers, in a
 registered mode.
 
@@ -10,8 +12,6 @@ whatever order the two were attached in. Backends recognise steering by its kern
 CPU blocks apply it inside their C call), reading the same buffers.
 
 It knows the kernels and the mode registry, not the decoder or the plan.
-
-Threading model: as kernels/hook.py (the decoder's forward thread).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Live meters: what the concept probes read in the stream right now.
+"""Threading model: the hooks and `read` run on the producer thread only.
+
+Live meters: what the concept probes read in the stream right now.
 
 For each concept, the conditional row's hidden state after its best layer (highest
 validation score) at the newest position, projected on the concept's direction.
 Observer hooks copy that state into a preallocated buffer on the device (no sync);
 `read()` does the projection and the one copy to the host, once per step, and only
 while someone listens.
-
-Threading model: the hooks and `read` run on the producer thread only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The steering modes, registered by name: what `--steer-mode`, `SteeringSettings` and
+"""Threading model: modes are registered at import time (and by tests or plug-ins before any
+session starts); after that the registry is only read, from any thread, without a lock.
+
+The steering modes, registered by name: what `--steer-mode`, `SteeringSettings` and
 the steering hooks accept, and the one place a new mode is declared.
 
 A mode is a small value: its name, the kernel id the Triton kernel, the C block kernel

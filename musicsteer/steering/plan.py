@@ -1,4 +1,8 @@
-"""Steering in the decoder: device buffers and hooks (`Steerer`), and the host-side
+"""Threading model: `SteeringPlan.set_*` may be called from any thread (they store a
+value under a lock); `write(step)` runs on the producer thread before each step and
+is the only writer of the device buffers.
+
+Steering in the decoder: device buffers and hooks (`Steerer`), and the host-side
 plan that fills the strength buffer each step (`SteeringPlan`).
 
 Per hooked layer l, batch row r and concept k, at step t:
@@ -12,10 +16,6 @@ allocated once on the model's device and only ever written in place, so a step
 captured in a CUDA graph replays with new strengths without recapture. The hooks
 are `SteeringHook`s (steering/hooks.py) in the settings' registered mode
 (steering/modes.py); at their points they run before any observer.
-
-Threading model: `SteeringPlan.set_*` may be called from any thread (they store a
-value under a lock); `write(step)` runs on the producer thread before each step and
-is the only writer of the device buffers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The CPU backend's attention: the decoder's attention layers with the C kernel
+"""Threading model: as the decoder's forward (one thread at a time); `install` and
+`uninstall` run while no forward does.
+
+The CPU backend's attention: the decoder's attention layers with the C kernel
 (kernels/cpu.py) for one-token float32 steps, applied by swapping the classes of a
 decoder's layers in place (`install`), so parameters, caches and state-dict keys stay.
 
@@ -6,9 +9,6 @@ A one-token eager step that reads the filled part of the cache (`kv_len` given, 
 mask) goes to the kernel: it writes the new keys and values into the cache and attends
 over the filled positions in one call. Everything else (prefill, the static step,
 gradients, other dtypes) takes the reference path of model/musicgen.py.
-
-Threading model: as the decoder's forward (one thread at a time); `install` and
-`uninstall` run while no forward does.
 """
 
 from __future__ import annotations

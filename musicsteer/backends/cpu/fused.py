@@ -1,4 +1,9 @@
-"""The decoder's blocks as C calls for the one-token CPU step (kernels/cpu_block.c).
+"""Threading model: as the decoder's forward (one thread at a time). The binding of a block
+(`FusedBlock`) is rebuilt on that thread when a cache or buffer behind it was replaced; the
+C call releases the GIL and runs its own OpenMP region. The steering strengths it reads are
+rewritten in place between steps by that same thread (SteeringPlan.write).
+
+The decoder's blocks as C calls for the one-token CPU step (kernels/cpu_block.c).
 
 After `optimize_for_cpu` or `quantize_int8` has packed the blocks' weight products,
 `fuse_blocks(decoder)` sets `decoder.fused_stack`: a one-token step then runs its

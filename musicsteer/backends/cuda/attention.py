@@ -1,4 +1,7 @@
-"""The CUDA backend's attention: the static (graph) step's self-attention through the
+"""Threading model: as the decoder's forward (one thread at a time); `install` and
+`uninstall` run while no forward does.
+
+The CUDA backend's attention: the static (graph) step's self-attention through the
 Triton decode kernel (kernels/triton_attention.py), applied by swapping the classes of
 a decoder's layers in place (`install`).
 
@@ -7,9 +10,6 @@ installed, or a test's `use_backend('triton')` under Triton's interpreter). The 
 masks the slots past the position; the kernel reads the filled length from the
 position tensor instead and ignores the mask, so a captured graph replays at any
 position. Every other call takes the reference path of model/musicgen.py.
-
-Threading model: as the decoder's forward (one thread at a time); `install` and
-`uninstall` run while no forward does.
 """
 
 from __future__ import annotations
