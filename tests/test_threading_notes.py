@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "musicsteer"
 # the producer and what it drives, the controllers, the sinks, the kernels' lazy loading and
 # backend choice, the hooks the decoder calls while controllers write strengths.
 SHARED = [
-    "live/producer.py", "live/window.py", "live/session.py", "live/ring_buffer.py", "live/sinks.py",
+    "live/producer.py", "live/window.py", "live/controls.py", "live/session.py", "live/ring_buffer.py", "live/sinks.py",
     "live/portaudio_sink.py", "live/recorder.py",
     "controllers/state.py", "controllers/osc.py", "controllers/midi.py", "controllers/params.py",
     "steering/plan.py", "steering/meters.py", "steering/hooks.py", "steering/modes.py",

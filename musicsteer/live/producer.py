@@ -20,21 +20,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..backends.select import captures_graphs
 from ..codec.stream import StreamingCodecSettings, StreamingDecoder
-from ..controllers import params
-from ..controllers.state import ControlChange, Smoother
+from ..controllers.state import ControlChange
 from ..model.config import FRAME_RATE
-from ..model.loading.load import LoadedModel
 from ..model.graph_step import GraphedStep
+from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings, make_generator
 from ..model.step import DecodeStep
 from ..model.text import condition_rows
+from .controls import EngineControls
 from .ring_buffer import AudioRing
 from .window import Window
 
@@ -146,9 +146,7 @@ class Producer:
         cfg = model.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
         self.window, self.keep = config.positions(cfg.max_positions, self.K)
-        self.sampling = config.sampling
-        self.smoother = Smoother()
-        self.prompt = config.prompt
+        self.engine = EngineControls(config.sampling, config.prompt, self.plan, self._condition)
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,6 +186,15 @@ class Producer:
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The sampling settings in force (the controls change them step by step)."""
+        return self.engine.sampling
+
+    @property
+    def prompt(self) -> str:
+        return self.engine.prompt
 
     @property
     def reprimes(self) -> int:
@@ -245,7 +252,7 @@ class Producer:
         self.device = device
         self.context = Window(decoder, self.window, self.keep, self.config.reprime_chunk,
                               self.config.reprime_margin(self.keep))
-        self._set_prompt(self.prompt)
+        self.engine.set_prompt(self.engine.prompt)
         self.codec_stream.warm_up()
         self.generator = make_generator(self.sampling.seed, device)
         self.decode = DecodeStep(decoder, 2)
@@ -258,71 +265,19 @@ class Producer:
         if use_graph:  # one graph per cache set: the re-prime swaps them (steering attached first)
             self.decode.capture(self.context.cache_sets)
 
-    def _set_prompt(self, prompt: str) -> None:
+    def _condition(self, prompt: str) -> None:
         states, mask = self.model.text.encode(prompt)
         self.model.decoder.set_condition(*condition_rows(states, mask, 2))
-        self.prompt = prompt
 
     def _apply_controls(self, step: int) -> None:
         if self.controls is None:
             return
         self.controls.step_now = step
-        for change in self.controls.take(step):
-            try:
-                self._accept(change, step)
-            except (KeyError, ValueError) as exc:  # a controller's mistake never stops the music
-                log.warning("control %s=%r rejected: %s", change.param, change.value, exc)
-                continue
+        for change in self.engine.apply(self.controls.take(step), step):
             if self.recorder is not None:
                 self.recorder.control(change.to_json(step))
             for observer in self.observers:
                 observer.control_applied(change, step)
-        for param, value in self.smoother.advance().items():
-            self._apply(param, value)
-
-    def _accept(self, change: ControlChange, step: int) -> None:
-        """Take a target (params.py): numbers through the smoother (a parameter that is not
-        smoothed jumps there this step), a prompt or a schedule now."""
-        ref = self._check_param(change.param)
-        if ref.param.numeric:  # targets "sampling" and "strength"
-            smooth_ms = change.smooth_ms if ref.param.smoothed else 0.0
-            self.smoother.set_target(change.param, float(change.value), smooth_ms, self._current(ref))
-        elif ref.param.target == "prompt":
-            self._set_prompt(str(change.value))
-        else:  # "schedule"
-            self._start_schedule(ref.concept, str(change.value), step)
-
-    def _check_param(self, p: str) -> params.ParamRef:
-        """The table's entry for `p`; KeyError if there is none or its concept is not loaded."""
-        ref = params.find(p)
-        if ref is None:
-            raise KeyError(f"unknown parameter {p!r}")
-        if ref.concept is not None:
-            if self.plan is None:
-                raise KeyError("no concept pack is loaded")
-            self.plan.concept(ref.concept)
-        return ref
-
-    def _current(self, ref: params.ParamRef) -> float:
-        """The value a smoothed parameter has in the engine now."""
-        if ref.param.target == "sampling":
-            return float(getattr(self.sampling, ref.param.field))
-        return float(self.plan.strengths[self.plan.concept(ref.concept)])  # "strength"
-
-    def _start_schedule(self, name: str, spec: str, step: int) -> None:
-        from ..steering.schedules import apply_schedule, parse_schedule
-
-        if self.plan is None:
-            raise KeyError("no concept pack is loaded")
-        apply_schedule(self.plan, name, parse_schedule(spec), start=step)
-
-    def _apply(self, p: str, v: float) -> None:
-        """One smoothed value into the engine: a sampling field, or a concept's strength."""
-        ref = params.find(p)  # checked when its target was set
-        if ref.param.target == "sampling":
-            self.sampling = replace(self.sampling, **{ref.param.field: ref.param.coerce(v)})
-        else:  # "strength"
-            self.plan.set_strength(ref.concept, float(v))
 
     def _wait_for_room(self) -> None:
         """Just in time: a step whose frame completes a codec chunk starts only once that chunk's
