@@ -1,11 +1,13 @@
-"""`musicsteer live` and `render --replay`: assemble a stream (model, ring buffer,
+"""Threading model: the calling (controlling) thread builds everything in
+`start_session`, which starts the producer and the sink and returns; `run_live` then
+only watches: it prints status, and on a stop request (Ctrl-C, SIGTERM, the time
+limit) `LiveParts.finish` stops the producer, lets the sink play what is buffered,
+stops the sink and closes the recording, in that order. A caller that does not block
+(the Python API's LiveSession) calls `finish` itself, from the same thread.
+
+`musicsteer live` and `render --replay`: assemble a stream (model, ring buffer,
 producer, sink, controls, recorder), run it with a one-line status display, and
 shut it down cleanly in every state.
-
-Threading model: the calling (main) thread builds everything, starts the producer
-and the sink, then only watches: it prints status, and on a stop request (Ctrl-C,
-SIGTERM, the time limit) stops the producer, lets the sink play what is buffered,
-stops the sink and closes the recording, in that order.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..model.sampling import SamplingSettings
 from ..render import write_wav
 from ..steering.build import make_steering
 from ..steering.plan import SteeringSettings
-from .producer import Producer, StreamConfig, StreamStats
+from .producer import Producer, StepObserver, StreamConfig, StreamStats
 from .recorder import SessionRecorder, load_session
 from .ring_buffer import AudioRing
 from .sinks import NullSink, PacedSink, WavSink
@@ -108,6 +110,73 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
     """Run a live session until `stop`, the time limit or a producer error. `on_start(producer)`
     is called once the producer runs, `on_sink(sink)` once playback starts (benchmarks watch them)."""
     stop = stop or threading.Event()
+    session = start_session(model, request, controls, stop, step_hook, on_start, on_sink)
+    drain = False
+    try:
+        last_status = 0.0
+        while not stop.is_set() and session.producer.running:
+            time.sleep(0.02)
+            if request.status and time.monotonic() - last_status > 0.25:
+                print_status(session.producer.stats())
+                last_status = time.monotonic()
+        drain = not stop.is_set()  # ended by the time limit: play out what is buffered
+    finally:
+        result = session.finish(drain)
+    return result
+
+
+@dataclass
+class LiveParts:
+    """A started session's pieces, as `start_session` leaves them; `finish` shuts them down.
+    `start_session` and `finish` run in the controlling thread; the producer and the sink
+    run in their own threads, and controllers write to `controls` from theirs."""
+
+    request: LiveRequest
+    producer: Producer
+    ring: AudioRing
+    sink: object
+    controls: ControlState
+    recorder: SessionRecorder | None
+    plan: object | None  # the steering plan; None without a concept pack
+    started: float  # time.monotonic() when the producer was built
+    osc: object | None = None
+    meter: object | None = None
+    midi: object | None = None
+    sink_started: bool = False
+
+    def finish(self, drain: bool) -> LiveResult:
+        """Stop the producer; with `drain`, let the sink play what is buffered first; then stop
+        OSC, MIDI, meters and the sink and close the recording, in that order."""
+        try:
+            self.producer.stop()
+            if drain and self.sink_started:
+                self.sink.drain()
+        finally:
+            self.producer.stop()
+            if self.osc is not None:
+                self.osc.stop()
+            if self.midi is not None:
+                self.midi.stop()
+            if self.meter is not None:
+                self.meter.detach()
+            if self.sink_started:
+                self.sink.stop()
+            stats = self.producer.stats()
+            if self.request.status:
+                print_status(stats, final=True)
+            if self.recorder is not None:
+                self.recorder.close({"underruns": stats.underruns, "reprimes": stats.reprimes,
+                                     "error": stats.error})
+        first = self.producer.first_audio_at - self.started if self.producer.first_audio_at else None
+        return LiveResult(stats, self.sink.stats().frames_played, first)
+
+
+def start_session(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
+                  stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None) -> LiveParts:
+    """Build a live session and start it without waiting for it to end: returns once playback
+    has started (or the producer stopped, or `stop` was set while it buffered). If starting
+    fails, what was started is shut down before the error propagates."""
+    stop = stop or threading.Event()
     sample_rate = model.codec.sample_rate
     steerer, plan = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
                                   batch=2)
@@ -124,49 +193,24 @@ def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | 
                                sample_rate) if request.record else None
     producer = Producer(model, config, ring, controls, (steerer, plan) if plan is not None else None,
                         recorder, step_hook=step_hook)
-    osc = meter = midi = None
-    started = time.monotonic()
-    sink_started = False
+    parts = LiveParts(request, producer, ring, sink, controls, recorder, plan, time.monotonic())
     try:
-        midi = start_midi(request, controls)  # a malformed mapping fails here, before any sound
+        parts.midi = start_midi(request, controls)  # a malformed mapping fails here, before any sound
         if request.osc_port is not None:
-            osc, meter = start_osc(model, request, controls, producer, steerer, plan, midi)
+            parts.osc, parts.meter = start_osc(model, request, controls, producer, steerer, plan, parts.midi)
         producer.start()
         if on_start is not None:
             on_start(producer)
         while not stop.is_set() and producer.running and ring.read_available() < prebuffer:
             time.sleep(0.002)
         sink.start(ring, prefill_frames=prebuffer, resume_frames=prebuffer)
-        sink_started = True
+        parts.sink_started = True
         if on_sink is not None:
             on_sink(sink)
-        last_status = 0.0
-        while not stop.is_set() and producer.running:
-            time.sleep(0.02)
-            if request.status and time.monotonic() - last_status > 0.25:
-                print_status(producer.stats())
-                last_status = time.monotonic()
-        producer.stop()
-        if not stop.is_set():  # ended by the time limit: play out what is buffered
-            sink.drain()
-    finally:
-        producer.stop()
-        if osc is not None:
-            osc.stop()
-        if midi is not None:
-            midi.stop()
-        if meter is not None:
-            meter.detach()
-        if sink_started:
-            sink.stop()
-        stats = producer.stats()
-        if request.status:
-            print_status(stats, final=True)
-        if recorder is not None:
-            recorder.close({"underruns": stats.underruns, "reprimes": stats.reprimes, "error": stats.error})
-    first = producer.first_audio_at - started if producer.first_audio_at else None
-    frames_played = sink.stats().frames_played
-    return LiveResult(stats, frames_played, first)
+    except BaseException:
+        parts.finish(drain=False)
+        raise
+    return parts
 
 
 def seed_controls(controls: ControlState, request: LiveRequest, names: list[str]) -> None:
@@ -214,13 +258,20 @@ def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, 
     osc = OscServer(router, request.osc_host, request.osc_port)
     meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach() if plan is not None else None
 
-    def publish(step: int) -> None:
-        if osc.listening:
-            osc.publish(meter.read() if meter is not None else {}, router.stats_args())
-
-    producer.on_step = publish
+    producer.observers.append(MeterPublisher(osc, meter, router))
     osc.start()
     return osc, meter
+
+
+class MeterPublisher(StepObserver):
+    """After every step, the meters and stats to the OSC listeners, while there are any."""
+
+    def __init__(self, osc, meter, router) -> None:
+        self.osc, self.meter, self.router = osc, meter, router
+
+    def step_done(self, step: int) -> None:
+        if self.osc.listening:
+            self.osc.publish(self.meter.read() if self.meter is not None else {}, self.router.stats_args())
 
 
 def print_status(st: StreamStats, final: bool = False) -> None:
