@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import tempfile
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +78,7 @@ def make_pack(model: LoadedModel | str, *, random: list[str] | tuple[str, ...] =
         cfg, model_id = model.cfg, model.model_id
     else:
         cfg, model_id = model_config(str(model)), str(model)
-    pack = ConceptPack.random(random, cfg, model_id, seed=seed) if random else None
-    if vectors:
-        given = ConceptPack.from_vectors(vectors, cfg, model_id)
-        pack = given if pack is None else ConceptPack({**pack.concepts, **given.concepts},
-                                                      dict(pack.meta, method="random+user"))
-    return pack
+    return ConceptPack.made(cfg, model_id, random, vectors, seed=seed)
 
 
 # -- offline render ---------------------------------------------------------------------------
@@ -119,10 +114,7 @@ def render_clip(model: LoadedModel | str, prompt: str, seconds: float, *, out: s
     names to strengths, `schedules` to schedule specs (`linear-up:4s`, `decay:0.99`, ...);
     `steering` holds SteeringSettings fields (mode, rows, point, layers, kappa, gate).
     With `out`, the WAV is written there too."""
-    from tqdm import tqdm
-
-    from .model.generate import generate
-    from .render import frames_for
+    from .render import frames_for, synthesize
     from .steering.build import make_steering
 
     sampling = _sampling(seed, cfg, temperature, top_k, top_p, greedy)
@@ -135,15 +127,9 @@ def render_clip(model: LoadedModel | str, prompt: str, seconds: float, *, out: s
     loaded = _model(model)  # last: a bad argument fails before a model is loaded
     frames = frames_for(seconds, loaded)
     with _pack_dir(concepts) as pack_dir:  # the plan holds the directions once built
-        steerer, plan = make_steering(loaded, pack_dir, steer, schedules, settings, sampling.batch)
-    before_step = (lambda s: plan.write(s, steerer)) if plan is not None else None
-    steps = frames + loaded.cfg.codebooks - 1
-    with tqdm(total=steps, unit="step", desc="render", disable=not progress, leave=False) as bar, \
-            (steerer or nullcontext()):
-        result = generate(loaded.decoder, loaded.text, prompt, frames, sampling,
-                          before_step=before_step, on_step=lambda _: bar.update())
-    clip = Clip(loaded.codec.decode(result.codes), result.codes.cpu().numpy().astype(np.int64),
-                loaded.codec.sample_rate)
+        steered = make_steering(loaded, pack_dir, steer, schedules, settings, sampling.batch)
+    result, audio = synthesize(loaded, prompt, frames, sampling, steered, progress)
+    clip = Clip(audio, result.codes.cpu().numpy().astype(np.int64), loaded.codec.sample_rate)
     if out is not None:
         clip.write(out)
     return clip
@@ -286,17 +272,9 @@ def _model(model) -> LoadedModel:
 
 
 def _device(name: str):
-    import torch
+    from .backends.select import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"device {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda asked for, but this machine has no CUDA GPU")
-    return device
+    return resolve_device(name, "device")
 
 
 def _sampling(seed, cfg, temperature, top_k, top_p, greedy):

@@ -49,25 +49,33 @@ def frames_for(duration: float, model: LoadedModel) -> int:
 
 
 def render(model: LoadedModel, request: RenderRequest) -> Generation:
-    from tqdm import tqdm
-
     frames = frames_for(request.duration, model)
     for target in (request.out, request.save_tokens):
         if target is not None and not target.parent.exists():
             raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
-    steps = frames + model.cfg.codebooks - 1
-    steerer, plan = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
-                                  request.settings.batch)
-    before_step = (lambda s: plan.write(s, steerer)) if plan is not None else None
-    with tqdm(total=steps, unit="step", desc="render", disable=not request.progress, leave=False) as bar, \
-            (steerer or nullcontext()):
-        result = generate(model.decoder, model.text, request.prompt, frames, request.settings,
-                          before_step=before_step, on_step=lambda _: bar.update())
+    steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering,
+                             request.settings.batch)
+    result, audio = synthesize(model, request.prompt, frames, request.settings, steering, request.progress)
     if request.save_tokens is not None:
         np.save(request.save_tokens, result.codes.numpy().astype(np.int64))
-    audio = model.codec.decode(result.codes)
     write_wav(request.out, audio, model.codec.sample_rate)
     return result
+
+
+def synthesize(model: LoadedModel, prompt: str, frames: int, settings: SamplingSettings,
+               steering: tuple = (None, None), progress: bool = False) -> tuple[Generation, np.ndarray]:
+    """Generate `frames` frames, steered by `steering` (Steerer, SteeringPlan) or not, and decode
+    them: (the generation, float32 audio)."""
+    from tqdm import tqdm
+
+    steerer, plan = steering
+    before_step = (lambda s: plan.write(s, steerer)) if plan is not None else None
+    steps = frames + model.cfg.codebooks - 1
+    with tqdm(total=steps, unit="step", desc="render", disable=not progress, leave=False) as bar, \
+            (steerer or nullcontext()):
+        result = generate(model.decoder, model.text, prompt, frames, settings,
+                          before_step=before_step, on_step=lambda _: bar.update())
+    return result, model.codec.decode(result.codes)
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:

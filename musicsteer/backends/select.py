@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..kernels.dispatch import triton_available
 
 WEIGHTS = ("full", "int8")
@@ -42,6 +43,20 @@ class Backend:
 
 class BackendError(ValueError):
     """A combination of device, dtype and weights no backend offers."""
+
+
+def resolve_device(name: str, what: str = "--compute") -> torch.device:
+    """The torch device `name` names (cpu, cuda, cuda:N, or auto: the GPU when there is one);
+    `what` names the option in the error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"{what} {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{what} cuda asked for, but this machine has no CUDA GPU")
+    return device
 
 
 def captures_graphs(device: torch.device | str) -> bool:

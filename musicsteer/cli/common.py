@@ -54,17 +54,9 @@ def add_steering_args(p: argparse.ArgumentParser) -> None:
 
 def compute_device(name: str):
     """The torch device `--compute NAME` names; `auto` is the GPU when there is one."""
-    import torch
+    from ..backends.select import resolve_device  # torch: only once a command runs
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--compute {name!r} is not a device name (cpu, cuda, cuda:N, auto)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--compute cuda asked for, but this machine has no CUDA GPU")
-    return device
+    return resolve_device(name, "--compute")
 
 
 def load_from_args(args: argparse.Namespace):

@@ -45,11 +45,7 @@ def run_make(args: argparse.Namespace) -> int:
     if clash:
         raise UsageError(f"concept {sorted(clash)[0]!r} is given twice")
     cfg = model_config(args.model)
-    pack = ConceptPack.random(args.random, cfg, args.model, seed=args.seed) if args.random else None
-    if vectors:
-        given = ConceptPack.from_vectors(vectors, cfg, args.model)
-        pack = given if pack is None else ConceptPack({**pack.concepts, **given.concepts},
-                                                      dict(pack.meta, method="random+user"))
+    pack = ConceptPack.made(cfg, args.model, args.random, vectors, seed=args.seed)
     pack.save(args.out)
     print(f"wrote {args.out} ({len(pack.names)} concepts for {cfg.layers} layers x {cfg.hidden})")
     return 0

@@ -130,6 +130,17 @@ class ConceptPack:
     # -- making packs without probes ---------------------------------------------------------
 
     @classmethod
+    def made(cls, cfg: ModelConfig, model_id: str, random: list[str], vectors: dict, seed: int = 0) -> "ConceptPack":
+        """A pack before probes are trained: concepts `random` with seeded random directions and
+        concepts from `vectors` (names distinct, at least one concept)."""
+        pack = cls.random(random, cfg, model_id, seed=seed) if random else None
+        if vectors:
+            given = cls.from_vectors(vectors, cfg, model_id)
+            pack = given if pack is None else cls({**pack.concepts, **given.concepts},
+                                                  dict(pack.meta, method="random+user"))
+        return pack
+
+    @classmethod
     def from_vectors(cls, vectors: dict[str, np.ndarray | torch.Tensor], cfg: ModelConfig, model_id: str,
                      method: str = "user", hyper: dict | None = None) -> "ConceptPack":
         """Directions given by the user: one vector [hidden] (used at every layer) or [layers, hidden]."""
