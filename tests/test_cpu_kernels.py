@@ -242,6 +242,9 @@ assert cpu.caps() == cpu.CAP_F32, cpu.caps()  # no AVX-512 in this build: the po
 assert not cpu.has_int8()
 g = torch.Generator().manual_seed(0)
 w, x = torch.randn(48, 72, generator=g), torch.randn(3, 72, generator=g)
+assert not cpu.has_bf16()  # bfloat16 weights: the portable loop, with the same rounding of x
+torch.testing.assert_close(cpu.linear_bf16(cpu.pack_bf16(w), x),
+                           (x.bfloat16().double() @ w.bfloat16().double().T).float(), atol=1e-4, rtol=1e-5)
 torch.testing.assert_close(cpu.linear_f32(cpu.pack_f32(w), x), x @ w.T, atol=1e-4, rtol=1e-4)
 torch.testing.assert_close(cpu.linear_f32(cpu.pack_f32(w), x, cpu.ACTIVATIONS["gelu"]),
                            torch.nn.functional.gelu(x @ w.T), atol=1e-4, rtol=1e-4)
@@ -271,6 +274,21 @@ for fused in (False, True):
     with torch.no_grad():
         runs.append(torch.stack([model.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(6)]))
 torch.testing.assert_close(runs[1], runs[0], atol=2e-5, rtol=1e-5)
+from musicsteer.backends.cpu.bf16 import to_bf16  # bfloat16 blocks (KIND_BF16) over the portable loop
+model = to_bf16(MusicGen.random(PRESETS["tiny"], seed=1))
+model.cache_dtype = torch.bfloat16
+runs = []
+for fused in (False, True):
+    model.setup_caches(2, max_len=8, max_text=4)
+    model.set_condition(torch.randn(2, 3, model.cfg.text_hidden, generator=torch.Generator().manual_seed(1)),
+                        torch.ones(2, 3))
+    if fused:
+        assert fuse_blocks(model) == model.cfg.layers
+    else:
+        unfuse_blocks(model)
+    with torch.no_grad():
+        runs.append(torch.stack([model.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1) for t in range(6)]))
+torch.testing.assert_close(runs[1], runs[0], atol=5e-5, rtol=1e-4)
 print("portable ok")
 """
 

@@ -9,6 +9,10 @@ weight format (`--compute`, `--dtype`, `--weights`).
   one-token step as C calls (`fused_stack`).
 - CPU, int8 weights: `cpu-int8`. The same, with int8 products (AVX-512 VNNI where the
   CPU has it) and bfloat16 self-attention caches.
+- CPU, bfloat16 weights (`--weights bf16`, or `--dtype bfloat16` where the C kernels
+  build): `cpu-bf16`. The same, with bfloat16 products (AVX-512 BF16 where the CPU has
+  it, a portable C loop otherwise) on float32 activations, and bfloat16 self-attention
+  caches. The decoder's activations, norms and logits stay float32.
 - CPU, another dtype: `cpu`. The few-row linear forms and the C attention where they apply.
 - CUDA: `cuda`. The static (graph) step's attention through the Triton kernel where
   Triton is installed; the live stream captures CUDA graphs by default.
@@ -29,12 +33,12 @@ from torch import nn
 from ..errors import UsageError
 from ..kernels.dispatch import triton_available
 
-WEIGHTS = ("full", "int8")
+WEIGHTS = ("full", "int8", "bf16")
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # cpu-f32 | cpu-int8 | cpu | cuda | torch
+    name: str  # cpu-f32 | cpu-int8 | cpu-bf16 | cpu | cuda | torch
     device: str  # the device type
     graphs: bool  # whether the live stream captures CUDA graphs unless told otherwise
     fused_blocks: int = 0  # blocks a one-token step runs as C calls
@@ -72,9 +76,17 @@ def prepare(decoder: nn.Module, device: torch.device | str, dtype: torch.dtype =
         raise BackendError(f"unknown weight format {weights!r}; use {' or '.join(WEIGHTS)}")
     if weights == "int8" and kind != "cpu":
         raise BackendError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
-    decoder.to(device=device, dtype=dtype)
+    if weights == "bf16" and kind != "cpu":
+        raise BackendError("bf16 weights are a CPU option; on a GPU use --dtype bfloat16")
+    if weights == "bf16" and dtype not in (torch.float32, torch.bfloat16):
+        raise BackendError(f"bf16 weights keep float32 activations; --dtype {str(dtype).replace('torch.', '')} "
+                           "does not combine with them")
     if kind == "cpu":
+        if weights == "bf16" or (dtype == torch.bfloat16 and weights == "full" and _kernels_build()):
+            weights, dtype = "bf16", torch.float32  # bfloat16 weights, float32 activations (the packed path)
+        decoder.to(device=device, dtype=dtype)
         return _prepare_cpu(decoder, dtype, weights)
+    decoder.to(device=device, dtype=dtype)
     if kind == "cuda":
         from .cuda import attention
 
@@ -85,9 +97,16 @@ def prepare(decoder: nn.Module, device: torch.device | str, dtype: torch.dtype =
     return Backend("torch", kind, graphs=False, detail="the reference path")
 
 
+def _kernels_build() -> bool:
+    from ..kernels import cpu as cpu_kernels
+
+    return cpu_kernels.library() is not None
+
+
 def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backend:
     from ..kernels import cpu as cpu_kernels
     from .cpu import attention
+    from .cpu.bf16 import to_bf16
     from .cpu.fused import fuse_blocks
     from .cpu.int8 import quantize_int8
     from .cpu.linear import fuse_activations, optimize_for_cpu, use_few_row_linear
@@ -96,6 +115,10 @@ def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backen
         quantize_int8(decoder)
         decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
         name = "cpu-int8"
+    elif weights == "bf16":
+        to_bf16(decoder)
+        decoder.cache_dtype = torch.bfloat16  # as int8: half the cache bytes
+        name = "cpu-bf16"
     elif dtype == torch.float32:
         optimize_for_cpu(decoder)
         name = "cpu-f32"

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_block.c
 SOURCES = (SOURCE, SOURCE.with_name("cpu_block.c"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
-CAP_F32, CAP_AVX512, CAP_VNNI = 1, 2, 4
+CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8
 BLOCK = 16       # output channels per packed block
 GROUP = 64       # int8: inputs per activation scale
 MAX_ROWS = 8     # rows per pass over the weights
@@ -123,6 +123,8 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_linear_f32.restype = None
     lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.ms_linear_i8.restype = ctypes.c_int
+    lib.ms_linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+    lib.ms_linear_bf16.restype = ctypes.c_int
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
@@ -146,6 +148,12 @@ def caps() -> int:
 
 def has_int8() -> bool:
     return bool(caps() & CAP_VNNI)
+
+
+def has_bf16() -> bool:
+    """Whether the bfloat16 products run on AVX-512 BF16 (vdpbf16ps); without it the library's
+    bfloat16 entry point is a portable loop (same rounding, slower)."""
+    return bool(caps() & CAP_BF16)
 
 
 # ---------------------------------------------------------------- memory
@@ -204,6 +212,20 @@ def dequantize_i8(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q * scale[:, None]
 
 
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> bfloat16 (rounded to nearest even) in (N/16, D/2, 16, 2): two inputs per 32-bit lane."""
+    n, d = weight.shape
+    packed = huge_page_empty((n // BLOCK, d // 2, BLOCK, 2), torch.bfloat16)
+    packed.copy_(weight.detach().to(torch.bfloat16).view(n // BLOCK, BLOCK, d // 2, 2).transpose(1, 2))
+    return packed
+
+
+def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
+    """The (N, D) float32 weight a bfloat16 pack holds (exact: every bfloat16 is a float32)."""
+    nb, dp, _, _ = packed.shape
+    return packed.transpose(1, 2).reshape(nb * BLOCK, dp * 2).float()
+
+
 def packable(n: int, d: int, int8: bool = False) -> bool:
     return n % BLOCK == 0 and (d % GROUP == 0 and d <= 65536 if int8 else True)
 
@@ -227,6 +249,17 @@ def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: i
                                           nb * BLOCK, dq * 4, rows, act)
     if rc != 0:
         raise RuntimeError(f"int8 kernel refused the call ({rc}): shape ({nb * BLOCK}, {dq * 4})")
+    return y
+
+
+def linear_bf16(packed: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Tensor:
+    """x (rows, D) float32 contiguous, rounded to bfloat16, @ W.T -> (rows, N) float32."""
+    nb, dp, _, _ = packed.shape
+    rows = x.shape[0]
+    y = torch.empty(rows, nb * BLOCK)
+    rc = (_lib or library()).ms_linear_bf16(packed.data_ptr(), x.data_ptr(), y.data_ptr(), nb * BLOCK, dp * 2, rows, act)
+    if rc != 0:
+        raise RuntimeError(f"bfloat16 kernel refused the call ({rc}): shape ({nb * BLOCK}, {dp * 2})")
     return y
 
 

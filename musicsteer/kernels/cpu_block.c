@@ -22,14 +22,14 @@
  */
 
 enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
-enum { KIND_F32 = 0, KIND_I8 = 1 };
+enum { KIND_F32 = 0, KIND_I8 = 1, KIND_BF16 = 2 };
 
 /* A block's weights and caches, filled by musicsteer/backends/cpu/fused.py (ctypes mirror: keep in step). */
 typedef struct {
     int kind, d, ffn, heads, hd, act, cache_bf16, max_len, text_max;
     float eps;
     const float *norm_w[3], *norm_b[3]; /* self, cross, mlp */
-    const void *w[W_COUNT];             /* packed: float32 [N/16][D][16] or int8 [N/16][D/4][16][4] */
+    const void *w[W_COUNT];             /* packed: float32 [N/16][D][16], int8 [N/16][D/4][16][4], bf16 [N/16][D/2][16][2] */
     const float *scale[W_COUNT];        /* int8 per-output scales */
     void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32 or bfloat16 */
     const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
@@ -58,6 +58,7 @@ typedef struct {
     float *h, *xp, *xs, *scores;
     int8_t *q;
     int32_t *xc;
+    uint32_t *xb; /* a product's input rounded to bfloat16 pairs */
     size_t cap_rows_d, cap_q, cap_scores;
 } thread_scratch;
 
@@ -72,11 +73,12 @@ static int scratch_reserve(int rows, int d, int widest, int len) {
         tls.cap_rows_d = tls.h && tls.xp ? need_d : 0;
     }
     if (need_q > tls.cap_q) {
-        free(tls.q); free(tls.xs); free(tls.xc);
+        free(tls.q); free(tls.xs); free(tls.xc); free(tls.xb);
         tls.q = malloc(need_q);
         tls.xs = malloc(sizeof(float) * (need_q / MS_GROUP + 1));
         tls.xc = malloc(sizeof(int32_t) * (need_q / MS_GROUP + 1));
-        tls.cap_q = tls.q && tls.xs && tls.xc ? need_q : 0;
+        tls.xb = malloc(sizeof(uint32_t) * (need_q / 2 + 1));
+        tls.cap_q = tls.q && tls.xs && tls.xc && tls.xb ? need_q : 0;
     }
     if (need_s > tls.cap_scores) {
         free(tls.scores);
@@ -115,7 +117,7 @@ static void norm_rows(const float *src, const float *add, float *sum, float *dst
 static void product(block_call *c, int slot, int which, int n, int d, const float *in, float *out,
                     const float *res, int act) {
     const ms_layer *L = c->L;
-    const int blocks = n / 16, item = L->kind == KIND_I8 ? 1 : 4;
+    const int blocks = n / 16, item = L->kind == KIND_I8 ? 1 : L->kind == KIND_BF16 ? 2 : 4;
     int chunk = (int)(128 * 1024 / ((size_t)d * 16 * item));
     if (chunk < 1) chunk = 1;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -130,6 +132,16 @@ static void product(block_call *c, int slot, int which, int n, int d, const floa
         return;
     }
 #endif
+    if (L->kind == KIND_BF16) {
+        bf16_rows(in, c->rows, d, tls.xb); /* each thread its own copy: a few KiB */
+        bf16_args a = {L->w[which], tls.xb, out, res, n, d, c->rows, act};
+        for (;;) {
+            int b0 = atomic_fetch_add(&c->work[slot], chunk);
+            if (b0 >= blocks) break;
+            bf16_task(&a, b0, b0 + chunk < blocks ? b0 + chunk : blocks);
+        }
+        return;
+    }
     f32_args a = {L->w[which], in, out, res, n, d, c->rows, act};
     for (;;) {
         int b0 = atomic_fetch_add(&c->work[slot], chunk);
@@ -249,6 +261,7 @@ static int check_layer(const ms_layer *L, int first, int last, int rows, int pos
     if (L->kind == KIND_I8) return -1;
 #endif
     if (L->kind == KIND_I8 && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
+    if (L->kind < KIND_F32 || L->kind > KIND_BF16) return -2;
     if (L->steer_k < 0 || L->steer_k > MS_MAX_STEER || (L->steer_k && last != 2)) return -2;
     if (L->steer_k && (L->steer_mode < STEER_ADD || L->steer_mode > STEER_ABLATE)) return -2;
     return 0;
@@ -280,7 +293,7 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
         if (i && (L->d != d)) return -2;
         d = L->d;
         ffn = L->ffn > ffn ? L->ffn : ffn;
-        bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I8 ? 1 : sizeof(float));
+        bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I8 ? 1 : L->kind == KIND_BF16 ? 2 : 4);
     }
     const int widest = ffn > 3 * d ? ffn : 3 * d;
     const size_t rd = (size_t)rows * d, counters = ((size_t)count * 8 * sizeof(atomic_int) + sizeof(float) - 1) / sizeof(float);

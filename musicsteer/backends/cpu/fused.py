@@ -5,7 +5,7 @@ rewritten in place between steps by that same thread (SteeringPlan.write).
 
 The decoder's blocks as C calls for the one-token CPU step (kernels/cpu_block.c).
 
-After `optimize_for_cpu` or `quantize_int8` has packed the blocks' weight products,
+After `optimize_for_cpu`, `quantize_int8` or `to_bf16` has packed the blocks' weight products,
 `fuse_blocks(decoder)` sets `decoder.fused_stack`: a one-token step then runs its
 blocks' layer norms, products, attentions and residual adds in C, one OpenMP region
 for every run of blocks between two hook points (one call for an unsteered step)
@@ -34,12 +34,13 @@ from torch import nn
 from ...kernels import cpu as cpu_kernels
 from ...kernels.hook import KernelHook
 from .attention import fast_path
+from .bf16 import PackedBf16Linear
 from .int8 import PackedInt8Linear
 from .linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
-KIND_F32, KIND_I8 = 0, 1
+KIND_F32, KIND_I8, KIND_BF16 = 0, 1, 2
 MAX_ROWS = cpu_kernels.MAX_ROWS
 _ptr = ctypes.c_void_p
 
@@ -54,6 +55,7 @@ class _Layer(ctypes.Structure):
                 ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr),
                 ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
                 ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr)]
+KINDS = {PackedLinear: KIND_F32, PackedInt8Linear: KIND_I8, PackedBf16Linear: KIND_BF16}  # ms_layer.kind
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
 
@@ -86,7 +88,7 @@ def fusable(block: nn.Module) -> str | None:
         return cpu_kernels.unavailable()
     linears = _linears(block)
     kinds = {type(m) for m in linears}
-    if kinds not in ({PackedLinear}, {PackedInt8Linear}):
+    if kinds not in ({PackedLinear}, {PackedInt8Linear}, {PackedBf16Linear}):
         return "its products are not all packed in one format"
     if any(m.activation is not None for m in linears if m is not block.fc1):
         return "an activation is fused where the block does not apply one"
@@ -120,6 +122,7 @@ class FusedBlock:
         self._attn, self._cross = block.self_attn, block.cross_attn
         self._linears, self._norms = _linears(block), _norms(block)
         self.int8 = isinstance(block.fc1, PackedInt8Linear)
+        self.kind = KINDS[type(block.fc1)]
         self.hidden = block.fc1.in_features
         self.layer = _Layer()
         self.address = ctypes.addressof(self.layer)
@@ -146,7 +149,7 @@ class FusedBlock:
     def _bind(self, key: tuple) -> None:
         b, L = self.block, self.layer
         sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
-        L.kind, L.d, L.ffn = (KIND_I8 if self.int8 else KIND_F32), self.hidden, b.fc1.out_features
+        L.kind, L.d, L.ffn = self.kind, self.hidden, b.fc1.out_features
         L.heads, L.hd = self._attn.heads, self._attn.head_dim
         L.act, L.eps = cpu_kernels.ACTIVATIONS[b.activation], b.norm_self.eps
         for i, norm in enumerate(self._norms):
