@@ -65,3 +65,37 @@ def test_rounds_take_turns_and_pair_each_round_with_its_bandwidth(tmp_path, caps
     assert len(f["stream_read_samples_gb_s"]) == 4 and len(f["p50_over_floor_by_round"]) == 3
     assert f["p50_over_floor_paired"] == sorted(f["p50_over_floor_by_round"])[1]
     assert "by round" in capsys.readouterr().out
+
+
+def test_bench_stream_reports_the_split_first_sound_and_meters(tmp_path, capsys):
+    """Real-time paced with steered concepts and the OSC meters subscribed: the per-frame split over
+    window cycles, the re-prime's cost, the time to first sound, and the meters that arrived."""
+    out = tmp_path / "s.json"
+    assert main(["bench", "stream", "--model", "tiny", "--seconds", "4", "--window", "2", "--keep", "0.5",
+                 "--reprime-chunk", "8", "--concepts", "2", "--meters", "--note", "baseline",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["error"] is None and r["frames"] == 200 and r["reprimes"] >= 2
+    assert r["concepts_steered"] == 2 and r["note"] == "baseline" and r["paced"] == "realtime"
+    assert r["meters"]["on"] and r["meters"]["meter_messages"] > 0 and r["meters"]["stats_messages"] > 0
+    split = r["split"]
+    f = split["per_frame_ms"]
+    assert f["decode"] > 0 and f["codec"] > 0 and f["reprime_share"] > 0 and f["total"] > 0
+    assert abs(f["decode"] + f["codec"] + f["reprime_share"] + f["other"] - f["total"]) < 1e-6
+    assert split["averaged_over"]["window_cycles"] >= 1
+    rp = split["reprime"]
+    assert rp["positions_per_step"] == 8 and rp["ms_per_window_cycle"] > 0 and rp["ms_per_position"]["p50"] > 0
+    first = r["time_to_first_sound_s"]
+    assert first["from_process_start"] > first["model_load"] > 0 and first["from_session_start"] > 0
+    assert "other_processes_cores_busy" in r and isinstance(r["working_tree_changes"], list)
+
+
+def test_bench_stream_window_cost_predicts_windows(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["bench", "stream", "--model", "tiny", "--seconds", "1", "--fast", "--window", "2", "--keep",
+                 "0.5", "--reprime-chunk", "8", "--window-cost", "--json", str(out)]) == 0
+    w = json.loads(out.read_text())["window_cost"]
+    assert set(w["step_ms_by_position"]) >= {"25"} and len(w["prefill_ms_by_slice"]) == 6
+    assert w["prefill_fit_ms"]["per_position"] >= 0 or w["prefill_fit_ms"]["per_slice"] > 0
+    for p in w["predicted_per_frame"]:
+        assert p["decoder_per_frame_ms"] == p["step_mean_ms"] + p["reprime_share_ms"]

@@ -292,3 +292,70 @@ def test_graphed_steps_follow_the_cache_swaps_of_the_re_prime(tiny, monkeypatch)
     assert producer.reprimes >= 2 and len(producer.graphs) == 2
     assert sorted(used) == sorted(id(g) for g in producer.graphs.values()) and min(used.values()) > 20
     np.testing.assert_array_equal(np.stack(graphed.frames, axis=1), np.stack(eager.frames, axis=1))
+
+
+def test_step_split_is_told_to_observers_that_ask(tiny):
+    """An observer implementing `step_timed` turns the producer's timing on and gets every step's
+    split: the parts fit in the total, and the re-prime's positions are counted where it runs."""
+    from musicsteer.live.producer import StepObserver
+
+    class Splits(StepObserver):
+        def __init__(self):
+            self.got = []
+
+        def step_timed(self, step, split):
+            self.got.append((step, split))
+
+    splits = Splits()
+    config = StreamConfig(PROMPT, SAMPLING, window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=4.0)
+    ring = AudioRing(1 << 15)
+    sink = PacedSink(32000, realtime=False)
+    producer = Producer(tiny, config, ring, None, None, MemoryRecorder(), observers=[splits])
+    assert producer.timing and not Producer(tiny, config, ring).timing
+    sink.start(ring)
+    producer.run()
+    sink.stop()
+    assert producer.error is None and producer.reprimes >= 2
+    assert [s for s, _ in splits.got] == list(range(producer.step))
+    for _, sp in splits.got:
+        assert min(sp.controls, sp.decode, sp.reprime, sp.codec, sp.ring_wait) >= 0
+        assert sp.decode + sp.reprime + sp.codec + sp.controls <= sp.total + 1e-6 and sp.other >= -1e-6
+    primed = [sp.reprime_positions for _, sp in splits.got]
+    assert max(primed) == 8 and sum(p > 0 for p in primed) >= 2 * producer.reprimes
+    idle = [sp.reprime for _, sp in splits.got if sp.reprime_positions == 0]  # the window's bookkeeping only
+    assert np.median(idle) < np.median([sp.reprime for _, sp in splits.got if sp.reprime_positions > 0])
+    assert all(sp.codec > 0 for s, sp in splits.got if s >= 3)  # every frame goes to the codec
+    assert max(sp.position for _, sp in splits.got) < producer.window
+
+
+def test_choose_chunk_takes_the_largest_slice_within_the_budget():
+    from musicsteer.live.window import choose_chunk
+
+    # a step of 10 ms, slices of 2 ms + 0.5 ms per position: 20 ms leaves room for 16 positions
+    assert choose_chunk(10.0, (2.0, 0.5), 20.0, 1504, 500, 4, fallback=32) == 16
+    assert choose_chunk(10.0, (2.0, 0.5), 1e9, 1504, 500, 4, fallback=32) == 64
+    assert choose_chunk(19.0, (2.0, 0.5), 20.0, 1504, 500, 4, fallback=32) == 32  # none fits
+    # a slice too small to re-prime before the window fills is never chosen
+    assert choose_chunk(0.0, (0.0, 1.0), 3.0, 104, 25, 4, fallback=8) == 3
+    assert choose_chunk(0.0, (0.0, 1.0), 2.0, 60, 25, 4, fallback=8) == 8
+
+
+def test_reprime_budget_picks_a_slice_and_streams_as_that_fixed_slice(tiny, tmp_path):
+    """Under a time budget the slice is chosen once, before the first re-prime; the stream then equals
+    one run with that slice fixed, and a recording replays with the slice it used."""
+    config = dict(window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=5.0)
+    wide, rec, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, reprime_budget_ms=1e6, **config))
+    assert wide.stats().reprime_chunk == 64 and wide.reprimes >= 2 and wide.slice_cost is not None
+    _, fixed, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, **dict(config, reprime_chunk=64)))
+    np.testing.assert_array_equal(np.stack(rec.frames, axis=1), np.stack(fixed.frames, axis=1))
+    tight, rec, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, reprime_budget_ms=0.0, **config))
+    assert tight.stats().reprime_chunk == 8  # nothing fits: the configured slice
+    _, fixed, _ = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, **config))
+    np.testing.assert_array_equal(np.stack(rec.frames, axis=1), np.stack(fixed.frames, axis=1))
+    request = LiveRequest(PROMPT, SAMPLING, null="fast", seconds=4.0, record=tmp_path / "s", status=False,
+                          window_s=2.0, keep_s=0.5, reprime_budget_ms=1e6)
+    run_live(tiny, request)
+    info, _, recorded = load_session(tmp_path / "s")
+    assert info["reprime_chunk"] == 64 and info["stream"]["reprime_budget_ms"] == 1e6
+    tokens, _, _ = replay(tiny, tmp_path / "s")
+    np.testing.assert_array_equal(tokens, recorded)

@@ -44,6 +44,19 @@ def register(sub) -> None:
     stream.add_argument("--window", type=float, default=30.0)
     stream.add_argument("--keep", type=float, default=10.0)
     stream.add_argument("--buffer-ms", type=float, default=60.0)
+    stream.add_argument("--reprime-chunk", type=int, default=32, metavar="POSITIONS",
+                        help="positions of the window's re-prime run per step")
+    stream.add_argument("--reprime-budget-ms", type=float, metavar="MS",
+                        help="instead, the largest slice that keeps a step within MS, from the measured costs")
+    stream.add_argument("--concepts", type=int, default=0, metavar="K",
+                        help="steer K concepts of a random concept pack, as a live session steers a pack")
+    stream.add_argument("--strength", type=float, default=1.0, help="the steered concepts' strength")
+    stream.add_argument("--meters", action="store_true",
+                        help="the OSC server on, with a listener subscribed to the meters (published every frame)")
+    stream.add_argument("--window-cost", action="store_true",
+                        help="after the stream, time the decoder step by window position and the re-prime's prefill "
+                             "by slice size (like for like, in rounds), and predict the cost per frame of other windows")
+    stream.add_argument("--note", metavar="TEXT", help="a note kept in the JSON record")
     stream.add_argument("--json", type=Path, metavar="FILE")
     stream.set_defaults(run=run_stream)
 
@@ -116,11 +129,24 @@ def emit(record: dict, path: Path | None) -> None:
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    require(args, *STREAM)
+    require(args, *STREAM, *(("pythonosc",) if args.meters else ()))
+    import time
+
     from ..bench.stream import run_stream_bench
 
+    if args.concepts < 0 or args.reprime_chunk < 2 or not args.seconds > 0:
+        raise UsageError("--concepts must not be negative, --reprime-chunk must be at least 2 and --seconds positive")
     model = load_from_args(args)
-    emit(run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms), args.json)
+    loaded = time.time()
+    try:
+        record = run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms,
+                                  concepts=args.concepts, strength=args.strength, meters=args.meters,
+                                  reprime_chunk=args.reprime_chunk, loaded_at=loaded, note=args.note,
+                                  precision={"dtype": args.dtype, "weights": args.weights},
+                                  window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms)
+    except ValueError as exc:  # stream settings that cannot work with this model
+        raise UsageError(str(exc)) from exc
+    emit(record, args.json)
     return 0
 
 

@@ -3,7 +3,7 @@ of tokens, caches, the ring buffer and the recorder queue. Other threads call
 `pause`, `resume`, `stop` (events) and `stats` (a snapshot built from plain
 attributes); controls arrive through the control source's own thread-safe setters.
 Observers (`StepObserver`) are called on the producer thread and must not block; add
-them before `start()`.
+them before `start()` (and set `timing` before it too, for `step_timed`).
 
 The producer: generation running ahead of playback in its own thread.
 
@@ -36,7 +36,7 @@ from ..model.step import DecodeStep
 from ..model.text import condition_rows
 from .controls import EngineControls
 from .ring_buffer import AudioRing
-from .window import Window
+from .window import CHUNKS, Window, choose_chunk, fits, reprime_margin
 
 log = logging.getLogger("musicsteer.stream")
 
@@ -48,6 +48,11 @@ class StreamConfig:
     window_s: float = 30.0  # context the model sees at most (MusicGen was trained on 30 s)
     keep_s: float = 10.0  # context kept when the window is re-primed
     reprime_chunk: int = 32  # positions re-primed per step
+    # A time budget per step (ms) instead: before the first re-prime, the largest slice that keeps a
+    # step within it, from the steps so far and the prefill's cost measured at setup (window.py
+    # choose_chunk); `reprime_chunk` when none does. The re-prime's schedule (when the new window
+    # starts) follows the slice, so the chosen one is in the stats and the recording, for replay.
+    reprime_budget_ms: float | None = None
     max_seconds: float | None = None  # stop after this much audio; None plays until stopped
     fill_target: int | None = None  # samples kept ahead of playback at most; None fills the ring
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
@@ -61,14 +66,34 @@ class StreamConfig:
             raise ValueError("reprime_chunk must be at least 2 positions per step")
         window = min(int(self.window_s * FRAME_RATE) + codebooks, max_positions)
         keep = int(self.keep_s * FRAME_RATE)
-        if keep < codebooks + 1 or window - keep <= 2 * self.reprime_margin(keep) + codebooks:
+        if keep < codebooks + 1 or not fits(window, keep, self.reprime_chunk, codebooks):
             raise ValueError(f"a {self.window_s:g} s window that keeps {self.keep_s:g} s leaves no room to re-prime "
                              f"(the model holds {max_positions / FRAME_RATE:.1f} s)")
         return window, keep
 
     def reprime_margin(self, keep: int) -> int:
         """Steps before the window fills at which re-priming starts: it takes keep/(chunk-1) steps."""
-        return -(-keep // (self.reprime_chunk - 1)) + 4
+        return reprime_margin(keep, self.reprime_chunk)
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """Where one step's time went, in seconds (perf_counter), for observers that ask (`timing`).
+    On CUDA the decoder step is only launched: its time lands where the host next waits for it
+    (the frame's copy to the host, counted in `total` but in none of the parts)."""
+
+    position: int  # the cache position the step's input went in at (grows through a window)
+    controls: float  # step start to the decoder: observers, control changes, steering plan
+    decode: float  # the decoder step, guidance and sampling, the column pushed to the history
+    reprime: float  # the window's re-prime slice this step (0 on steps without one)
+    reprime_positions: int  # positions that slice ran into the spare cache
+    codec: float  # the streaming codec's push of this step's frame (0 before the first frame)
+    ring_wait: float  # waiting for room in the ring: pacing, not cost (excluded from total)
+    total: float  # the whole step, observers included, ring wait excluded
+
+    @property
+    def other(self) -> float:
+        return self.total - self.decode - self.reprime - self.codec
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,7 @@ class StreamStats:
     ring_fill: float  # 0..1
     underruns: int
     reprimes: int
+    reprime_chunk: int  # positions re-primed per step (chosen before the first re-prime under a budget)
     running: bool
     error: str | None
 
@@ -91,7 +117,8 @@ class StepObserver:
     """What a producer tells its observers, on the producer thread, in this order per step:
     `step_started`, `control_applied` for each change taken, `before_decode`, `step_computed`
     (the column is pushed: frame step - (K - 1) is complete), `audio_pushed` for audio that step
-    put in the ring, `step_done`. Every method is optional; none may block."""
+    put in the ring, `step_done`, and `step_timed` while the producer's `timing` is on. Every
+    method is optional; none may block."""
 
     def step_started(self, step: int) -> None:
         pass
@@ -109,6 +136,9 @@ class StepObserver:
         pass
 
     def step_done(self, step: int) -> None:
+        pass
+
+    def step_timed(self, step: int, split: StepSplit) -> None:
         pass
 
 
@@ -154,6 +184,13 @@ class Producer:
         self.context: Window | None = None
         self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
         self._decode_s = 0.0  # the last codec decode, seconds
+        self._codec_s = self._wait_s = 0.0  # this step's codec push and ring wait, seconds
+        # Each step's StepSplit to the observers (`step_timed`): on when one of them implements it.
+        # (ms per slice, ms per position) of the re-prime under a budget: measured at setup, then
+        # used once (_choose_chunk) and kept in `slice_cost`
+        self._slice_cost: tuple[float, float] | None = None
+        self.slice_cost: tuple[float, float] | None = None
+        self.timing = any(type(o).step_timed is not StepObserver.step_timed for o in self.observers)
         self.step = 0
         self.frames = 0
         self.error: str | None = None
@@ -216,6 +253,7 @@ class Producer:
             step_ms_p50=float(np.median(recent) * 1e3), step_ms_max=float(recent.max() * 1e3),
             realtime_factor=(1.0 / FRAME_RATE) / mean if mean > 0 else 0.0,
             ring_fill=m.fill / m.capacity, underruns=m.underruns, reprimes=self.reprimes,
+            reprime_chunk=self.context.chunk if self.context is not None else self.config.reprime_chunk,
             running=self.running, error=self.error)
 
     # -- the producer thread -------------------------------------------------------------------
@@ -250,9 +288,13 @@ class Producer:
         decoder = self.model.decoder
         device = decoder.embed.weight.device
         self.device = device
+        budget = self.config.reprime_budget_ms
         self.context = Window(decoder, self.window, self.keep, self.config.reprime_chunk,
-                              self.config.reprime_margin(self.keep))
+                              self.config.reprime_margin(self.keep),
+                              reprime_margin(self.keep, CHUNKS[0]) if budget is not None else None)
         self.engine.set_prompt(self.engine.prompt)
+        if budget is not None:  # the re-prime's cost, measured here while the spare set is free
+            self._slice_cost = self.context.measure_prefill()
         self.codec_stream.warm_up()
         self.generator = make_generator(self.sampling.seed, device)
         self.decode = DecodeStep(decoder, 2)
@@ -297,9 +339,26 @@ class Producer:
                 return
             time.sleep(0.001)
 
+    def _choose_chunk(self) -> None:
+        """Under a time budget, once: the slice size, just before the earliest re-prime could start."""
+        context = self.context
+        if self.step - context.base + reprime_margin(self.keep, CHUNKS[0]) + 1 < self.window:
+            return
+        n = min(self.step, len(self._times))
+        step_ms = (float(np.median(self._times[:n])) + self._decode_s) * 1e3 if n else 0.0
+        chunk = choose_chunk(step_ms, self._slice_cost, self.config.reprime_budget_ms, self.window, self.keep,
+                             self.K, self.config.reprime_chunk)
+        context.set_chunk(chunk)
+        log.info("re-prime: %d positions per step (step %.1f ms, slice %.1f + %.2f ms per position, budget %g ms)",
+                 chunk, step_ms, *self._slice_cost, self.config.reprime_budget_ms)
+        self.slice_cost, self._slice_cost = self._slice_cost, None
+
     def _one_step(self) -> None:
+        if self._slice_cost is not None:
+            self._choose_chunk()
         t0 = time.perf_counter()
         s, context, observers = self.step, self.context, self.observers
+        self._codec_s = self._wait_s = 0.0
         for observer in observers:
             observer.step_started(s)
         self._apply_controls(s)
@@ -307,18 +366,27 @@ class Producer:
             self.plan.write(s, self.steerer)
         for observer in observers:
             observer.before_decode(s)
-        token, _ = self.decode(context.column(s), s - context.base, self.sampling, self.generator,
+        t1 = time.perf_counter()
+        pos = s - context.base
+        token, _ = self.decode(context.column(s), pos, self.sampling, self.generator,
                                self.decode.opening(s))  # (K,): input column s at its window position
         context.push(token)
         self.step += 1
-        context.advance(self.step)
-        self._times[s % len(self._times)] = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        primed = context.advance(self.step)
+        t3 = time.perf_counter()
+        self._times[s % len(self._times)] = t3 - t0
         for observer in observers:
             observer.step_computed(s)  # frame s - (K - 1) is complete
         if s >= self.K - 1:
             self._emit_frame(s - (self.K - 1))
         for observer in observers:
             observer.step_done(s)
+        if self.timing:  # plain floats until someone asks
+            split = StepSplit(pos, t1 - t0, t2 - t1, t3 - t2, primed, self._codec_s, self._wait_s,
+                              time.perf_counter() - t0 - self._wait_s)
+            for observer in observers:
+                observer.step_timed(s, split)
 
     def _emit_frame(self, f: int) -> None:
         frame = torch.stack([self.context.column(f + 1 + k)[k] for k in range(self.K)]).cpu()  # (K,)
@@ -327,8 +395,9 @@ class Producer:
             self.recorder.frame(frame.numpy())
         t0 = time.perf_counter()
         audio = self.codec_stream.push(frame)
+        self._codec_s = time.perf_counter() - t0
         if audio is not None:
-            self._decode_s = time.perf_counter() - t0
+            self._decode_s = self._codec_s
             self._push_audio(audio)
 
     def _push_audio(self, audio: np.ndarray) -> None:
@@ -336,10 +405,12 @@ class Producer:
         ring_index = self.ring.metrics().frames_written if self.observers else 0
         limit = max(self.config.fill_target or self.ring.capacity, len(audio))
         # Ahead of playback by the fill target (or the ring is full): wait for the sink.
+        t0 = time.perf_counter()
         while self.ring.read_available() + len(audio) > limit or not self.ring.write(audio):
             if self._stop.is_set():
                 return
             time.sleep(0.001)
+        self._wait_s += time.perf_counter() - t0
         for observer in self.observers:
             observer.audio_pushed(self.audio_pushed, len(audio), ring_index)
         if self.first_audio_at is None:

@@ -58,6 +58,8 @@ class LiveRequest:
     midi_in: str | None = None  # MIDI input to follow
     window_s: float = 30.0
     keep_s: float = 10.0
+    reprime_chunk: int = 32  # positions re-primed per step (StreamConfig.reprime_chunk)
+    reprime_budget_ms: float | None = None  # or the slice a step's time budget allows (StreamConfig)
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
     status: bool = True
 
@@ -100,17 +102,20 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
         "prompt": request.prompt, "seed": request.sampling.seed, "sampling": asdict(request.sampling),
         "concepts": str(request.concepts) if request.concepts else None, "steer": request.steer,
         "schedules": request.schedules, "steering": asdict(request.steering),
-        "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "codec": asdict(request.codec)},
+        "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "reprime_chunk": request.reprime_chunk,
+                   "reprime_budget_ms": request.reprime_budget_ms, "codec": asdict(request.codec)},
         "sample_rate": model.codec.sample_rate, "frame_rate": FRAME_RATE,
     }
 
 
 def run_live(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
-             stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None) -> LiveResult:
+             stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None,
+             observers: list[StepObserver] = ()) -> LiveResult:
     """Run a live session until `stop`, the time limit or a producer error. `on_start(producer)`
-    is called once the producer runs, `on_sink(sink)` once playback starts (benchmarks watch them)."""
+    is called once the producer runs, `on_sink(sink)` once playback starts, `observers` are the
+    producer's from its first step (benchmarks watch them)."""
     stop = stop or threading.Event()
-    session = start_session(model, request, controls, stop, step_hook, on_start, on_sink)
+    session = start_session(model, request, controls, stop, step_hook, on_start, on_sink, observers)
     drain = False
     try:
         last_status = 0.0
@@ -166,13 +171,14 @@ class LiveParts:
                 print_status(stats, final=True)
             if self.recorder is not None:
                 self.recorder.close({"underruns": stats.underruns, "reprimes": stats.reprimes,
-                                     "error": stats.error})
+                                     "reprime_chunk": stats.reprime_chunk, "error": stats.error})
         first = self.producer.first_audio_at - self.started if self.producer.first_audio_at else None
         return LiveResult(stats, self.sink.stats().frames_played, first)
 
 
 def start_session(model: LoadedModel, request: LiveRequest, controls: ControlState | None = None,
-                  stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None) -> LiveParts:
+                  stop: threading.Event | None = None, step_hook=None, on_start=None, on_sink=None,
+                  observers: list[StepObserver] = ()) -> LiveParts:
     """Build a live session and start it without waiting for it to end: returns once playback
     has started (or the producer stopped, or `stop` was set while it buffered). If starting
     fails, what was started is shut down before the error propagates."""
@@ -186,13 +192,14 @@ def start_session(model: LoadedModel, request: LiveRequest, controls: ControlSta
     seed_controls(controls, request, names)
     target, prebuffer, ring = buffer_plan(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
-                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec,
-                          fill_target=target)
+                          keep_s=request.keep_s, reprime_chunk=request.reprime_chunk,
+                          reprime_budget_ms=request.reprime_budget_ms, max_seconds=request.seconds,
+                          codec=request.codec, fill_target=target)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
     producer = Producer(model, config, ring, controls, (steerer, plan) if plan is not None else None,
-                        recorder, step_hook=step_hook)
+                        recorder, step_hook=step_hook, observers=observers)
     parts = LiveParts(request, producer, ring, sink, controls, recorder, plan, time.monotonic())
     try:
         parts.midi = start_midi(request, controls)  # a malformed mapping fails here, before any sound
@@ -320,11 +327,12 @@ def replay(model: LoadedModel, directory: Path) -> tuple[np.ndarray, np.ndarray,
         seconds=frames / FRAME_RATE, concepts=Path(info["concepts"]) if info.get("concepts") else None,
         steer=info.get("steer", {}), schedules=info.get("schedules", {}),
         steering=SteeringSettings(**info["steering"]), window_s=stream["window_s"], keep_s=stream["keep_s"],
-        codec=StreamingCodecSettings(**stream["codec"]), status=False)
+        reprime_chunk=info.get("reprime_chunk", stream.get("reprime_chunk", 32)), codec=StreamingCodecSettings(**stream["codec"]), status=False)
     memory = MemoryRecorder()
     steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
-                          keep_s=request.keep_s, max_seconds=request.seconds, codec=request.codec)
+                          keep_s=request.keep_s, reprime_chunk=request.reprime_chunk, max_seconds=request.seconds,
+                          codec=request.codec)
     ring = AudioRing(1 << 16)
     sink = PacedSink(model.codec.sample_rate, realtime=False)
     producer = Producer(model, config, ring, ScriptedControls(entries),

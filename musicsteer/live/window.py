@@ -19,6 +19,7 @@ It knows nothing of audio, controllers or sampling.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -26,11 +27,35 @@ from ..model.musicgen import MusicGen
 
 log = logging.getLogger("musicsteer.stream")
 
+CHUNKS = range(2, 65)  # slice sizes a time budget chooses from
+
+
+def reprime_margin(keep: int, chunk: int) -> int:
+    """Steps before the window fills at which re-priming starts: it takes keep/(chunk-1) steps."""
+    return -(-keep // (chunk - 1)) + 4
+
+
+def fits(window: int, keep: int, chunk: int, codebooks: int) -> bool:
+    """Whether a window that keeps `keep` positions leaves room to re-prime `chunk` per step."""
+    return window - keep > 2 * reprime_margin(keep, chunk) + codebooks
+
+
+def choose_chunk(step_ms: float, slice_ms: tuple[float, float], budget_ms: float, window: int, keep: int,
+                 codebooks: int, fallback: int) -> int:
+    """The largest slice whose step stays within `budget_ms`: a step costs `step_ms` without a slice,
+    a slice of n positions `slice_ms[0] + n * slice_ms[1]`. Fewer, larger slices cost less in all
+    (each reads the weights once); when not even the smallest fits, `fallback`."""
+    fixed, per_position = slice_ms
+    ok = [n for n in CHUNKS if step_ms + fixed + n * per_position <= budget_ms and fits(window, keep, n, codebooks)]
+    return max(ok) if ok else fallback
+
 
 class Window:
-    def __init__(self, decoder: MusicGen, window: int, keep: int, chunk: int, margin: int) -> None:
+    def __init__(self, decoder: MusicGen, window: int, keep: int, chunk: int, margin: int,
+                 retain_margin: int | None = None) -> None:
         """`window` positions at most in the cache, `keep` kept at a re-prime, `chunk` positions
-        re-primed per step, starting `margin` steps before the window fills."""
+        re-primed per step, starting `margin` steps before the window fills; the history holds
+        enough for margins up to `retain_margin` (default `margin`; see `set_chunk`)."""
         self.decoder = decoder
         cfg = decoder.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
@@ -40,7 +65,7 @@ class Window:
         self.spare = decoder.make_caches(2, window)
         self.positions = torch.arange(window, device=self.device)  # (window,)
         # Keep the last `keep` + a margin columns of the stream.
-        self.retain = keep + margin + 2 * self.K + 8
+        self.retain = keep + max(margin, retain_margin or 0) + 2 * self.K + 8
         self.history = torch.full((self.K, 2 * self.retain), self.special, dtype=torch.long, device=self.device)
         self.hist_base = 0  # global column of history[:, 0]
         self.columns = 1  # global columns known (column 0 exists)
@@ -52,6 +77,34 @@ class Window:
     def cache_sets(self) -> tuple[list, list]:
         """The set in use and the spare."""
         return self.decoder.caches, self.spare
+
+    @property
+    def reprime_due(self) -> bool:
+        """Whether a re-prime is under way."""
+        return self._reprime is not None
+
+    def set_chunk(self, chunk: int) -> None:
+        """Re-prime `chunk` positions per step from the next re-prime on (none may be under way)."""
+        assert self._reprime is None and fits(self.window, self.keep, chunk, self.K)
+        self.chunk, self.margin = chunk, reprime_margin(self.keep, chunk)
+        assert self.keep + self.margin + 2 * self.K + 8 <= self.retain
+
+    def measure_prefill(self, sizes: tuple[int, int] = (4, 16), repeats: int = 2) -> tuple[float, float]:
+        """(ms per slice, ms per position) of re-prime slices into the spare set, fitted to slices of
+        `sizes` positions at a depth of keep/2 (the average depth a re-prime fills at). Only while no
+        re-prime is under way: the positions it writes are rewritten before a re-prime reads them."""
+        assert self._reprime is None
+        depth = min(self.keep // 2, self.window - max(sizes))
+        best = []
+        for n in sizes:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self._prefill_spare(self.hist_base, depth, n)
+                times.append((time.perf_counter() - t0) * 1e3)
+            best.append(min(times))
+        per_position = max((best[1] - best[0]) / (sizes[1] - sizes[0]), 0.0)
+        return max(best[0] - sizes[0] * per_position, 0.0), per_position
 
     def column(self, c: int) -> torch.Tensor:
         """Global column `c` (K,), while it is retained."""
@@ -66,12 +119,12 @@ class Window:
         self.history[:, self.columns - self.hist_base] = col
         self.columns += 1
 
-    def advance(self, step: int) -> None:
+    def advance(self, step: int) -> int:
         """After step `step - 1`: start, continue or finish filling the spare cache set (a few
-        positions per step); the next input column is `step`."""
+        positions per step); the next input column is `step`. Returns the positions filled."""
         if self._reprime is None:
             if step - self.base + self.margin < self.window:
-                return
+                return 0
             self._reprime = {"base": step + 1 - self.keep, "done": 0}  # the new window starts there
         r = self._reprime
         target = step - r["base"]  # columns base .. step-1 go in; column `step` is the next input
@@ -87,6 +140,7 @@ class Window:
             self._reprime = None
             self.reprimes += 1
             log.debug("re-primed at step %d: window starts at column %d", step, self.base)
+        return max(n, 0)
 
     def _prefill_spare(self, base: int, start: int, n: int) -> None:
         """Run window positions start..start+n of the new window into the spare cache set."""
