@@ -1,5 +1,6 @@
 """`musicsteer bench codec`: the streaming decoder's cost per frame, early and late in a
-long stream of random codes. It needs neither the model's decoder nor the live stream.
+long stream of random codes, and, for a reduced precision, how far its audio is from the
+offline float32 decode. It needs neither the model's decoder nor the live stream.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from ..codec.stream import StreamingCodecSettings, StreamingDecoder
 from ..model.loading.load import LoadedModel
 from .latency import git_commit, machine_info
 
+FIDELITY_FRAMES = 200  # frames decoded both ways for the SNR against the offline float32 decode
 
-def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "state") -> dict:
+
+def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "state",
+                    precision: str = "float32") -> dict:
     gen = torch.Generator().manual_seed(0)
     per_frame = []
+    settings = StreamingCodecSettings(chunk=chunk, method=method, precision=precision)
     with torch.inference_mode():
-        settings = StreamingCodecSettings(chunk=chunk, method=method)
         warm = StreamingDecoder(model.codec, model.cfg.codebooks, settings)
         for _ in range(60):  # warm the allocator and kernels, then time a fresh stream
             warm.push(torch.randint(0, model.cfg.vocab, (model.cfg.codebooks,), generator=gen))
@@ -29,12 +33,32 @@ def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "
             dec.push(code)
             per_frame.append(time.perf_counter() - t)
     ms = np.array(per_frame) * 1e3
+    steady = ms[10:]
+    calls = steady[: len(steady) // chunk * chunk].reshape(-1, chunk).sum(1)  # per decode call (chunk frames)
 
     def window(lo: int) -> float:  # mean cost per frame over 50 frames from `lo` (includes the decodes)
         return float(ms[lo:lo + 50].mean())
 
-    return {"benchmark": "codec", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
-            "model": model.model_id, "codec": model.codec.source, "method": type(dec).__name__, "chunk": chunk,
-            "lookahead_samples": dec.lookahead_samples, "frames": frames,
-            "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
-            "ms_per_frame_mean": float(ms[10:].mean())}
+    record = {"benchmark": "codec", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
+              "model": model.model_id, "codec": model.codec.source, "method": type(dec).__name__, "chunk": chunk,
+              "precision": precision, "lookahead_samples": dec.lookahead_samples,
+              "latency_frames": dec.latency_frames, "frames": frames,
+              "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
+              "ms_per_frame_mean": float(steady.mean()),
+              "ms_per_call_p50": float(np.percentile(calls, 50)),
+              "ms_per_call_p99": float(np.percentile(calls, 99))}
+    if precision != "float32":
+        record["snr_db_vs_offline_float32"] = fidelity_snr(model, settings)
+    return record
+
+
+def fidelity_snr(model: LoadedModel, settings: StreamingCodecSettings) -> float:
+    """SNR (dB) of a streamed decode of random codes against the offline float32 decode."""
+    codes = torch.randint(0, model.cfg.vocab, (model.cfg.codebooks, FIDELITY_FRAMES),
+                          generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model.codec.decode(codes).astype(np.float64)
+        dec = StreamingDecoder(model.codec, model.cfg.codebooks, settings)
+        parts = [a for f in range(FIDELITY_FRAMES) if (a := dec.push(codes[:, f])) is not None]
+        audio = np.concatenate(parts + [dec.flush()]).astype(np.float64)
+    return float(10 * np.log10((reference ** 2).sum() / ((audio - reference) ** 2).sum()))

@@ -76,6 +76,8 @@ def register(sub) -> None:
     codec.add_argument("--chunk", type=int, default=1)
     codec.add_argument("--method", choices=("state", "window"), default="state",
                        help="stateful layers (each frame decoded once) or a window decoded per chunk")
+    codec.add_argument("--precision", choices=("float32", "int8"), default="float32",
+                       help="the LSTM's weights: float32 (equal to the offline decode) or int8 (an approximation)")
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_codec)
 
@@ -173,5 +175,5 @@ def run_codec(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 100")
     if args.chunk < 1:
         raise UsageError("--chunk must be at least 1")
-    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method), args.json)
+    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method, args.precision), args.json)
     return 0

@@ -171,22 +171,25 @@ class _ConvTranspose:
 
 
 class _LSTM:
-    """EncodecLSTM, one timestep at a time with its (h, c) carried from call to call.
+    """EncodecLSTM over a chunk's timesteps, its (h, c) carried from call to call.
 
     torch's LSTM re-lays out its weights on every call on CPU (about 40 ms for the 32 kHz
-    codec's two 1024-wide layers); here each layer is one product of [x, h] with its input
-    and recurrent weights side by side, through the packed C kernel where it builds."""
+    codec's two 1024-wide layers). Here each layer is its input product for all of the
+    call's timesteps at once (one pass over W_ih for the chunk), then one recurrent product
+    per timestep, both through the packed C kernels where they build (`_product`). In
+    `int8` both products read int8 weights (a quarter of the bytes, an approximation with
+    its own tolerance: tests/test_codec_stream.py)."""
 
-    def __init__(self, module) -> None:
+    def __init__(self, module, precision: str = "float32") -> None:
         lstm = module.lstm
         if lstm.bidirectional or lstm.proj_size or not lstm.bias or lstm.batch_first:
             raise NotStreamable("only plain unidirectional LSTMs stream")
         self.hidden = lstm.hidden_size
         self.layers = []
         for i in range(lstm.num_layers):
-            w = torch.cat([getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")], 1).detach()  # (4H, In + H)
+            w_ih, w_hh = (getattr(lstm, f"weight_{n}_l{i}").detach() for n in ("ih", "hh"))  # (4H, In), (4H, H)
             b = (getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")).detach()  # (4H,)
-            self.layers.append((_matvec(w), b))
+            self.layers.append((_product(w_ih, precision), _product(w_hh, precision), b))
         self.reset()
 
     def reset(self) -> None:
@@ -197,26 +200,50 @@ class _LSTM:
         return d
 
     def push(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == 0:
+        steps = x.shape[-1]
+        if steps == 0:
             return x
         if self.h is None:
             zero = x.new_zeros((1, self.hidden))
             self.h, self.c = [zero] * len(self.layers), [zero] * len(self.layers)
-        seq = x[0].t()  # (T, C)
-        out = []
-        for t in range(seq.shape[0]):
-            inp = seq[t : t + 1]  # (1, C)
-            for i, (product, bias) in enumerate(self.layers):
-                gates = product(torch.cat([inp, self.h[i]], dim=1)) + bias  # (1, 4H)
+        seq = x[0].t().contiguous()  # (T, C)
+        inp = seq
+        for i, (input_product, recurrent, bias) in enumerate(self.layers):
+            projected = input_product(inp) + bias  # (T, 4H): every timestep's input product in one pass
+            h, c = self.h[i], self.c[i]
+            out = x.new_empty((steps, self.hidden))  # (T, H)
+            for t in range(steps):
+                gates = projected[t : t + 1] + recurrent(h)  # (1, 4H)
                 ig, fg, gg, og = gates.chunk(4, dim=1)
-                c = torch.sigmoid(fg) * self.c[i] + torch.sigmoid(ig) * torch.tanh(gg)
-                self.h[i], self.c[i] = torch.sigmoid(og) * torch.tanh(c), c
-                inp = self.h[i]
-            out.append(inp)
-        return (torch.cat(out, dim=0) + seq).t()[None]  # (1, C, T)
+                c = torch.sigmoid(fg) * c + torch.sigmoid(ig) * torch.tanh(gg)
+                h = torch.sigmoid(og) * torch.tanh(c)
+                out[t : t + 1] = h
+            self.h[i], self.c[i] = h, c
+            inp = out
+        return (inp + seq).t()[None]  # (1, C, T)
 
     def flush(self) -> torch.Tensor | None:
         return None
+
+
+PRECISIONS = ("float32", "int8")
+
+
+def _product(weight: torch.Tensor, precision: str = "float32"):
+    """x (rows, In) -> x @ weight.T in `precision`: float32 through `_matvec`; int8 through the packed
+    VNNI kernel where it builds (weights per output channel, activations per group of 64 inputs),
+    else torch's int8 product on bfloat16 activations."""
+    if precision == "float32" or weight.device.type != "cpu":
+        return _matvec(weight)
+    if precision != "int8":
+        raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from ..backends.cpu.int8 import Int8Linear, PackedInt8Linear, packed_int8_kernels
+    from ..kernels import cpu as cpu_kernels
+
+    n, d = weight.shape
+    fits = cpu_kernels.unavailable() is None and packed_int8_kernels() and cpu_kernels.packable(n, d, int8=True)
+    layer = PackedInt8Linear(weight) if fits else Int8Linear(weight)
+    return layer
 
 
 def _matvec(weight: torch.Tensor):
@@ -293,9 +320,9 @@ class _Residual:
     """EncodecResnetBlock: shortcut(x) + block(x), the shortcut held until the block's output
     for the same samples exists."""
 
-    def __init__(self, module) -> None:
-        self.block = _Chain([_stage(m) for m in module.block])
-        self.shortcut = _stage(module.shortcut)
+    def __init__(self, module, precision: str = "float32") -> None:
+        self.block = _Chain([_stage(m, precision) for m in module.block])
+        self.shortcut = _stage(module.shortcut, precision)
         if self.shortcut.delay(0) != 0:
             raise NotStreamable("a residual shortcut with look-ahead")
         self.reset()
@@ -325,38 +352,41 @@ class _Residual:
         return self._join(self.block.flush())
 
 
-def _stage(module):
+def _stage(module, precision: str = "float32"):
     name = type(module).__name__
     if name == "EncodecConv1d":
         return _Conv(module)
     if name == "EncodecConvTranspose1d":
         return _ConvTranspose(module)
     if name == "EncodecLSTM":
-        return _LSTM(module)
+        return _LSTM(module, precision)
     if name == "EncodecResnetBlock":
-        return _Residual(module)
+        return _Residual(module, precision)
     if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
         return _Pointwise(module)
     raise NotStreamable(f"no streaming form for {name}")
 
 
-def _decoder_chain(codec: Codec) -> _Chain:
+def _decoder_chain(codec: Codec, precision: str = "float32") -> _Chain:
     model = codec.model
     if getattr(model.config, "chunk_length", None) is not None:
         raise NotStreamable("the codec decodes in overlapping chunks")
-    return _Chain([_stage(m) for m in model.decoder.layers])
+    if precision not in PRECISIONS:
+        raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return _Chain([_stage(m, precision) for m in model.decoder.layers])
 
 
 class StatefulDecoder:
     """Codes in, frame by frame; final audio out, sample-exact against the offline decode.
 
-    `chunk` frames are decoded per call (fewer, larger calls cost less per frame)."""
+    `chunk` frames are decoded per call (fewer, larger calls cost less per frame); `precision`
+    "int8" runs the LSTM's products on int8 weights (an approximation of the offline decode)."""
 
-    def __init__(self, codec: Codec, codebooks: int, chunk: int = 1) -> None:
+    def __init__(self, codec: Codec, codebooks: int, chunk: int = 1, precision: str = "float32") -> None:
         if chunk < 1:
             raise ValueError("codec chunk must be >= 1")
-        self.codec, self.codebooks, self.chunk = codec, codebooks, chunk
-        self.chain = _decoder_chain(codec)
+        self.codec, self.codebooks, self.chunk, self.precision = codec, codebooks, chunk, precision
+        self.chain = _decoder_chain(codec, precision)
         self.hop = codec.hop
         self.lookahead_samples = int(round(self.chain.delay(0.0)))  # the layers' right paddings at the output rate
         self.device = next(codec.model.parameters()).device

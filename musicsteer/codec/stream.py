@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .codec import Codec
-from .state import NotStreamable, StatefulDecoder
+from .state import PRECISIONS, NotStreamable, StatefulDecoder
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,15 @@ class StreamingCodecSettings:
     context: int = 25  # frames of past codes decoded with each chunk
     chunk: int = 1  # frames per decode: larger is cheaper per frame, adds latency
     method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
+    precision: str = "float32"  # "int8": the stateful decoder's LSTM on int8 weights (an approximation)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
             raise ValueError("codec chunk must be >= 1 and look-ahead, context >= 0")
         if self.method not in METHODS:
             raise ValueError(f"codec method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 METHODS = ("state", "window")
@@ -51,7 +54,7 @@ def StreamingDecoder(codec: Codec, codebooks: int, settings: StreamingCodecSetti
     """The streaming decoder `settings` ask for: stateful where the codec allows it, else windowed."""
     if settings.method == "state":
         try:
-            return StatefulDecoder(codec, codebooks, settings.chunk)
+            return StatefulDecoder(codec, codebooks, settings.chunk, settings.precision)
         except NotStreamable:
             pass
     return WindowedDecoder(codec, codebooks, settings)
