@@ -40,7 +40,7 @@ def test_quantized_decoder_logits_follow_the_float_ones(tiny):
 
 def test_unknown_weight_format():
     with pytest.raises(ModelLoadError, match="unknown weight format"):
-        load_model("tiny", weights="int4")
+        load_model("tiny", weights="int3")
 
 
 def test_quantize_leaves_biased_layers_alone():

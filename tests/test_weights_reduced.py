@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from musicsteer.backends.cpu.bf16 import Bf16Linear, PackedBf16Linear, to_bf16
-from musicsteer.backends.cpu.fused import KIND_BF16, FusedStack, fuse_blocks, unfuse_blocks
+from musicsteer.backends.cpu.fused import KIND_BF16, KIND_I4, FusedStack, fuse_blocks, unfuse_blocks
+from musicsteer.backends.cpu.int4 import Int4Linear, PackedInt4Linear, quantize_int4
 from musicsteer.backends.cpu.linear import fuse_activations
 from musicsteer.backends.select import BackendError, prepare
 from musicsteer.bench.fidelity import measure
@@ -79,7 +80,7 @@ def bf16_model(cfg: ModelConfig, seed: int = 0) -> MusicGen:
     return model
 
 
-def steps(model: MusicGen, fused: bool, rows: int, n: int = 10) -> torch.Tensor:
+def steps(model: MusicGen, fused: bool, rows: int, n: int = 10, kind: int = KIND_BF16) -> torch.Tensor:
     cfg, g = model.cfg, torch.Generator().manual_seed(0)
     model.setup_caches(rows, max_len=32, max_text=9)
     text, mask = torch.randn(rows, 7, cfg.text_hidden, generator=g), torch.ones(rows, 7)
@@ -87,7 +88,7 @@ def steps(model: MusicGen, fused: bool, rows: int, n: int = 10) -> torch.Tensor:
     model.set_condition(text, mask)
     if fused:
         assert fuse_blocks(model) == cfg.layers
-        assert all(f.kind == KIND_BF16 for f in model.fused_stack.fused)
+        assert all(f.kind == kind for f in model.fused_stack.fused)
     else:
         unfuse_blocks(model)
     codes = torch.randint(0, cfg.vocab, (rows, cfg.codebooks, 5 + n), generator=g)
@@ -123,12 +124,70 @@ def test_the_backend_choice():
 
 
 # Thresholds from runs of the reduced shape (seeds 0-2, 200 steps, guided entropy 3.9 nats):
-# bf16 0.981-0.989 agreement, KL 1.5-1.6e-4; int8 0.948-0.955, KL 1.8-1.9e-3. A margin below each.
-@pytest.mark.parametrize("weights,agreement,kl", [("bf16", 0.96, 5e-4), pytest.param("int8", 0.92, 5e-3,
-                                                                                    marks=needs_vnni)])
+# bf16 0.981-0.989 agreement, KL 1.5-1.6e-4; int8 0.948-0.955, KL 1.8-1.9e-3; int4 (int8 heads)
+# 0.939-0.951, KL 2.7-2.9e-3 (with int4 heads too: 0.79-0.82, KL 0.043). A margin below each.
+@pytest.mark.parametrize("weights,agreement,kl", [("bf16", 0.96, 5e-4),
+                                                  pytest.param("int8", 0.92, 5e-3, marks=needs_vnni),
+                                                  pytest.param("int4", 0.90, 8e-3, marks=needs_vnni)])
 def test_fidelity_against_float32(weights, agreement, kl):
     f = measure(REDUCED, weights, steps=200)
     assert f.backend == f"cpu-{weights}" and f.steps == 200
     assert 2.0 < f.entropy < 6.0  # peaked like a trained model's, not uniform (log 2048 = 7.6)
     assert f.agreement >= agreement, f
     assert f.kl_mean <= kl, f
+
+
+# ---------------------------------------------------------------- int4
+
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the VNNI kernels see it: symmetric int8 per row and group of 64 inputs, dequantized."""
+    g = x.view(x.shape[0], -1, cpu.GROUP)
+    scale = g.abs().amax(dim=2, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(g / scale).clamp(-127, 127) * scale).view_as(x)
+
+
+@needs_vnni
+@pytest.mark.parametrize("n,d", [(96, 256), (48, 64), (1024, 4096)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 37])
+def test_int4_layer_equals_its_dequantized_reference(n, d, rows):
+    g = torch.Generator().manual_seed(n + d + rows)
+    w, x = torch.randn(n, d, generator=g) * 0.05, torch.randn(rows, d, generator=g)
+    layer = PackedInt4Linear(w)
+    q, scale = cpu.quantize_i4(w)
+    assert layer.packed.numel() == n * d // 2 and q.abs().max() <= 7
+    dq = layer.weight
+    torch.testing.assert_close(dq, q.float() * scale.repeat_interleave(cpu.GROUP, dim=1), atol=0, rtol=0)
+    with torch.no_grad():
+        got = layer(x)
+    want = (quantized_rows(x).double() @ dq.double().T).float()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6  # exact integer sums, float32 scaling
+    # against the float32 weights: 4 bits with a clipped scale per 64 inputs
+    assert ((got - x @ w.T).norm() / (x @ w.T).norm()) < 0.15
+    assert ((dq - w).norm() / w.norm()) < 0.12
+
+
+@needs_vnni
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], dataclasses.replace(ODD, hidden=128, heads=2, ffn=256)],
+                         ids=["tiny", "odd"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_fused_int4_steps_equal_the_module_path(cfg, rows):
+    model = MusicGen.random(cfg, seed=0)
+    quantize_int4(model)
+    model.cache_dtype = torch.bfloat16
+    fuse_activations(model)
+    want, got = steps(model, False, rows, kind=KIND_I4), steps(model, True, rows, kind=KIND_I4)
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_without_vnni_the_torch_form_keeps_the_int4_weights():
+    w = torch.randn(32, 128)
+    m = torch.nn.Sequential(torch.nn.Linear(128, 32, bias=False))
+    m[0].weight.data.copy_(w)
+    quantize_int4(m, packed=False)
+    assert isinstance(m[0], Int4Linear)
+    q, scale = cpu.quantize_i4(w)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), x @ (q.float() * scale.repeat_interleave(cpu.GROUP, dim=1)).T)
+    assert load_model("tiny", weights="int4").backend.name == "cpu-int4"

@@ -13,6 +13,9 @@ weight format (`--compute`, `--dtype`, `--weights`).
   build): `cpu-bf16`. The same, with bfloat16 products (AVX-512 BF16 where the CPU has
   it, a portable C loop otherwise) on float32 activations, and bfloat16 self-attention
   caches. The decoder's activations, norms and logits stay float32.
+- CPU, int4 weights: `cpu-int4`. As int8, with the blocks' weights in 4 bits per group
+  of 64 inputs, unpacked in registers for the same VNNI products (a torch form of the
+  same weights where the CPU lacks VNNI); the heads stay int8.
 - CPU, another dtype: `cpu`. The few-row linear forms and the C attention where they apply.
 - CUDA: `cuda`. The static (graph) step's attention through the Triton kernel where
   Triton is installed; the live stream captures CUDA graphs by default.
@@ -33,12 +36,12 @@ from torch import nn
 from ..errors import UsageError
 from ..kernels.dispatch import triton_available
 
-WEIGHTS = ("full", "int8", "bf16")
+WEIGHTS = ("full", "int8", "bf16", "int4")
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # cpu-f32 | cpu-int8 | cpu-bf16 | cpu | cuda | torch
+    name: str  # cpu-f32 | cpu-int8 | cpu-bf16 | cpu-int4 | cpu | cuda | torch
     device: str  # the device type
     graphs: bool  # whether the live stream captures CUDA graphs unless told otherwise
     fused_blocks: int = 0  # blocks a one-token step runs as C calls
@@ -74,8 +77,8 @@ def prepare(decoder: nn.Module, device: torch.device | str, dtype: torch.dtype =
     kind = torch.device(device).type
     if weights not in WEIGHTS:
         raise BackendError(f"unknown weight format {weights!r}; use {' or '.join(WEIGHTS)}")
-    if weights == "int8" and kind != "cpu":
-        raise BackendError("int8 weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
+    if weights in ("int8", "int4") and kind != "cpu":
+        raise BackendError(f"{weights} weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
     if weights == "bf16" and kind != "cpu":
         raise BackendError("bf16 weights are a CPU option; on a GPU use --dtype bfloat16")
     if weights == "bf16" and dtype not in (torch.float32, torch.bfloat16):
@@ -108,6 +111,7 @@ def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backen
     from .cpu import attention
     from .cpu.bf16 import to_bf16
     from .cpu.fused import fuse_blocks
+    from .cpu.int4 import quantize_int4
     from .cpu.int8 import quantize_int8
     from .cpu.linear import fuse_activations, optimize_for_cpu, use_few_row_linear
 
@@ -115,6 +119,11 @@ def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backen
         quantize_int8(decoder)
         decoder.cache_dtype = torch.bfloat16  # reduced precision end to end: half the cache bytes
         name = "cpu-int8"
+    elif weights == "int4":
+        quantize_int4(decoder.blocks)
+        quantize_int8(decoder)  # the heads (2% of `small`'s bytes) in int8: in int4 they cost most of the fidelity
+        decoder.cache_dtype = torch.bfloat16
+        name = "cpu-int4"
     elif weights == "bf16":
         to_bf16(decoder)
         decoder.cache_dtype = torch.bfloat16  # as int8: half the cache bytes

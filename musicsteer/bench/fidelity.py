@@ -86,3 +86,30 @@ def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 
             column = tokens.view(1, -1, 1).expand(2, -1, -1).contiguous()
     n = steps * cfg.codebooks
     return Fidelity(weights, backend.name, steps, agree / n, kl_sum / n, kl_max, entropy / n)
+
+
+def run_fidelity(preset: str, formats: list[str], steps: int = 200, guidance: float = 3.0, seed: int = 0) -> dict:
+    """The record of `bench fidelity`: `measure` for each weight format on the preset's shape."""
+    import time
+
+    from ..model.config import PRESETS
+    from .latency import git_commit, machine_info
+
+    if preset not in PRESETS:
+        raise ValueError(f"bench fidelity takes a preset shape ({', '.join(PRESETS)}), not {preset!r}")
+    cfg = PRESETS[preset]
+    if steps + 1 > cfg.max_positions:
+        raise ValueError(f"--steps must stay under the model's {cfg.max_positions} positions")
+    results = [measure(cfg, w, steps=steps, guidance=guidance, seed=seed).as_record() for w in formats]
+    return {"benchmark": "fidelity", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(torch.device("cpu")), "model": preset, "random_weights_seed": seed,
+            "steps": steps, "cfg": guidance, "teacher_forced": True, "results": results}
+
+
+def format_fidelity(record: dict) -> str:
+    lines = [f"{record['model']} (random weights, seed {record['random_weights_seed']}), {record['steps']} "
+             f"teacher-forced steps, CFG {record['cfg']}: against float32"]
+    for r in record["results"]:
+        lines.append(f"  {r['weights']:>5} ({r['backend']}): greedy agreement {r['agreement'] * 100:.1f}%, "
+                     f"KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e} nats (float32 entropy {r['entropy']:.2f})")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`musicsteer bench latency | stream | control | codec`: parses, delegates to the bench
+"""`musicsteer bench latency | stream | control | codec | fidelity`: parses, delegates to the bench
 package, prints the report and writes the JSON record. `latency` and `codec` need only the
 core packages (`--plot` adds matplotlib); `stream` and `control` run the live stream."""
 
@@ -81,6 +81,16 @@ def register(sub) -> None:
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_codec)
 
+    fid = bsub.add_parser("fidelity", help="what reduced-precision weights lose against float32, on a random model")
+    fid.add_argument("--model", default="small", help="preset shape, random weights (default small)")
+    fid.add_argument("--weights", action="append", choices=("bf16", "int8", "int4"),
+                     help="format to compare with float32 (repeatable; default all three)")
+    fid.add_argument("--steps", type=int, default=200, help="teacher-forced one-token steps")
+    fid.add_argument("--cfg", type=float, default=3.0)
+    fid.add_argument("--seed", type=int, default=0, help="of the random weights and the text condition")
+    fid.add_argument("--json", type=Path, metavar="FILE")
+    fid.set_defaults(run=run_fidelity)
+
 
 def run_latency(args: argparse.Namespace) -> int:
     from ..bench.latency import format_report, write_json
@@ -162,6 +172,24 @@ def run_control(args: argparse.Namespace) -> int:
     record = run_control_bench(load_from_args(args), args.device, args.messages, args.interval, args.buffer_ms,
                                codec_chunk=args.codec_chunk)
     print(format_control(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    from ..bench.fidelity import format_fidelity
+    from ..bench.fidelity import run_fidelity as measure_all
+    from ..bench.latency import write_json
+
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    try:
+        record = measure_all(args.model, args.weights or ["bf16", "int8", "int4"], args.steps, args.cfg, args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(format_fidelity(record))
     if args.json:
         write_json(record, args.json)
         print(f"wrote {args.json}")

@@ -22,10 +22,11 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--compute", default="auto", metavar="DEVICE",
                    help="where the model runs: cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--weights", default="full", choices=("full", "int8", "bf16"),
-                   help="CPU: int8, the decoder's linear weights as int8 per output channel (a quarter of the "
-                        "weight bytes); bf16, as bfloat16 (half; --dtype bfloat16 on CPU does the same); "
-                        "both keep float32 activations and a bfloat16 KV cache (half the cache bytes)")
+    p.add_argument("--weights", default="full", choices=("full", "bf16", "int8", "int4"),
+                   help="CPU: bf16, the decoder's linear weights as bfloat16 (half the float32 bytes; --dtype "
+                        "bfloat16 on CPU does the same); int8, int8 per output channel (a quarter); int4, 4-bit "
+                        "in groups of 64 inputs (a seventh); each keeps float32 activations and a bfloat16 KV "
+                        "cache (half the cache bytes)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

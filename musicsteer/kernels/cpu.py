@@ -123,6 +123,8 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_linear_f32.restype = None
     lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.ms_linear_i8.restype = ctypes.c_int
+    lib.ms_linear_i4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.ms_linear_i4.restype = ctypes.c_int
     lib.ms_linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
     lib.ms_linear_bf16.restype = ctypes.c_int
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
@@ -212,6 +214,47 @@ def dequantize_i8(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q * scale[:, None]
 
 
+I4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # int4: ratios of a group's max tried for its scale
+
+
+def quantize_i4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 (-7..7) per output and group of 64 inputs: q (N, D) int8 and scales (N, D/64),
+    each group's scale the clipped max (I4_CLIPS) with the least squared error."""
+    n, d = weight.shape
+    w = weight.detach().float().view(n, d // GROUP, GROUP)
+    top = w.abs().amax(dim=2, keepdim=True).clamp_min(1e-12)  # (N, G, 1)
+    best_err, best_scale = None, None
+    for clip in I4_CLIPS:
+        scale = top * clip / 7.0
+        err = ((torch.round(w / scale).clamp(-7, 7) * scale - w) ** 2).sum(dim=2, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    q = torch.round(w / best_scale).clamp(-7, 7).to(torch.int8).view(n, d)
+    return q, best_scale.view(n, d // GROUP).contiguous()
+
+
+def quantize_pack_i4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 as `quantize_i4`, stored as q + 8 two per byte in (N/16, D/64, 8, 16, 4): byte (j, lane, k)
+    holds input 4j + k of the group in its low nibble and input 32 + 4j + k in its high one; the
+    scales as (N/16, D/64, 16) float32."""
+    n, d = weight.shape
+    q, scale = quantize_i4(weight)
+    u = (q + 8).to(torch.uint8).view(n // BLOCK, BLOCK, d // GROUP, 16, 4).permute(0, 2, 3, 1, 4)  # (nb, G, quad, 16, 4)
+    packed = huge_page_empty((n // BLOCK, d // GROUP, 8, BLOCK, 4), torch.uint8)
+    packed.copy_(u[:, :, :8] | (u[:, :, 8:] << 4))
+    return packed, scale.view(n // BLOCK, BLOCK, d // GROUP).transpose(1, 2).contiguous()
+
+
+def dequantize_i4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    nb, groups, _, _, _ = packed.shape
+    u = torch.cat([packed & 15, packed >> 4], dim=2)  # (nb, G, 16 quads, 16, 4)
+    q = u.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK, groups * GROUP).float() - 8.0
+    return q * scale.transpose(1, 2).reshape(nb * BLOCK, groups).repeat_interleave(GROUP, dim=1)
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """(N, D) -> bfloat16 (rounded to nearest even) in (N/16, D/2, 16, 2): two inputs per 32-bit lane."""
     n, d = weight.shape
@@ -249,6 +292,17 @@ def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: i
                                           nb * BLOCK, dq * 4, rows, act)
     if rc != 0:
         raise RuntimeError(f"int8 kernel refused the call ({rc}): shape ({nb * BLOCK}, {dq * 4})")
+    return y
+
+
+def linear_i4(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Tensor:
+    nb, groups = packed.shape[:2]
+    rows = x.shape[0]
+    y = torch.empty(rows, nb * BLOCK)
+    rc = (_lib or library()).ms_linear_i4(packed.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                          nb * BLOCK, groups * GROUP, rows, act)
+    if rc != 0:
+        raise RuntimeError(f"int4 kernel refused the call ({rc}): shape ({nb * BLOCK}, {groups * GROUP})")
     return y
 
 

@@ -22,15 +22,16 @@
  */
 
 enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
-enum { KIND_F32 = 0, KIND_I8 = 1, KIND_BF16 = 2 };
+enum { KIND_F32 = 0, KIND_I8 = 1, KIND_BF16 = 2, KIND_I4 = 3 };
 
 /* A block's weights and caches, filled by musicsteer/backends/cpu/fused.py (ctypes mirror: keep in step). */
 typedef struct {
     int kind, d, ffn, heads, hd, act, cache_bf16, max_len, text_max;
     float eps;
     const float *norm_w[3], *norm_b[3]; /* self, cross, mlp */
-    const void *w[W_COUNT];             /* packed: float32 [N/16][D][16], int8 [N/16][D/4][16][4], bf16 [N/16][D/2][16][2] */
-    const float *scale[W_COUNT];        /* int8 per-output scales */
+    const void *w[W_COUNT];             /* packed: float32 [N/16][D][16], int8 [N/16][D/4][16][4], bf16 [N/16][D/2][16][2],
+                                           int4 [N/16][D/64][8][16][4] (cpu_gemv.c) */
+    const float *scale[W_COUNT];        /* int8 per-output scales, int4 per output and group [N/16][D/64][16] */
     void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32 or bfloat16 */
     const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
     /* Steering of the block's output (the `out` hook point), or steer_k = 0: strengths (B, K), read
@@ -117,8 +118,8 @@ static void norm_rows(const float *src, const float *add, float *sum, float *dst
 static void product(block_call *c, int slot, int which, int n, int d, const float *in, float *out,
                     const float *res, int act) {
     const ms_layer *L = c->L;
-    const int blocks = n / 16, item = L->kind == KIND_I8 ? 1 : L->kind == KIND_BF16 ? 2 : 4;
-    int chunk = (int)(128 * 1024 / ((size_t)d * 16 * item));
+    const int blocks = n / 16, item2 = L->kind == KIND_I4 ? 1 : L->kind == KIND_I8 ? 2 : L->kind == KIND_BF16 ? 4 : 8;
+    int chunk = (int)(2 * 128 * 1024 / ((size_t)d * 16 * item2)); /* item2: twice the bytes per weight */
     if (chunk < 1) chunk = 1;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (L->kind == KIND_I8) {
@@ -128,6 +129,16 @@ static void product(block_call *c, int slot, int which, int n, int d, const floa
             int b0 = atomic_fetch_add(&c->work[slot], chunk);
             if (b0 >= blocks) break;
             i8_task(&a, b0, b0 + chunk < blocks ? b0 + chunk : blocks);
+        }
+        return;
+    }
+    if (L->kind == KIND_I4) {
+        quantize_rows(in, c->rows, d, tls.q, tls.xs, tls.xc);
+        i4_args a = {L->w[which], L->scale[which], tls.q, tls.xs, tls.xc, out, res, n, d, c->rows, act};
+        for (;;) {
+            int b0 = atomic_fetch_add(&c->work[slot], chunk);
+            if (b0 >= blocks) break;
+            i4_task(&a, b0, b0 + chunk < blocks ? b0 + chunk : blocks);
         }
         return;
     }
@@ -258,10 +269,10 @@ static int check_layer(const ms_layer *L, int first, int last, int rows, int pos
     if (first == 0 && (len < 1 || len > L->max_len || pos < 0 || pos >= L->max_len)) return -2;
     if (first <= 1 && last >= 1 && (text_len < 1 || text_len > L->text_max)) return -2;
 #if !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
-    if (L->kind == KIND_I8) return -1;
+    if (L->kind == KIND_I8 || L->kind == KIND_I4) return -1;
 #endif
-    if (L->kind == KIND_I8 && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
-    if (L->kind < KIND_F32 || L->kind > KIND_BF16) return -2;
+    if ((L->kind == KIND_I8 || L->kind == KIND_I4) && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;
+    if (L->kind < KIND_F32 || L->kind > KIND_I4) return -2;
     if (L->steer_k < 0 || L->steer_k > MS_MAX_STEER || (L->steer_k && last != 2)) return -2;
     if (L->steer_k && (L->steer_mode < STEER_ADD || L->steer_mode > STEER_ABLATE)) return -2;
     return 0;
@@ -293,7 +304,7 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
         if (i && (L->d != d)) return -2;
         d = L->d;
         ffn = L->ffn > ffn ? L->ffn : ffn;
-        bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I8 ? 1 : L->kind == KIND_BF16 ? 2 : 4);
+        bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I4 ? 1 : L->kind == KIND_I8 ? 2 : L->kind == KIND_BF16 ? 4 : 8) / 2;
     }
     const int widest = ffn > 3 * d ? ffn : 3 * d;
     const size_t rd = (size_t)rows * d, counters = ((size_t)count * 8 * sizeof(atomic_int) + sizeof(float) - 1) / sizeof(float);

@@ -5,7 +5,7 @@ rewritten in place between steps by that same thread (SteeringPlan.write).
 
 The decoder's blocks as C calls for the one-token CPU step (kernels/cpu_block.c).
 
-After `optimize_for_cpu`, `quantize_int8` or `to_bf16` has packed the blocks' weight products,
+After `optimize_for_cpu`, `quantize_int8`, `quantize_int4` or `to_bf16` has packed the blocks' weight products,
 `fuse_blocks(decoder)` sets `decoder.fused_stack`: a one-token step then runs its
 blocks' layer norms, products, attentions and residual adds in C, one OpenMP region
 for every run of blocks between two hook points (one call for an unsteered step)
@@ -35,12 +35,13 @@ from ...kernels import cpu as cpu_kernels
 from ...kernels.hook import KernelHook
 from .attention import fast_path
 from .bf16 import PackedBf16Linear
+from .int4 import PackedInt4Linear
 from .int8 import PackedInt8Linear
 from .linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
-KIND_F32, KIND_I8, KIND_BF16 = 0, 1, 2
+KIND_F32, KIND_I8, KIND_BF16, KIND_I4 = 0, 1, 2, 3
 MAX_ROWS = cpu_kernels.MAX_ROWS
 _ptr = ctypes.c_void_p
 
@@ -55,7 +56,7 @@ class _Layer(ctypes.Structure):
                 ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr),
                 ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
                 ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr)]
-KINDS = {PackedLinear: KIND_F32, PackedInt8Linear: KIND_I8, PackedBf16Linear: KIND_BF16}  # ms_layer.kind
+KINDS = {PackedLinear: KIND_F32, PackedInt8Linear: KIND_I8, PackedBf16Linear: KIND_BF16, PackedInt4Linear: KIND_I4}  # ms_layer.kind
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
 
@@ -88,7 +89,7 @@ def fusable(block: nn.Module) -> str | None:
         return cpu_kernels.unavailable()
     linears = _linears(block)
     kinds = {type(m) for m in linears}
-    if kinds not in ({PackedLinear}, {PackedInt8Linear}, {PackedBf16Linear}):
+    if kinds not in ({PackedLinear}, {PackedInt8Linear}, {PackedBf16Linear}, {PackedInt4Linear}):
         return "its products are not all packed in one format"
     if any(m.activation is not None for m in linears if m is not block.fc1):
         return "an activation is fused where the block does not apply one"
@@ -121,8 +122,8 @@ class FusedBlock:
         self.block = block
         self._attn, self._cross = block.self_attn, block.cross_attn
         self._linears, self._norms = _linears(block), _norms(block)
-        self.int8 = isinstance(block.fc1, PackedInt8Linear)
         self.kind = KINDS[type(block.fc1)]
+        self.scaled = self.kind in (KIND_I8, KIND_I4)  # weights with a scale buffer
         self.hidden = block.fc1.in_features
         self.layer = _Layer()
         self.address = ctypes.addressof(self.layer)
@@ -140,7 +141,7 @@ class FusedBlock:
         for m in self._linears:
             buffers = m._buffers
             parts.append(id(buffers["packed"]))
-            if self.int8:
+            if self.scaled:
                 parts.append(id(buffers["scale"]))
         for norm in self._norms:
             parts += (norm.weight.data_ptr(), norm.bias.data_ptr())
@@ -156,7 +157,7 @@ class FusedBlock:
             L.norm_w[i], L.norm_b[i] = norm.weight.data_ptr(), norm.bias.data_ptr()
         for i, m in enumerate(self._linears):
             L.w[i] = m._buffers["packed"].data_ptr()
-            L.scale[i] = m._buffers["scale"].data_ptr() if self.int8 else None
+            L.scale[i] = m._buffers["scale"].data_ptr() if self.scaled else None
         L.kc, L.vc, L.max_len = sc.k.data_ptr(), sc.v.data_ptr(), sc.max_len
         L.cache_bf16 = int(sc.k.dtype == torch.bfloat16)
         L.tk, L.tv, L.text_max = cc.k.data_ptr(), cc.v.data_ptr(), cc.max_text
