@@ -77,7 +77,8 @@ def register(sub) -> None:
     codec.add_argument("--method", choices=("state", "window"), default="state",
                        help="stateful layers (each frame decoded once) or a window decoded per chunk")
     codec.add_argument("--precision", choices=("float32", "int8"), default="float32",
-                       help="the LSTM's weights: float32 (equal to the offline decode) or int8 (an approximation)")
+                       help="the large weights (LSTM, first transposed convolutions): float32 (equal to the offline "
+                            "decode) or int8 (an approximation; the record says its SNR)")
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_codec)
 

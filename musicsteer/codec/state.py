@@ -17,7 +17,8 @@ end as the offline decode does and returns the rest:
   shortcut until the block's look-ahead has caught up.
 
 The emitted audio equals an offline decode of the whole stream to float32 round-off
-(tests/test_codec_stream.py). The look-ahead is the sum of the layers' right paddings at
+(tests/test_codec_stream.py); `precision="int8"` reads the large weights (the LSTM, the
+first transposed convolutions) as int8, at about 69 dB SNR on MusicGen's shape. The look-ahead is the sum of the layers' right paddings at
 their rates: 2402 samples (3.75 frames) for the 32 kHz codec. A frame costs its own
 decode instead of a window's, and its audio is emitted as soon as its last sample is
 final (whole frames: a sink reads whole blocks).
@@ -45,6 +46,10 @@ def _empty_like(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_zeros((x.shape[0], channels, 0))
 
 
+FEW_ROWS = 32  # output samples up to which a convolution runs through the packed kernel (PACKED_ROWS)
+MANY_SAMPLES = 128  # output samples from which one MKL product over im2col columns beats oneDNN
+
+
 class _Conv:
     """EncodecConv1d, stride 1: pads the clip's start once, keeps (k - 1) * dilation samples."""
 
@@ -61,6 +66,15 @@ class _Conv:
         self.left = total - self.right
         self.span = total  # input samples an output reads besides its own position
         self.mode = module.pad_mode
+        c_out, c_in, k = self.weight.shape
+        self.kernel = k
+        # Both products read the weight as one (C_out, C_in * k) matrix over im2col columns: for the
+        # few output samples of a deep layer the packed kernel (columns (m, C_in, k)), for many
+        # samples of a wide kernel one MKL product (columns (k, C_in, m)). oneDNN's convolution
+        # costs more on both (the 2-core machine: 238 against 136 us at 8 samples of the 512-wide
+        # layer, 151 against 80 us at 640 samples of the 64-wide one, 201 against 71 for the last).
+        self.few = _matvec(self.weight.reshape(c_out, c_in * k)) if c_out % 16 == 0 else None
+        self.wide = self.weight.permute(0, 2, 1).reshape(c_out, k * c_in).contiguous()  # (C_out, k * C_in)
         self.reset()
 
     def reset(self) -> None:
@@ -74,9 +88,19 @@ class _Conv:
     def delay(self, d: float) -> float:
         return d + self.right
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] <= self.span:
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:  # (1, C_in, m + span) -> (1, C_out, m)
+        m = x.shape[-1] - self.span
+        if m <= 0:
             return _empty_like(x, self.out_channels)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            if self.few is not None and m <= FEW_ROWS:
+                cols = x[0].t().unfold(0, self.span + 1, 1)[..., :: self.dilation].reshape(m, -1)  # (m, C_in * k)
+                return (self.few(cols) + self.bias).t()[None]
+            if m >= MANY_SAMPLES:
+                d = self.dilation
+                cols = torch.cat([x[0, :, j * d : j * d + m] for j in range(self.kernel)]) if self.kernel > 1 \
+                    else x[0]  # (k * C_in, m)
+                return torch.addmm(self.bias[:, None], self.wide, cols)[None]
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
 
     def _keep(self, x: torch.Tensor) -> None:
@@ -111,13 +135,15 @@ def _torch_mode(mode: str) -> str:
 
 
 FEW_SAMPLES = 32  # from here oneDNN's transposed convolution beats the product and fold on CPU
+LARGE_WEIGHT = 1 << 20  # entries from which a transposed convolution's cost is reading its weight
 
 
 class _ConvTranspose:
     """EncodecConvTranspose1d: overlap-adds each call's output onto the last call's tail and
-    trims the clip's first samples once."""
+    trims the clip's first samples once. In `int8`, a weight-bound one (over LARGE_WEIGHT
+    entries: the first two of the 32 kHz codec) reads its weight as int8 through the product."""
 
-    def __init__(self, module) -> None:
+    def __init__(self, module, precision: str = "float32") -> None:
         conv = module.conv
         if module.norm_type != "weight_norm":
             raise NotStreamable("only weight-normed transposed convolutions stream")
@@ -125,7 +151,9 @@ class _ConvTranspose:
         self.stride, self.kernel = conv.stride[0], conv.kernel_size[0]
         c_in, c_out, k = self.weight.shape
         self.out_channels = c_out
-        self.product = _matvec(self.weight.reshape(c_in, c_out * k).t())  # x (n, C_in) -> (n, C_out * k)
+        matrix = self.weight.reshape(c_in, c_out * k).t().contiguous()  # (C_out * k, C_in)
+        self.reduced = matrix.numel() >= LARGE_WEIGHT and takes_int8(matrix, precision)
+        self.product = _product(matrix, precision if self.reduced else "float32")  # x (n, C_in) -> (n, C_out * k)
         total = self.kernel - self.stride
         self.right = math.ceil(total * module.trim_right_ratio) if module.causal else total // 2
         self.left = total - self.right
@@ -147,7 +175,7 @@ class _ConvTranspose:
         n = x.shape[-1]
         if n == 0:
             return _empty_like(x, self.out_channels)
-        if n >= FEW_SAMPLES or x.device.type != "cpu":
+        if (n >= FEW_SAMPLES and not self.reduced) or x.device.type != "cpu":
             y = F.conv_transpose1d(x, self.weight, None, stride=self.stride)  # (1, C_out, n * stride + tail)
         else:
             # Each input sample's k outputs, overlap-added `stride` apart: oneDNN's transposed convolution
@@ -232,18 +260,23 @@ PRECISIONS = ("float32", "int8")
 def _product(weight: torch.Tensor, precision: str = "float32"):
     """x (rows, In) -> x @ weight.T in `precision`: float32 through `_matvec`; int8 through the packed
     VNNI kernel where it builds (weights per output channel, activations per group of 64 inputs),
-    else torch's int8 product on bfloat16 activations."""
-    if precision == "float32" or weight.device.type != "cpu":
-        return _matvec(weight)
-    if precision != "int8":
+    else torch's int8 product on bfloat16 activations. A shape the int8 layout cannot take (outputs
+    in blocks of 16, inputs in groups of 64) stays float32."""
+    if precision not in PRECISIONS:
         raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not takes_int8(weight, precision):
+        return _matvec(weight)
     from ..backends.cpu.int8 import Int8Linear, PackedInt8Linear, packed_int8_kernels
     from ..kernels import cpu as cpu_kernels
 
+    return PackedInt8Linear(weight) if cpu_kernels.unavailable() is None and packed_int8_kernels() \
+        else Int8Linear(weight)
+
+
+def takes_int8(weight: torch.Tensor, precision: str) -> bool:
+    """Whether `precision` asks for int8 and the (N, D) weight fits its layout on this device."""
     n, d = weight.shape
-    fits = cpu_kernels.unavailable() is None and packed_int8_kernels() and cpu_kernels.packable(n, d, int8=True)
-    layer = PackedInt8Linear(weight) if fits else Int8Linear(weight)
-    return layer
+    return precision == "int8" and weight.device.type == "cpu" and n % 16 == 0 and d % 64 == 0
 
 
 def _matvec(weight: torch.Tensor):
@@ -357,7 +390,7 @@ def _stage(module, precision: str = "float32"):
     if name == "EncodecConv1d":
         return _Conv(module)
     if name == "EncodecConvTranspose1d":
-        return _ConvTranspose(module)
+        return _ConvTranspose(module, precision)
     if name == "EncodecLSTM":
         return _LSTM(module, precision)
     if name == "EncodecResnetBlock":
@@ -380,7 +413,8 @@ class StatefulDecoder:
     """Codes in, frame by frame; final audio out, sample-exact against the offline decode.
 
     `chunk` frames are decoded per call (fewer, larger calls cost less per frame); `precision`
-    "int8" runs the LSTM's products on int8 weights (an approximation of the offline decode)."""
+    "int8" runs the LSTM's products and the weight-bound transposed convolutions on int8 weights (an
+    approximation of the offline decode: tests/test_codec_stream.py states its tolerance)."""
 
     def __init__(self, codec: Codec, codebooks: int, chunk: int = 1, precision: str = "float32") -> None:
         if chunk < 1:

@@ -36,7 +36,7 @@ class StreamingCodecSettings:
     context: int = 25  # frames of past codes decoded with each chunk
     chunk: int = 1  # frames per decode: larger is cheaper per frame, adds latency
     method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
-    precision: str = "float32"  # "int8": the stateful decoder's LSTM on int8 weights (an approximation)
+    precision: str = "float32"  # "int8": the stateful decoder's large weights in int8 (an approximation)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
