@@ -48,7 +48,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", weigh
     """A model for `spec`, as `--model` takes it: a preset with random weights (`tiny`, `small`,
     `medium`, `large`), a transformers or audiocraft directory, or a Hugging Face repo id from
     the local cache (never the network). `device` is cpu, cuda, cuda:N or auto (CUDA when
-    present); `dtype` float32, float16 or bfloat16; `weights` full or int8 (CPU)."""
+    present); `dtype` float32, float16 or bfloat16; `weights` full, bf16, int8 or int4 (CPU)."""
     import torch
 
     from .model.loading.load import load_model as load

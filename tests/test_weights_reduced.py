@@ -1,4 +1,4 @@
-"""Reduced-precision weights (backends/cpu/bf16.py, the bfloat16 kernels of cpu_gemv.c and
+"""Reduced-precision weights (backends/cpu/bf16.py and int4.py, kernels/cpu_reduced.c and
 cpu_block.c): each layer equals its dequantized reference, a decoder's fused step equals its
 module path, and the fidelity against float32 (bench/fidelity.py) stays within thresholds."""
 

@@ -33,8 +33,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_block.c
-SOURCES = (SOURCE, SOURCE.with_name("cpu_block.c"))
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c and cpu_block.c
+SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_block.c"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8
