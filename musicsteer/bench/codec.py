@@ -5,6 +5,7 @@ offline float32 decode. It needs neither the model's decoder nor the live stream
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -46,7 +47,8 @@ def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "
               "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
               "ms_per_frame_mean": float(steady.mean()),
               "ms_per_call_p50": float(np.percentile(calls, 50)),
-              "ms_per_call_p99": float(np.percentile(calls, 99))}
+              "ms_per_call_p99": float(np.percentile(calls, 99)),
+              "load_average_1min": os.getloadavg()[0]}  # the host's load when timed: other work on the cores
     if precision != "float32":
         record["snr_db_vs_offline_float32"] = fidelity_snr(model, settings)
     return record
