@@ -290,6 +290,21 @@ def test_codec_precision_is_checked(tiny):
     with pytest.raises(ValueError, match="codec precision"):
         StatefulDecoder(tiny.codec, 4, precision="bf8")
     assert StreamingDecoder(tiny.codec, 4, StreamingCodecSettings(precision="int8")).precision == "int8"
+    with pytest.raises(ValueError, match="windowed"):
+        StreamingCodecSettings(method="window", precision="int8")
+
+
+def test_int8_on_a_codec_that_cannot_stream_says_it_runs_float32(caplog):
+    from transformers import EncodecConfig, EncodecModel
+
+    from musicsteer.model.loading.load import encodec_32khz_config
+
+    config = encodec_32khz_config(EncodecConfig, tiny=True)
+    config.norm_type = "time_group_norm"
+    codec = Codec(EncodecModel(config).eval(), "group-norm codec")
+    with caplog.at_level("WARNING", logger="musicsteer.codec.stream"):
+        assert isinstance(StreamingDecoder(codec, 4, StreamingCodecSettings(precision="int8")), WindowedDecoder)
+    assert "not applied" in caplog.text
 
 
 def test_bench_codec_reports_cost_and_fidelity(tiny):

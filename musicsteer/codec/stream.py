@@ -21,6 +21,7 @@ It knows nothing of the decoder, the ring buffer or threads; one thread calls it
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ import torch
 
 from .codec import Codec
 from .state import PRECISIONS, NotStreamable, StatefulDecoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class StreamingCodecSettings:
             raise ValueError(f"codec method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.method == "window" and self.precision != "float32":
+            raise ValueError("the windowed codec decodes offline, in float32: codec precision applies to 'state'")
 
 
 METHODS = ("state", "window")
@@ -55,8 +60,10 @@ def StreamingDecoder(codec: Codec, codebooks: int, settings: StreamingCodecSetti
     if settings.method == "state":
         try:
             return StatefulDecoder(codec, codebooks, settings.chunk, settings.precision)
-        except NotStreamable:
-            pass
+        except NotStreamable as exc:
+            if settings.precision != "float32":
+                log.warning("codec precision %s not applied: %s; the windowed decoder runs in float32",
+                            settings.precision, exc)
     return WindowedDecoder(codec, codebooks, settings)
 
 
