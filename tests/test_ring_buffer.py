@@ -174,10 +174,12 @@ def test_two_threads_deliver_every_sample_once_and_in_order():
             received.append(out[:got].copy())
             if done.is_set() and ring.read_available() == 0:
                 return
+            if got == 0:
+                time.sleep(0)  # hand the GIL to the producer, as it does when the ring is full
 
     def observer():  # metrics from a third thread stay consistent
         last = ring.metrics()
-        while not done.is_set() or ring.read_available():
+        while (not done.is_set() or ring.read_available()) and time.monotonic() < deadline + 5.0:
             m = ring.metrics()
             if not (
                 0 <= m.fill <= m.capacity
@@ -189,7 +191,8 @@ def test_two_threads_deliver_every_sample_once_and_in_order():
             last = m
             time.sleep(0.0005)
 
-    threads = [threading.Thread(target=f) for f in (consumer, observer)]
+    # daemons that end by the deadline: a failure here must not hang the test run
+    threads = [threading.Thread(target=f, daemon=True) for f in (consumer, observer)]
     for t in threads:
         t.start()
     producer()
