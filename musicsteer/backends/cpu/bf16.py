@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from .linear import PackedBase
+from .linear import PackedBase, replace_bias_free
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,8 @@ def to_bf16(module: nn.Module, packed: bool | None = None) -> nn.Module:
         packed = cpu_kernels.library() is not None
         if packed and not cpu_kernels.has_bf16():
             log.info("this CPU has no AVX-512 BF16: bfloat16 weights use the portable C loop")
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.bias is None:
-            fits = child.out_features % 16 == 0 and child.in_features % 2 == 0
-            setattr(module, name, PackedBf16Linear(child.weight) if packed and fits else Bf16Linear(child.weight))
-        else:
-            to_bf16(child, packed)
-    return module
+
+    def make(layer: nn.Linear) -> nn.Module:
+        fits = layer.out_features % 16 == 0 and layer.in_features % 2 == 0
+        return PackedBf16Linear(layer.weight) if packed and fits else Bf16Linear(layer.weight)
+    return replace_bias_free(module, make)

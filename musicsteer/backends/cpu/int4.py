@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from .linear import PackedBase
+from .linear import ScaledPackedBase, replace_bias_free
 
 
 class Int4Linear(nn.Module):
@@ -40,37 +40,9 @@ class Int4Linear(nn.Module):
         return self.weight_dq
 
 
-class PackedInt4Linear(PackedBase):
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        packed, scale = cpu_kernels.quantize_pack_i4(weight)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self._bind()
-
-    def _bind(self) -> None:
-        packed, scale = self._bound, self._scale = self._buffers["packed"], self._buffers["scale"]
-        call, w, sc = cpu_kernels.library().ms_linear_i4, packed.data_ptr(), scale.data_ptr()
-        n, d, act = self.out_features, self.in_features, getattr(self, "_act", 0)
-
-        def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
-            y = torch.empty(rows, n)
-            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows, act) != 0:
-                raise RuntimeError(f"int4 kernel refused the call: shape ({n}, {d})")
-            return y
-
-        self._kernel = kernel
-
-    def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        if self._scale is not self._buffers["scale"]:
-            self._bind()
-        return super()._fast(x, rows)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The (out, in) weight, dequantized (a copy)."""
-        return cpu_kernels.dequantize_i4(self.packed, self.scale)
+class PackedInt4Linear(ScaledPackedBase):
+    kernel_name, what = "ms_linear_i4", "int4"
+    quantize, dequantize = staticmethod(cpu_kernels.quantize_pack_i4), staticmethod(cpu_kernels.dequantize_i4)
 
 
 def quantize_int4(module: nn.Module, packed: bool | None = None) -> nn.Module:
@@ -79,10 +51,9 @@ def quantize_int4(module: nn.Module, packed: bool | None = None) -> nn.Module:
     not a multiple of 64 (or outputs of 16) stay as they are."""
     if packed is None:
         packed = cpu_kernels.has_int8()
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.bias is None:
-            if child.in_features % cpu_kernels.GROUP == 0 and child.out_features % 16 == 0:
-                setattr(module, name, PackedInt4Linear(child.weight) if packed else Int4Linear(child.weight))
-        else:
-            quantize_int4(child, packed)
-    return module
+
+    def make(layer: nn.Linear) -> nn.Module | None:
+        if layer.in_features % cpu_kernels.GROUP or layer.out_features % 16:
+            return None
+        return PackedInt4Linear(layer.weight) if packed else Int4Linear(layer.weight)
+    return replace_bias_free(module, make)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from .linear import PackedBase
+from .linear import ScaledPackedBase, replace_bias_free
 
 
 class Int8Linear(nn.Module):
@@ -37,37 +37,9 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class PackedInt8Linear(PackedBase):
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        packed, scale = cpu_kernels.quantize_pack_i8(weight)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self._bind()
-
-    def _bind(self) -> None:
-        packed, scale = self._bound, self._scale = self._buffers["packed"], self._buffers["scale"]
-        call, w, sc = cpu_kernels.library().ms_linear_i8, packed.data_ptr(), scale.data_ptr()
-        n, d, act = self.out_features, self.in_features, getattr(self, "_act", 0)
-
-        def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
-            y = torch.empty(rows, n)
-            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows, act) != 0:
-                raise RuntimeError(f"int8 kernel refused the call: shape ({n}, {d})")
-            return y
-
-        self._kernel = kernel
-
-    def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        if self._scale is not self._buffers["scale"]:
-            self._bind()
-        return super()._fast(x, rows)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The (out, in) weight, dequantized (a copy)."""
-        return cpu_kernels.dequantize_i8(self.packed, self.scale)
+class PackedInt8Linear(ScaledPackedBase):
+    kernel_name, what = "ms_linear_i8", "int8"
+    quantize, dequantize = staticmethod(cpu_kernels.quantize_pack_i8), staticmethod(cpu_kernels.dequantize_i8)
 
 
 def packed_int8_kernels() -> bool:
@@ -79,10 +51,8 @@ def quantize_int8(module: nn.Module, packed: bool | None = None) -> nn.Module:
     VNNI form where the kernels build and the CPU has it, else `Int8Linear`."""
     if packed is None:
         packed = packed_int8_kernels()
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.bias is None:
-            fits = child.out_features % 16 == 0 and child.in_features % 64 == 0
-            setattr(module, name, PackedInt8Linear(child.weight) if packed and fits else Int8Linear(child.weight))
-        else:
-            quantize_int8(child, packed)
-    return module
+
+    def make(layer: nn.Linear) -> nn.Module:
+        fits = layer.out_features % 16 == 0 and layer.in_features % 64 == 0
+        return PackedInt8Linear(layer.weight) if packed and fits else Int8Linear(layer.weight)
+    return replace_bias_free(module, make)

@@ -112,6 +112,68 @@ class PackedBase(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+class ScaledPackedBase(PackedBase):
+    """A packed layer of quantized weights with per-output (or per-group) scales: the quantized
+    formats set `quantize(weight) -> (packed, scale)`, `dequantize(packed, scale)`, the kernel's
+    name in the library (`kernel_name`, called as (w, scale, x, y, n, d, rows, act)) and a name
+    for errors (`what`)."""
+
+    kernel_name: str
+    what: str
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        packed, scale = self.quantize(weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self._bind()
+
+    def _bind(self) -> None:
+        packed, scale = self._bound, self._scale = self._buffers["packed"], self._buffers["scale"]
+        call, w, sc = getattr(cpu_kernels.library(), self.kernel_name), packed.data_ptr(), scale.data_ptr()
+        n, d, act, what = self.out_features, self.in_features, getattr(self, "_act", 0), self.what
+
+        def kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
+            y = torch.empty(rows, n)
+            if call(w, sc, x.data_ptr(), y.data_ptr(), n, d, rows, act) != 0:
+                raise RuntimeError(f"{what} kernel refused the call: shape ({n}, {d})")
+            return y
+
+        self._kernel = kernel
+
+    def _fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        if self._scale is not self._buffers["scale"]:
+            self._bind()
+        return super()._fast(x, rows)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight, dequantized (a copy)."""
+        return self.dequantize(self.packed, self.scale)
+
+
+def replace_bias_free(module: nn.Module, make) -> nn.Module:
+    """Replace every bias-free `nn.Linear` below `module` by `make(layer)`, in place; where `make`
+    returns None the layer stays as it is."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and child.bias is None:
+            new = make(child)
+            if new is not None:
+                setattr(module, name, new)
+        else:
+            replace_bias_free(child, make)
+    return module
+
+
 class PackedLinear(PackedBase):
     """A bias-free float32 linear layer in the packed layout of the C kernels (CPU only).
 
