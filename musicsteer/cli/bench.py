@@ -28,7 +28,9 @@ def register(sub) -> None:
     lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
     lat.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram and timeline of step times")
     lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
-                     help="also time a reference implementation on the same shape (repeatable)")
+                     help="also time a reference implementation on the same shape (repeatable); transformers runs "
+                          "at the run's precision: float32, bfloat16 for bf16 weights, torch's dynamic int8 "
+                          "for int8 and int4")
     lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
     lat.add_argument("--rounds", type=int, default=1,
                      help="take turns between the concept counts in this many rounds, sampling the bandwidth "
