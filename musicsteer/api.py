@@ -44,11 +44,13 @@ class StreamError(MusicsteerError):
 # -- models and packs -----------------------------------------------------------------------
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", weights: str = "full",
-               text_encoder: str | Path | None = None, codec: str | Path | None = None) -> LoadedModel:
+               text_encoder: str | Path | None = None, codec: str | Path | None = None,
+               kv_cache: str = "auto") -> LoadedModel:
     """A model for `spec`, as `--model` takes it: a preset with random weights (`tiny`, `small`,
     `medium`, `large`), a transformers or audiocraft directory, or a Hugging Face repo id from
     the local cache (never the network). `device` is cpu, cuda, cuda:N or auto (CUDA when
-    present); `dtype` float32, float16 or bfloat16; `weights` full, bf16, int8 or int4 (CPU)."""
+    present); `dtype` float32, float16 or bfloat16; `weights` full, bf16, int8 or int4 (CPU);
+    `kv_cache` auto, float32, bf16 or int8 (CPU: the self-attention caches' storage)."""
     import torch
 
     from .model.loading.load import load_model as load
@@ -56,7 +58,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", weigh
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return load(str(spec), text_encoder=_opt_str(text_encoder), codec=_opt_str(codec),
-                device=_device(device), dtype=getattr(torch, dtype), weights=weights)
+                device=_device(device), dtype=getattr(torch, dtype), weights=weights, kv_cache=kv_cache)
 
 
 def make_pack(model: LoadedModel | str, *, random: list[str] | tuple[str, ...] = (),

@@ -189,6 +189,36 @@ def test_attention_kernel_on_a_bfloat16_cache(hd, length):
     torch.testing.assert_close(out, want.reshape(B, D), atol=2e-5, rtol=1e-4)
 
 
+@needs_cc
+@pytest.mark.parametrize("hd,length", [(64, 301), (64, 1), (12, 7), (100, 33)])
+def test_attention_kernel_on_an_int8_cache(hd, length):
+    """The kernel quantizes the new key and value exactly as QuantizedKVCache does (bit for bit, scales
+    included) and attends over the int8 cache to within float32 rounding of SDPA over its dequantized form."""
+    from musicsteer.model.kv_cache import QuantizedKVCache
+
+    g = torch.Generator().manual_seed(hd + length)
+    B, H, max_len = 2, 3, 320
+    D = H * hd
+    ours, want = (QuantizedKVCache(B, H, max_len, hd, torch.float32, "cpu") for _ in range(2))
+    old = (torch.randn(B, H, length - 1, hd, generator=g) * 3, torch.randn(B, H, length - 1, hd, generator=g))
+    for cache in (ours, want):
+        cache.update(torch.arange(length - 1), *old)
+    qkv = torch.randn(B, 3 * D, generator=g)
+    qkv[0, D:D + hd] = 0  # an all-zero head: scale 0, values 0
+    pos = length - 1
+    out = cpu.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), ours.k, ours.v, pos, length,
+                     (ours.k_scale, ours.v_scale))
+    k, v = want.update(torch.tensor([pos]), qkv[:, D:2 * D].view(B, H, 1, hd), qkv[:, 2 * D:].view(B, H, 1, hd), length)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(ours, name), getattr(want, name)), name
+    assert ours.k_scale[0, 0, pos] == 0 and not ours.k[0, 0, pos].any()
+    q = qkv[:, :D].reshape(B, H, 1, hd)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref.reshape(B, D), atol=2e-5, rtol=1e-4)
+    with pytest.raises(AssertionError, match="scales"):
+        cpu.attend(qkv[:, :D], None, ours.k, ours.v, -1, length)
+
+
 def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
     from musicsteer.model.config import PRESETS
     from musicsteer.model.musicgen import MusicGen

@@ -45,9 +45,12 @@ def step_weight_bytes(model: LoadedModel) -> int:
 
 def step_cache_bytes(model: LoadedModel, position: float, batch: int) -> float:
     """Bytes of self-attention keys and values a step at `position` reads (the filled part of
-    every layer's cache, in the cache's storage dtype); the text cache is a few positions and left out."""
+    every layer's cache, in the cache's storage dtype, with an 8-bit cache's scales); the text cache
+    is a few positions and left out."""
     c, decoder = model.cfg, model.decoder
     item = torch.empty((), dtype=decoder.cache_dtype or decoder.embed.weight.dtype).element_size()
+    if decoder.cache_dtype == torch.int8:
+        item += 4 / c.head_dim  # one float32 scale per head and position
     return c.layers * 2 * batch * c.hidden * (position + 1) * item
 
 
