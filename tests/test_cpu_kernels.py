@@ -361,3 +361,55 @@ def test_fused_activation_equals_the_activation_after_the_product(name, rows):
             torch.testing.assert_close(q(x), ACTS[name](plain), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="swish"):
         layer.fuse_activation("swish")
+
+
+needs_tiles = pytest.mark.skipif(not cpu.use_tiles(), reason="this CPU, build or kernel has no usable AMX tiles")
+
+
+@needs_tiles
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows,act", [(16, 0), (37, 1), (64, 0), (300, 2), (512, 3)])
+def test_products_on_amx_tiles_equal_the_vnni_kernel_bit_for_bit(kind, rows, act):
+    """16 rows or more run on AMX tiles; each group's exact int32 sums take the VNNI kernel's float32
+    steps in the same order, so the outputs are the same bits (row counts off the tile size included)."""
+    from musicsteer.backends.cpu.int4 import PackedInt4Linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = (PackedInt8Linear if kind == "int8" else PackedInt4Linear)(torch.randn(256, 320, generator=g) * 0.05)
+    layer._act = act  # the fused activations of the products' epilogue
+    layer._bind()
+    x = torch.randn(rows, 320, generator=g) * torch.logspace(-2, 1, 320)  # groups of very different scales
+    try:
+        tiles = layer._kernel(x, rows)
+        cpu.use_tiles(False)
+        assert not cpu.use_tiles()
+        vnni = layer._kernel(x, rows)
+    finally:
+        cpu.use_tiles(True)
+    assert torch.equal(tiles, vnni)
+    want = torch.nn.functional.linear(x, layer.weight)
+    want = [want, torch.nn.functional.gelu(want), torch.nn.functional.gelu(want, approximate="tanh"),
+            torch.relu(want)][act]
+    assert (tiles - want).abs().max() < 0.02 * want.abs().max()  # and both are the product they claim
+
+
+@needs_tiles
+def test_a_prefill_takes_the_tiles_in_one_call_per_layer(monkeypatch):
+    from musicsteer.backends.cpu import linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
+
+    layer = PackedInt8Linear(torch.randn(64, 128) * 0.05)
+    calls = []
+    kernel = layer._kernel
+    monkeypatch.setattr(layer, "_kernel", lambda x, rows: calls.append(rows) or kernel(x, rows))
+    with torch.no_grad():
+        layer(torch.randn(600, 128))
+        assert calls == [linear.TILE_ROWS, 600 - linear.TILE_ROWS]
+        calls.clear()
+        cpu.use_tiles(False)
+        try:
+            layer(torch.randn(70, 128))
+        finally:
+            cpu.use_tiles(True)
+    assert calls == [32, 32, 6]

@@ -86,8 +86,12 @@ def register(sub) -> None:
 
     fid = bsub.add_parser("fidelity", help="what reduced-precision weights lose against float32, on a random model")
     fid.add_argument("--model", default="small", help="preset shape, random weights (default small)")
-    fid.add_argument("--weights", action="append", choices=("bf16", "int8", "int4"),
-                     help="format to compare with float32 (repeatable; default all three)")
+    fid.add_argument("--weights", action="append", choices=("full", "bf16", "int8", "int4"),
+                     help="format to compare with float32 (repeatable; default bf16, int8, int4; full with "
+                          "--kv-cache measures the cache alone)")
+    fid.add_argument("--kv-cache", default="auto", choices=("auto", "float32", "bf16", "int8"),
+                     help="the KV cache's storage for the formats under test (float32 is always compared with "
+                          "a float32 cache)")
     fid.add_argument("--steps", type=int, default=200, help="teacher-forced one-token steps")
     fid.add_argument("--cfg", type=float, default=3.0)
     fid.add_argument("--seed", type=int, default=0, help="of the random weights and the text condition")
@@ -189,7 +193,8 @@ def run_fidelity(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     try:
-        record = measure_all(args.model, args.weights or ["bf16", "int8", "int4"], args.steps, args.cfg, args.seed)
+        record = measure_all(args.model, args.weights or ["bf16", "int8", "int4"], args.steps, args.cfg, args.seed,
+                             args.kv_cache)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     print(format_fidelity(record))

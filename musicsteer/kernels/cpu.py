@@ -33,8 +33,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c and cpu_block.c
-SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_block.c"))
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c, cpu_amx.c and cpu_block.c
+SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_amx.c"), SOURCE.with_name("cpu_block.c"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8
@@ -134,7 +134,17 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_block.restype = ctypes.c_int
     lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
     lib.ms_blocks.restype = ctypes.c_int
+    lib.ms_amx.argtypes = [ctypes.c_int]
+    lib.ms_amx.restype = ctypes.c_int
     return lib
+
+
+def use_tiles(on: bool | None = None) -> bool:
+    """Whether int8 and int4 products of 16 rows or more run on AMX tiles (cpu_amx.c): where the build
+    and the kernel allow them, unless turned off; `on` turns them off or back on for this process
+    (tests compare both paths; the results are equal bit for bit)."""
+    lib = _lib or library()
+    return lib is not None and bool(lib.ms_amx(-1 if on is None else int(on)))
 
 
 def unavailable() -> str | None:

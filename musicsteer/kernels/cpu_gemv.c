@@ -308,10 +308,15 @@ static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xs
         }
 }
 
+static int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act,
+                      int int4); /* cpu_amx.c: 16 rows or more on AMX tiles, where there are tiles */
+
 /* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
- * success, -1 where the CPU or the build lacks VNNI, -2 for unsupported shapes. */
+ * success, -1 where the CPU or the build lacks VNNI, -2 for unsupported shapes, -3 out of memory. */
 int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
+    const int tiles = amx_linear(w, scale, x, y, n, d, rows, act, 0);
+    if (tiles) return tiles == 1 ? 0 : tiles;
     static int8_t q[MS_MAX_ROWS * 65536];
     static float xs[MS_MAX_ROWS * 65536 / MS_GROUP];
     static int32_t xc[MS_MAX_ROWS * 65536 / MS_GROUP];
@@ -582,4 +587,5 @@ int ms_attend(const float *q, const float *k_new, const float *v_new, long strid
 }
 
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
+#include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */
 #include "cpu_block.c" /* the fused decoder block, in this translation unit */
