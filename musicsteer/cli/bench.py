@@ -43,8 +43,10 @@ def register(sub) -> None:
     add_model_args(stream)
     stream.add_argument("--seconds", type=float, default=150.0)
     stream.add_argument("--fast", action="store_true", help="as fast as possible instead of real-time paced")
-    stream.add_argument("--window", type=float, default=30.0)
-    stream.add_argument("--keep", type=float, default=10.0)
+    stream.add_argument("--window", type=float, help="seconds of context (default as live: 30 on a GPU, 15 on the CPU)")
+    stream.add_argument("--keep", type=float, help="seconds kept at a re-prime (default as live: 10 on a GPU, 5 on the CPU)")
+    stream.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
+                        help="the stateful codec's large weights, as live takes them")
     stream.add_argument("--buffer-ms", type=float, default=60.0)
     stream.add_argument("--reprime-chunk", type=int, default=32, metavar="POSITIONS",
                         help="positions of the window's re-prime run per step")
@@ -155,14 +157,19 @@ def run_stream(args: argparse.Namespace) -> int:
 
     if args.concepts < 0 or args.reprime_chunk < 2 or not args.seconds > 0:
         raise UsageError("--concepts must not be negative, --reprime-chunk must be at least 2 and --seconds positive")
+    from ..live.window import default_window
+
     model = load_from_args(args)
     loaded = time.time()
+    window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)
     try:
-        record = run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms,
+        record = run_stream_bench(model, args.seconds, not args.fast, window_s, keep_s, args.buffer_ms,
                                   concepts=args.concepts, strength=args.strength, meters=args.meters,
                                   reprime_chunk=args.reprime_chunk, loaded_at=loaded, note=args.note,
-                                  precision={"dtype": args.dtype, "weights": args.weights},
-                                  window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms)
+                                  precision={"dtype": args.dtype, "weights": args.weights, "kv_cache": args.kv_cache,
+                                             "codec": args.codec_precision},
+                                  window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms,
+                                  codec_precision=args.codec_precision)
     except ValueError as exc:  # stream settings that cannot work with this model
         raise UsageError(str(exc)) from exc
     emit(record, args.json)
