@@ -36,6 +36,7 @@ from ..controllers.state import ControlState
 from ..errors import MusicsteerError
 from .timeline import Timeline
 from ..live.session import LiveRequest, run_live
+from ..live.window import default_window
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
 from ..steering.pack import ConceptPack
@@ -98,7 +99,7 @@ def measure(timeline: Timeline, sink, K: int, hop: int, horizon: int) -> list[di
 
 
 def run_control_bench(model: LoadedModel, device: str | None, messages: int, interval_s: float,
-                      buffer_ms: float, seed: int = 0, codec_chunk: int = 1) -> dict:
+                      buffer_ms: float, seed: int = 0, codec_chunk: int = 1, codec_precision: str = "float32") -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         pack = Path(tmp) / "pack"
@@ -108,8 +109,10 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
             port = probe.getsockname()[1]
         timeline = Timeline(steps=int((messages * interval_s * 2 + 30) * 50))
         stop, holder, result = threading.Event(), {}, {}
+        window_s, keep_s = default_window(model.decoder.embed.weight.device.type)  # as live has them
         request = LiveRequest("benchmark", SamplingSettings(seed=seed), device=device, concepts=pack,
-                              osc_port=port, buffer_ms=buffer_ms, codec=StreamingCodecSettings(chunk=codec_chunk),
+                              osc_port=port, buffer_ms=buffer_ms, window_s=window_s, keep_s=keep_s,
+                              codec=StreamingCodecSettings(chunk=codec_chunk, precision=codec_precision),
                               status=False)
 
         def on_start(producer):
