@@ -75,3 +75,23 @@ def test_live_without_a_device_says_so(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("musicsteer:")]
     assert len(lines) == 1 and "--out" in lines[0] and "--null" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_control_follows_changes_to_the_device(jack):
+    """`bench control` on JACK's dummy device: OSC changes sent during a stream are followed to the
+    device's output times, and each latency's parts are reported beside its total."""
+    from musicsteer.api import load_model
+    from musicsteer.bench.control import DEPENDENT_PARTS, PARTS, format_control, run_control_bench
+
+    record = run_control_bench(load_model("tiny", device="cpu"), None, messages=6, interval_s=0.1, buffer_ms=60.0,
+                               codec_precision="int8")
+    assert record["codec"]["precision"] == "int8" and record["messages"] == 6
+    assert record["followed"] >= 4, record
+    for kind, parts in (("dependent_sample", DEPENDENT_PARTS), ("steered_frame", PARTS)):
+        table = record["ms"][kind]
+        assert set(table) == {"total", *parts}
+        assert 0 < table["total"]["p50"] <= table["total"]["max"] < 2000
+        assert table["device"]["p50"] >= 0 and table["ring_buffer"]["p50"] >= 0
+    # the steered frame waits for the whole delay pattern: never sooner than the first dependent sample
+    assert record["ms"]["steered_frame"]["total"]["p50"] > record["ms"]["dependent_sample"]["total"]["p50"]
+    assert "changes followed" in format_control(record)
