@@ -1,6 +1,7 @@
 """`musicsteer bench fidelity`: what a reduced-precision weight format loses against float32.
 
-Two decoders with the same random weights (`MusicGen.random`, one seed), one prepared
+Two decoders with the same weights (random, `MusicGen.random` with one seed, or a checkpoint's:
+`--model DIR`, e.g. the committed parity fixture), one prepared
 with full float32 weights and one with the format under test (through
 `backends.select.prepare`, so each takes the path a loaded model would: packed kernels
 and fused blocks on CPU), step side by side over `steps` one-token steps of a CFG pair
@@ -17,6 +18,7 @@ CLI: `measure` returns a `Fidelity` value.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,8 +44,8 @@ class Fidelity:
 
 
 def _decoder(cfg: ModelConfig, seed: int, weights: str, text: torch.Tensor, mask: torch.Tensor, steps: int,
-             logit_std: float, kv_cache: str = "float32"):
-    decoder = MusicGen.random(cfg, seed=seed)
+             logit_std: float, kv_cache: str = "float32", base: MusicGen | None = None):
+    decoder = MusicGen.random(cfg, seed=seed) if base is None else copy.deepcopy(base)
     with torch.no_grad():
         w = decoder.heads.weight  # (K * V, D), applied to layer-normed states: logits of std ~ std(w) sqrt(D)
         w.mul_(logit_std / (float(w.std()) * w.shape[1] ** 0.5))  # sharper distributions (see `measure`)
@@ -54,9 +56,10 @@ def _decoder(cfg: ModelConfig, seed: int, weights: str, text: torch.Tensor, mask
 
 
 def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 3.0, seed: int = 0,
-            text_len: int = 8, logit_std: float = 3.0, kv_cache: str = "auto") -> Fidelity:
+            text_len: int = 8, logit_std: float = 3.0, kv_cache: str = "auto", base: MusicGen | None = None) -> Fidelity:
     """Greedy agreement and mean KL of `weights` (with its KV cache stored as `kv_cache`) against
-    float32 weights and a float32 cache over `steps` teacher-forced steps.
+    float32 weights and a float32 cache over `steps` teacher-forced steps, on random weights of
+    `cfg` (seeded by `seed`) or on copies of the float32 decoder `base` (a checkpoint's).
 
     A random model's heads (normal, std 0.02) give nearly uniform distributions, where every
     argmax is a near tie; the heads' weights are scaled (in both models, before either is
@@ -67,8 +70,8 @@ def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 
     text[0] = torch.randn(text_len, cfg.text_hidden, generator=g)
     mask = torch.zeros(2, text_len)
     mask[0] = 1  # row 0 conditioned, row 1 the null text
-    ref, _ = _decoder(cfg, seed, "full", text, mask, steps, logit_std)
-    test, backend = _decoder(cfg, seed, weights, text, mask, steps, logit_std, kv_cache)
+    ref, _ = _decoder(cfg, seed, "full", text, mask, steps, logit_std, base=base)
+    test, backend = _decoder(cfg, seed, weights, text, mask, steps, logit_std, kv_cache, base)
     stored = str(test.cache_dtype or torch.float32).replace("torch.", "").replace("bfloat16", "bf16")
     column = torch.randint(0, cfg.vocab, (1, cfg.codebooks, 1), generator=g).expand(2, -1, -1).contiguous()
     agree = kl_sum = entropy = kl_max = 0.0
@@ -91,29 +94,33 @@ def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 
     return Fidelity(weights, backend.name, stored, steps, agree / n, kl_sum / n, kl_max, entropy / n)
 
 
-def run_fidelity(preset: str, formats: list[str], steps: int = 200, guidance: float = 3.0, seed: int = 0,
+def run_fidelity(spec: str, formats: list[str], steps: int = 200, guidance: float = 3.0, seed: int = 0,
                  kv_cache: str = "auto") -> dict:
-    """The record of `bench fidelity`: `measure` for each weight format on the preset's shape."""
+    """The record of `bench fidelity`: `measure` for each weight format on a preset's shape with
+    random weights, or on a checkpoint's decoder (any `--model` but a preset: a directory, e.g. the
+    committed parity fixture tests/fixtures/audiocraft_tiny)."""
     import time
 
     from ..model.config import PRESETS
+    from ..model.loading.load import load_decoder
     from .latency import git_commit, machine_info
 
-    if preset not in PRESETS:
-        raise ValueError(f"bench fidelity takes a preset shape ({', '.join(PRESETS)}), not {preset!r}")
-    cfg = PRESETS[preset]
+    base = None if spec in PRESETS else load_decoder(spec)
+    cfg = PRESETS[spec] if base is None else base.cfg
     if steps + 1 > cfg.max_positions:
         raise ValueError(f"--steps must stay under the model's {cfg.max_positions} positions")
-    results = [measure(cfg, w, steps=steps, guidance=guidance, seed=seed, kv_cache=kv_cache).as_record()
+    results = [measure(cfg, w, steps=steps, guidance=guidance, seed=seed, kv_cache=kv_cache, base=base).as_record()
                for w in formats]
     return {"benchmark": "fidelity", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_info(torch.device("cpu")), "model": preset, "random_weights_seed": seed,
+            "machine": machine_info(torch.device("cpu")), "model": spec, "weights_of": "random" if base is None
+            else "checkpoint", "random_weights_seed": seed,
             "steps": steps, "cfg": guidance, "teacher_forced": True, "results": results}
 
 
 def format_fidelity(record: dict) -> str:
-    lines = [f"{record['model']} (random weights, seed {record['random_weights_seed']}), {record['steps']} "
-             f"teacher-forced steps, CFG {record['cfg']}: against float32"]
+    what = (f"random weights, seed {record['random_weights_seed']}" if record.get("weights_of", "random") == "random"
+            else "its own weights")
+    lines = [f"{record['model']} ({what}), {record['steps']} teacher-forced steps, CFG {record['cfg']}: against float32"]
     for r in record["results"]:
         lines.append(f"  {r['weights']:>5} ({r['backend']}, {r.get('kv_cache', '?')} cache): greedy agreement {r['agreement'] * 100:.1f}%, "
                      f"KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e} nats (float32 entropy {r['entropy']:.2f})")

@@ -89,7 +89,9 @@ def register(sub) -> None:
     codec.set_defaults(run=run_codec)
 
     fid = bsub.add_parser("fidelity", help="what reduced-precision weights lose against float32, on a random model")
-    fid.add_argument("--model", default="small", help="preset shape, random weights (default small)")
+    fid.add_argument("--model", default="small",
+                     help="preset shape with random weights (default small), or a model directory whose decoder "
+                          "weights to use (e.g. tests/fixtures/audiocraft_tiny)")
     fid.add_argument("--weights", action="append", choices=("full", "bf16", "int8", "int4"),
                      help="format to compare with float32 (repeatable; default bf16, int8, int4; full with "
                           "--kv-cache measures the cache alone)")

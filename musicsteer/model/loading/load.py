@@ -39,6 +39,19 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     """Resolve `spec` and load decoder, text encoder and codec; `weights="int8"` stores the
     decoder's linear weights as int8 and its self-attention caches as bfloat16 (CPU); `kv_cache`
     chooses the caches' storage (backends/select.KV_CACHES)."""
+    loaded = load_unprepared(spec, text_encoder=text_encoder, codec=codec)
+    try:
+        loaded.backend = prepare(loaded.decoder, device, dtype, weights, kv_cache)  # the one backend choice
+    except BackendError as exc:
+        raise ModelLoadError(str(exc)) from None
+    loaded.text.model.to(device)
+    loaded.codec.model.to(device)
+    return loaded
+
+
+def load_unprepared(spec: str, *, text_encoder: str | None = None, codec: str | None = None) -> LoadedModel:
+    """`load_model` before the backend: the float32 reference decoder on the CPU, as read (for
+    comparisons that prepare copies of it in several ways, e.g. bench fidelity)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     if spec in PRESETS:
         loaded = load_preset(spec)
@@ -54,13 +67,16 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
     if codec is not None and loaded.format != "audiocraft":
         loaded.codec = load_codec_dir(Path(codec), "--codec")
     check_compatible(loaded)
-    try:
-        loaded.backend = prepare(loaded.decoder, device, dtype, weights, kv_cache)  # the one backend choice
-    except BackendError as exc:
-        raise ModelLoadError(str(exc)) from None
-    loaded.text.model.to(device)
-    loaded.codec.model.to(device)
     return loaded
+
+
+def load_decoder(spec: str) -> MusicGen:
+    """The float32 reference decoder `spec` names, before the backend; an audiocraft directory's
+    without looking up its T5 or codec."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec not in PRESETS and detect_format(resolve_path(spec)) == "audiocraft":
+        return load_audiocraft_dir(resolve_path(spec), spec, decoder_only=True)
+    return load_unprepared(spec).decoder
 
 
 def model_config(spec: str) -> ModelConfig:
