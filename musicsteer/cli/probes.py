@@ -24,6 +24,9 @@ def register(sub) -> None:
     ex.add_argument("--prompt", default="music", help="text of the conditional row (as in generation)")
     ex.add_argument("--no-text", action="store_true", help="the null text instead of --prompt (MusicRFM's setup)")
     ex.add_argument("--no-delay", action="store_true", help="codes without the delay pattern (MusicRFM's setup)")
+    ex.add_argument("--point", default="out", choices=("out", "attn"),
+                    help="what to extract: the residual stream after each block (out), or the self-attention "
+                         "output (attn); steer a pack at the point it was extracted at (--steer-point)")
     ex.add_argument("--per-frame", action="store_true", help="also keep per-position states (float16)")
     ex.add_argument("--batch", type=int, default=8)
     ex.add_argument("--compute", default="auto", metavar="DEVICE")
@@ -53,7 +56,10 @@ def register(sub) -> None:
     ev.add_argument("--per-concept", type=int, default=4, help="generations per concept and strength")
     ev.add_argument("--duration", type=float, default=4.0, metavar="SECONDS")
     ev.add_argument("--prompt", default="music")
-    ev.add_argument("--gate", type=float, default=0.3, help="per-step steering probability (MusicRFM: 0.3)")
+    ev.add_argument("--gate", type=float, default=0.3, help="steering probability (MusicRFM: 0.3)")
+    ev.add_argument("--gate-per", default="layer", choices=("layer", "step"),
+                    help="one gate draw per layer and concept at every step (MusicRFM's code, the default), or "
+                         "one per step for all of them (render's and live's default)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", type=Path, metavar="FILE")
     ev.add_argument("--compute", default="auto", metavar="DEVICE")
@@ -65,7 +71,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from ..probes.extract import ExtractSettings, extract
 
     settings = ExtractSettings(prompt=args.prompt, delay=not args.no_delay, text=not args.no_text,
-                               per_frame=args.per_frame, batch=max(args.batch, 1))
+                               per_frame=args.per_frame, batch=max(args.batch, 1), point=args.point)
     out = extract(load_from_args(args), args.dataset, args.out, settings, progress=not args.no_progress)
     print(f"wrote {out} (pooled.npy, index.csv, meta.json)")
     return 0
@@ -99,7 +105,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--strengths {args.strengths!r}: expected numbers like 0,0.3,0.6") from None
     record = run_generation_eval(load_from_args(args), args.features, args.concepts, args.family, strengths,
-                                 args.per_concept, args.duration, args.prompt, args.gate, args.seed)
+                                 args.per_concept, args.duration, args.prompt, args.gate, args.seed,
+                                 gate_per=args.gate_per)
     print(format_eval(record))
     if args.json:
         write_json(record, args.json)

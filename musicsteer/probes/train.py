@@ -199,6 +199,7 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
         "targets": "mean projection of the concept's training clips on the direction (classification only)",
         "data": {"features": str(Path(features_dir)), "dataset": store.meta.get("dataset"),
                  "conditioning": store.meta.get("conditioning"), "layout": store.meta.get("layout"),
+                 "point": store.meta.get("point", "out"),
                  "clips": int(store.pooled.shape[1]), "val_fraction": val_fraction, "seed": seed,
                  "balance": "one-vs-rest: the larger side subsampled to the smaller, in both splits",
                  "families": fam_summary},
