@@ -278,6 +278,7 @@ def test_replaying_steers_each_position_with_its_recorded_strengths(tiny, pack):
         with steerer.replaying(np.zeros_like(alphas)):
             return decoder.hidden_states(codes, torch.arange(T), kv_len=T)
 
+    steerer.alpha.fill_(7.0)
     plain = prefill(unsteered)
     assert (got - plain).abs().max() > 1e-3 and (steerer.alpha == 7.0).all()
     assert all(h.positions is None for h in steerer._hooks.values())
