@@ -120,6 +120,22 @@ def test_router_clamps_out_of_range():
     assert cs.current("cfg") == 20.0 and cs.current("temperature") == 1e-3
 
 
+def test_router_clamps_a_strength_outside_the_modes_range_and_says_so(caplog):
+    """In ablate or clamp mode a strength outside [0, 1] is clamped, applied, logged, and
+    answered with an error (the music goes on with the clamped value)."""
+    cs = ControlState(["cmaj"])
+    r = OscRouter(cs, ["cmaj"], strengths=(0.0, 1.0))
+    with caplog.at_level("WARNING", logger="musicsteer.osc"):
+        replies = r.handle("/musicsteer/concept/cmaj/strength", [1.7], ME)
+    assert replies == [("/musicsteer/error", ["/musicsteer/concept/cmaj/strength: the steering mode takes "
+                                              "strengths in [0, 1], got 1.7; clamped to 1"])]
+    assert cs.current("concept/cmaj/strength") == 1.0 and "clamped to 1" in caplog.text
+    assert r.handle("/musicsteer/concept/cmaj/strength", [-2], ME)[0][0] == "/musicsteer/error"
+    assert cs.current("concept/cmaj/strength") == 0.0
+    assert r.handle("/musicsteer/concept/cmaj/strength", [0.4], ME) == []
+    assert OscRouter(cs, ["cmaj"]).handle("/musicsteer/concept/cmaj/strength", [-2], ME) == []  # add: any sign
+
+
 # -- a running stream ------------------------------------------------------------------------------------
 
 @pytest.fixture
