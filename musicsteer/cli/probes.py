@@ -41,7 +41,12 @@ def register(sub) -> None:
     tr.add_argument("--concepts", metavar="NAME[,NAME...]")
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--budget", type=int, default=8, help="RFM hyper-parameter trials per layer and concept")
+    tr.add_argument("--budget", type=int, help="RFM hyper-parameter trials per layer and concept (default: the "
+                                                "recipe's, 8 or 100)")
+    tr.add_argument("--recipe", default="musicsteer", choices=("musicsteer", "musicrfm"),
+                    help="RFM search: the project's (8 trials, the same at every layer, kept by validation MSE, "
+                         "features scaled), or MusicRFM's code (100 trials drawn per layer, kept by validation "
+                         "AUC, raw features, kernel l2_high_dim, 8 iterations)")
     tr.add_argument("--max-train", type=int, default=4000, help="training clips per probe at most")
     tr.add_argument("--no-eval", action="store_true", help="skip the multiclass evaluation probes")
     tr.add_argument("--no-progress", action="store_true")
@@ -85,8 +90,9 @@ def run_train(args: argparse.Namespace) -> int:
     pack = train_pack(args.features, concepts=split(args.concepts), method=args.method,
                       families=split(args.families), val_fraction=args.val_fraction, seed=args.seed,
                       budget=args.budget, out_dir=args.out, max_train=args.max_train, evaluate=not args.no_eval,
-                      progress=not args.no_progress)
-    print(f"wrote {args.out}: {len(pack.names)} concepts, method {args.method}")
+                      progress=not args.no_progress, recipe_name=args.recipe)
+    print(f"wrote {args.out}: {len(pack.names)} concepts, method {args.method}"
+          + (f", recipe {args.recipe}" if args.method == "rfm" else ""))
     best: dict[str, tuple[int, float]] = {}
     for row in evaluation_table(pack):
         if row["family"] not in best or row["score"] > best[row["family"]][1]:
