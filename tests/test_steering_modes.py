@@ -91,6 +91,21 @@ def test_settings_and_cli_choices_come_from_the_registry(monkeypatch):
     assert parser.parse_args(["bench", "latency", "--model", "tiny", "--steer-mode", "erase"]).steer_mode == "erase"
 
 
+def test_gate_per_reaches_the_settings_of_render_live_and_eval():
+    from musicsteer.cli.common import steering_settings
+
+    parser = build_parser()
+    render = parser.parse_args(["render", "--prompt", "x", "--out", "o.wav", "--gate", "0.3"])
+    assert steering_settings(render).gate_per == "step"  # render's and live's default
+    live = parser.parse_args(["live", "--model", "tiny", "--prompt", "x", "--null", "--gate-per", "layer"])
+    assert steering_settings(live).gate_per == "layer"
+    ev = parser.parse_args(["probes", "eval", "--model", "tiny", "--features", "f", "--concepts", "p",
+                            "--family", "notes"])
+    assert ev.gate_per == "layer" and ev.gate == 0.3  # MusicRFM's gate for the paper's measure
+    with pytest.raises(SystemExit):
+        parser.parse_args(["render", "--prompt", "x", "--out", "o.wav", "--gate-per", "block"])
+
+
 def test_the_cli_lists_the_modes_without_importing_torch():
     code = ("import sys; from musicsteer.cli import build_parser; build_parser(); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
