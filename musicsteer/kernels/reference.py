@@ -4,8 +4,8 @@ the Triton and C kernels are tested against: one formula per kernel id (kernels/
 For one hidden vector x (D,), strengths a (K,) and unit directions V (K, D):
 - ADD:    x + sum_k a_k v_k                                  (MusicRFM)
 - NORM:   (x + |x| sum_k a_k v_k) / (1 + sum_k |a_k|)        (linear-probe steering; a negative
-          a_k steers toward -v_k: the divisor is never below 1, so |y| <= |x| and y never
-          flips sign, whatever the strengths' signs)
+          a_k steers toward -v_k: the divisor is never below 1, so |y| <= |x|, and the
+          components off the directions keep their sign, whatever the strengths' signs)
 - CLAMP:  x + sum_k a_k (c_k - <x, v_k>) v_k                  (move the component along
           v_k toward the target c_k; a_k = 1 sets it, 0 leaves x alone)
 - ABLATE: x - sum_k a_k <x, v_k> v_k                          (directional ablation; a_k = 1

@@ -9,7 +9,8 @@ and the torch reference all switch on (kernels/ids.py), a one-line description, 
 it reads the concepts' targets, and whether it is CUDA-graph safe (reads only device
 buffers, so a captured step replays it with new strengths), and the strengths it
 takes: `add` and `norm` take any sign (a negative strength steers toward -v; norm's
-divisor is 1 + sum |a|, so it never divides by zero or flips the state's sign),
+divisor is 1 + sum |a|, so it never divides by zero, amplifies the state or flips the
+sign of its components off the directions),
 `clamp` and `ablate` take [0, 1] (0 leaves h alone, 1 sets or removes the component;
 outside that they would overshoot or amplify). `SteeringPlan` clamps a strength to the
 range with a log line; `render` refuses one outside it, and OSC replies with an error.
