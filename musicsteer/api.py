@@ -114,7 +114,7 @@ def render_clip(model: LoadedModel | str, prompt: str, seconds: float, *, out: s
     """Generate `seconds` of audio for `prompt` offline, as `musicsteer render` does (the same
     seed gives the same codes). `concepts` is a pack or its directory; `steer` maps concept
     names to strengths, `schedules` to schedule specs (`linear-up:4s`, `decay:0.99`, ...);
-    `steering` holds SteeringSettings fields (mode, rows, point, layers, kappa, gate).
+    `steering` holds SteeringSettings fields (mode, rows, point, layers, kappa, gate, gate_per).
     With `out`, the WAV is written there too."""
     from .render import frames_for, synthesize
     from .steering.build import make_steering

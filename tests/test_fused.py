@@ -219,18 +219,20 @@ def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
         assert load_model("tiny", weights="int8").decoder.fused_stack is not None
 
 
-@pytest.mark.parametrize("mode", ["add", "norm", "clamp"])
+@pytest.mark.parametrize("mode", ["add", "norm", "norm-negative", "clamp"])
 def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
     """A steerer's `out` hooks are applied by the C call itself (one call for the whole steered
-    step) and give what the hooks give; strength 0 leaves the step bit-identical."""
+    step) and give what the hooks give; strength 0 leaves the step bit-identical. Norm with
+    negative strengths summing to -1 (once a division by zero) stays finite."""
     from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.plan import SteeringSettings, build_steering
 
     model = packed(WIDE, seed=11)
     names = ["c0", "c1", "c2"]
     pack = ConceptPack.random(names, WIDE, "wide", seed=3)
-    steerer, plan = build_steering(model, pack, SteeringSettings(mode=mode, layers="all"), batch=2)
-    strengths = {"add": (4.0, -2.0, 1.0), "norm": (0.5, 0.2, 0.1), "clamp": (0.8, 0.5, 1.0)}[mode]
+    steerer, plan = build_steering(model, pack, SteeringSettings(mode=mode.split("-")[0], layers="all"), batch=2)
+    strengths = {"add": (4.0, -2.0, 1.0), "norm": (0.5, 0.2, 0.1), "norm-negative": (-0.5, -0.75, 0.25),
+                 "clamp": (0.8, 0.5, 1.0)}[mode]
     for n, a in zip(names, strengths):
         plan.set_strength(n, a)
     calls = []
@@ -248,6 +250,7 @@ def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
         calls.clear()
         got = steps(model, fused=True, n=3)
         assert calls == [(0, WIDE.layers)] * 3  # steering did not split the run
+        assert torch.isfinite(got).all() and torch.isfinite(want).all()
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
         assert (got - plain).abs().max() > 1e-2
         for n in names:

@@ -1,5 +1,6 @@
 """OSC control of a running stream: the router's rules, replies to /get, meters to
-listeners, an outside client (liblo's oscsend), and bad input that never stops the music."""
+listeners, an outside client (liblo's oscsend), bad input that never stops the music, and a
+strength outside the steering mode's range: clamped, logged and answered with an error."""
 
 import os
 import random
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from pythonosc.osc_message import OscMessage
@@ -19,6 +21,7 @@ from musicsteer.live.recorder import load_session
 from musicsteer.live.session import LiveRequest, run_live
 from musicsteer.model.sampling import SamplingSettings
 from musicsteer.steering.pack import ConceptPack
+from musicsteer.steering.plan import SteeringSettings
 
 ME = ("127.0.0.1", 5555)
 
@@ -120,11 +123,27 @@ def test_router_clamps_out_of_range():
     assert cs.current("cfg") == 20.0 and cs.current("temperature") == 1e-3
 
 
+def test_router_clamps_a_strength_outside_the_modes_range_and_says_so(caplog):
+    """In ablate or clamp mode a strength outside [0, 1] is clamped, applied, logged, and
+    answered with an error (the music goes on with the clamped value)."""
+    cs = ControlState(["cmaj"])
+    r = OscRouter(cs, ["cmaj"], strengths=(0.0, 1.0))
+    with caplog.at_level("WARNING", logger="musicsteer.osc"):
+        replies = r.handle("/musicsteer/concept/cmaj/strength", [1.7], ME)
+    assert replies == [("/musicsteer/error", ["/musicsteer/concept/cmaj/strength: the steering mode takes "
+                                              "strengths in [0, 1], got 1.7; clamped to 1"])]
+    assert cs.current("concept/cmaj/strength") == 1.0 and "clamped to 1" in caplog.text
+    assert r.handle("/musicsteer/concept/cmaj/strength", [-2], ME)[0][0] == "/musicsteer/error"
+    assert cs.current("concept/cmaj/strength") == 0.0
+    assert r.handle("/musicsteer/concept/cmaj/strength", [0.4], ME) == []
+    assert OscRouter(cs, ["cmaj"]).handle("/musicsteer/concept/cmaj/strength", [-2], ME) == []  # add: any sign
+
+
 # -- a running stream ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def stream(tiny, tmp_path):
-    """A live tiny stream with two concepts, OSC on a free port, recording; yields (port, controls, result)."""
+@contextmanager
+def live_stream(tiny, tmp_path, **request):
+    """A live tiny stream with two concepts, OSC on a free port, recording; yields (port, holder, session)."""
     pack = tmp_path / "pack"
     ConceptPack.random(["cmaj", "gmaj"], tiny.cfg, "tiny", seed=1).save(pack)
     port = free_port()
@@ -133,18 +152,38 @@ def stream(tiny, tmp_path):
     holder = {}
     # 150 ms ahead: the flood test holds the GIL in the OSC thread for much of a second
     request = LiveRequest("warm lofi piano", SamplingSettings(seed=2), null="realtime", concepts=pack,
-                          record=tmp_path / "session", osc_port=port, status=False, buffer_ms=150)
+                          record=tmp_path / "session", osc_port=port, status=False, buffer_ms=150, **request)
     thread = threading.Thread(target=lambda: holder.update(
         result=run_live(tiny, request, controls=controls, stop=stop, on_start=lambda p: holder.update(p=p))))
     thread.start()
-    deadline = time.monotonic() + 30
-    while "p" not in holder or holder["p"].step < 20:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.02)
-    yield port, holder, tmp_path / "session"
-    stop.set()
-    thread.join(20)
+    try:
+        deadline = time.monotonic() + 30
+        while "p" not in holder or holder["p"].step < 20:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        yield port, holder, tmp_path / "session"
+    finally:
+        stop.set()
+        thread.join(20)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def stream(tiny, tmp_path):
+    with live_stream(tiny, tmp_path) as s:
+        yield s
+
+
+def test_a_strength_outside_the_modes_range_is_clamped_and_answered_live(tiny, tmp_path):
+    with live_stream(tiny, tmp_path, steering=SteeringSettings(mode="ablate")) as (port, holder, _):
+        c = Client(port)
+        c.send("/musicsteer/concept/cmaj/strength", 1.5)
+        got = c.replies(2.0, until=lambda r: len(r) >= 1)
+        assert got == [("/musicsteer/error", ["/musicsteer/concept/cmaj/strength: the steering mode takes "
+                                              "strengths in [0, 1], got 1.5; clamped to 1"])]
+        time.sleep(0.3)
+        producer = holder["p"]
+        assert producer.plan.strengths[0] == 1.0 and producer.running and producer.error is None
 
 
 def test_get_listen_and_set_on_a_running_stream(stream):

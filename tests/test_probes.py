@@ -1,5 +1,6 @@
 """Probes: planted directions recovered by RFM and ridge, parity with calling xrfm
-directly, `train_pack` on a small synthetic feature store, and bad input."""
+directly, the two RFM recipes (the project's and MusicRFM's code), `train_pack` on a
+small synthetic feature store, and bad input."""
 
 import csv
 import json
@@ -12,7 +13,7 @@ from musicsteer.errors import MusicsteerError
 from musicsteer.probes.common import ProbeError, auc
 from musicsteer.probes.linear import fit_diffmean, fit_logistic, fit_ridge
 from musicsteer.steering.pack import ConceptPack
-from musicsteer.probes.rfm import RfmParams, RfmSearch, fit_rfm
+from musicsteer.probes.rfm import RECIPES, RfmParams, RfmSearch, fit_rfm, recipe
 from musicsteer.probes.train import evaluation_table, train_pack
 
 SIGNAL_LAYER = 1
@@ -134,6 +135,52 @@ def test_rfm_search_is_deterministic():
     assert a.params == b.params and np.array_equal(a.direction(), b.direction())
     assert len(a.trials) == 3 and a.trials[0]["reg"] == RfmParams().reg
     assert RfmSearch(budget=4, seed=1).trials() != RfmSearch(budget=4, seed=2).trials()
+
+
+def test_the_musicrfm_recipe_follows_its_code():
+    """MusicRFM's search: 100 draws at every layer, other draws at each layer, none fixed,
+    kernel l2_high_dim on raw features, 8 iterations, kept by validation AUC."""
+    mr, ours = recipe("musicrfm"), recipe("musicsteer")
+    assert mr.budget == 100 and ours.budget == 8 and recipe("musicrfm", budget=5).budget == 5
+    base = mr.base
+    assert (base.kernel, base.median_distance, base.iters, base.tuning_metric) == ("l2_high_dim", None, 8, "auc")
+    assert (mr.reg, mr.bandwidth, mr.exponent, mr.center_grads) == ((1e-5, 10.0), (1.0, 100.0), (0.7, 1.4),
+                                                                      (False, True))
+    t0, t1 = mr.for_layer(0).trials(), mr.for_layer(1).trials()
+    assert len(t0) == 100 and t0 != t1 and base not in t0
+    assert mr.for_layer(3).trials() == mr.for_layer(3).trials()  # seeded
+    assert ours.for_layer(0).trials() == ours.for_layer(5).trials() and ours.trials()[0] == RfmParams()
+    assert set(RECIPES) == {"musicsteer", "musicrfm"}
+    with pytest.raises(ProbeError, match="use one of musicsteer, musicrfm"):
+        recipe("paper")
+
+
+def test_the_musicrfm_recipe_keeps_the_trial_with_the_best_validation_auc():
+    from xrfm import RFM
+    from xrfm.rfm_src.class_conversion import ClassificationConverter
+
+    X, y, u = planted(7, "classification", N=240)
+    Xl = X[SIGNAL_LAYER]
+    Xt, yt, Xv, yv = Xl[:160], y[:160], Xl[160:], y[160:]
+    probe = fit_rfm(Xt, yt, Xv, yv, params=recipe("musicrfm", budget=4, seed=1).for_layer(0), device="cpu")
+    assert probe.scaler.scale == 1.0  # raw features (centred: the kernel sees differences only)
+    assert probe.val_score == max(t["val_score"] for t in probe.trials)
+    assert probe.val_score == pytest.approx(auc(yv, probe.predict(Xv)))
+    p = probe.params
+    model = RFM(kernel="l2_high_dim", bandwidth=p.bandwidth, exponent=p.exponent, iters=8, device="cpu",
+                verbose=False, tuning_metric="auc", class_converter=ClassificationConverter("zero_one", n_classes=2))
+
+    def t(a):
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+    mean = Xt.mean(0, dtype=np.float64)
+    model.fit((t(Xt - mean), t(yt)[:, None]), (t(Xv - mean), t(yv)[:, None]), iters=8, reg=p.reg,
+              center_grads=p.center_grads, get_agop_best_model=True, early_stop_multiplier=1.1, top_k=1)
+    np.testing.assert_allclose(probe.predict(Xv), model.predict(t(Xv - mean))[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    assert abs(probe.direction() @ u) > 0.9
+    # the project's recipe keeps the lowest validation MSE instead
+    ours = fit_rfm(Xt, yt, Xv, yv, params=RfmSearch(budget=3, seed=1), device="cpu")
+    assert ours.val_loss == min(t["val_loss"] for t in ours.trials)
 
 
 # -- train_pack on a synthetic feature store -------------------------------------------------
@@ -299,3 +346,17 @@ def test_probe_inputs_are_checked():
         fit_diffmean(bad[:30], np.r_[np.ones(15), np.zeros(15)], X[30:], np.r_[np.ones(5), np.zeros(5)])
     with pytest.raises(ProbeError, match="need 0/1 labels"):
         fit_logistic(X[:30], np.arange(30.0), X[30:], np.arange(10.0))
+
+
+def test_train_pack_with_the_musicrfm_recipe(tmp_path):
+    store, *_ = synthetic_store(tmp_path / "features", per_label=40, n_tempo=60)
+    pack = train_pack(store, method="rfm", budget=2, seed=0, progress=False, device="cpu", recipe_name="musicrfm",
+                      families=["chords"])
+    hyper = pack.meta["hyperparameters"]
+    assert hyper["recipe"] == "musicrfm" and "validation score (AUC" in hyper["selection"]
+    assert hyper["search"]["per_layer"] == "other draws at every layer"
+    regs = [layer["reg"] for layer in pack.meta["concept_info"]["chords-major"]["layers"]]
+    assert len(set(regs)) == 3  # each layer drew its own trials
+    assert int(pack["chords-major"].scores.argmax()) == 1
+    with pytest.raises(ProbeError, match="an RFM search"):
+        train_pack(store, method="linear", progress=False, recipe_name="musicrfm")

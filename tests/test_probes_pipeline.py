@@ -105,6 +105,108 @@ def test_probe_accuracy_on_generations(tiny, features, tmp_path):
     # the unsteered row scores one set of generations against every label: accuracies sum to 1 per clip
     assert sum(record["table"][0]["per_concept"].values()) == pytest.approx(1.0)
     assert record["clap"] is None and "no CLAP" in record["clap_note"]
+    assert record["gate_per"] == "layer"  # MusicRFM's gate is eval's default
+    assert all(0.0 <= r["detected"] <= 1.0 and len(r["per_concept_detected"]) == 12 for r in record["table"])
+
+
+def test_eval_judges_generations_with_steering_detached(tiny, features, tmp_path, monkeypatch):
+    """The features a generation is judged on come from a decoder with no steering hook in it
+    (steered, the last step's strengths would be added to what is judged)."""
+    from musicsteer.kernels.hook import KernelHook
+    from musicsteer.probes import evaluate
+
+    pack_dir = tmp_path / "pack"
+    train_pack(features, method="linear", families=["intervals"], out_dir=pack_dir, progress=False)
+    steered_while_judged = []
+    original = evaluate.hidden_states
+
+    def judged(model, seqs, settings):
+        steered_while_judged.append(any(isinstance(h, KernelHook) for b in model.decoder.blocks
+                                        for hooks in b.hooks.values() for h in hooks))
+        return original(model, seqs, settings)
+
+    monkeypatch.setattr(evaluate, "hidden_states", judged)
+    run_generation_eval(tiny, features, pack_dir, "intervals", [0.0, 2.0], per_concept=1, duration=0.2,
+                        prompt="music", gate=1.0, seed=0)
+    assert len(steered_while_judged) == 1 + 12 and not any(steered_while_judged)  # unsteered once, then 12 targets
+
+
+def test_the_unsteered_row_measures_each_targets_detector(tiny, features, tmp_path, monkeypatch):
+    """At strength 0 the multiclass accuracy is 1/C whatever the model does; the detected rate is
+    the share of unsteered generations each target's own detector fires on."""
+    from musicsteer.probes import evaluate
+
+    pack_dir = tmp_path / "pack"
+    train_pack(features, method="linear", families=["intervals"], out_dir=pack_dir, progress=False)
+    fires = {}
+
+    def first_half(self, X):  # a detector bank where the first six labels' fire on every clip
+        out = np.zeros((len(X), len(self.b)), dtype=bool)
+        out[:, :6] = True
+        fires["calls"] = fires.get("calls", 0) + 1
+        return out
+
+    monkeypatch.setattr(evaluate.BalancedRidge, "fires", first_half)
+    record = run_generation_eval(tiny, features, pack_dir, "intervals", [0.0], per_concept=2, duration=0.2,
+                                 prompt="music", gate=1.0, seed=0)
+    row = record["table"][0]
+    assert fires["calls"] == 2  # one set of unsteered generations
+    first = [f"intervals-{label}" for label in record["labels"][:6]]
+    assert all(row["per_concept_detected"][n] == (1.0 if n in first else 0.0) for n in row["per_concept_detected"])
+    assert row["detected"] == 0.5 and row["accuracy"] == pytest.approx(1 / 12)  # 1/C, by construction
+
+
+def test_balanced_detectors_fire_on_their_class():
+    from musicsteer.probes.evaluate import BalancedRidge
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [60, 10, 10, 10])  # one large class: balance matters
+    centres = rng.normal(size=(4, 16)) * 3
+    X = centres[labels] + rng.normal(size=(90, 16))
+    fired = BalancedRidge(X, labels, 4).fires(centres[labels] + rng.normal(size=(90, 16)))
+    for k in range(4):
+        assert fired[labels == k, k].mean() > 0.8 and fired[labels != k, k].mean() < 0.2
+
+
+def test_extract_at_the_attention_output_and_steer_there(tiny, data, tmp_path, capsys):
+    """`--point attn` stores the self-attention outputs; a pack trained on them records the point,
+    and a mode that reads that point's quantities (clamp's targets) is refused elsewhere."""
+    out = tmp_path / "attn"
+    assert main(["probes", "extract", "--model", "tiny", "--dataset", str(data), "--out", str(out),
+                 "--point", "attn", "--no-progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["point"] == "attn"
+    with open(out / "index.csv") as f:
+        row = list(csv.DictReader(f))[3]
+    audio, _ = sf.read(data / row["clip"], dtype="float32")
+    seq = interleave(tiny.codec.encode(audio, 4), 2048)
+    dec = tiny.decoder
+    outs = []
+    for i in range(dec.cfg.layers):
+        dec.add_hook(f"blocks.{i}.attn", lambda h, _o=outs: (_o.append(h[0]), h)[1])
+    try:
+        states, mask = tiny.text.encode("music")
+        dec.setup_caches(2, max_len=seq.shape[1], self_attention=False)
+        dec.set_condition(*condition_rows(states, mask, 2))
+        with torch.inference_mode():
+            dec.hidden_states(seq[None].expand(2, -1, -1), torch.arange(seq.shape[1]), use_cache=False)
+    finally:
+        dec.clear_hooks()
+    want = torch.stack([o[1:].mean(0) for o in outs]).numpy()
+    np.testing.assert_allclose(np.load(out / "pooled.npy")[:, 3], want, rtol=1e-4, atol=1e-5)
+
+    pack_dir = tmp_path / "pack"
+    pack = train_pack(out, method="linear", families=["intervals"], out_dir=pack_dir, progress=False)
+    assert pack.meta["data"]["point"] == "attn"
+    base = ["render", "--model", "tiny", "--prompt", "x", "--duration", "0.2", "--no-progress",
+            "--out", str(tmp_path / "o.wav"), "--concepts", str(pack_dir), "--steer", "intervals-M3=0.5"]
+    capsys.readouterr()
+    assert main(base + ["--steer-mode", "clamp"]) == 2
+    assert "trained on the 'attn' hook point" in capsys.readouterr().err
+    assert main(base + ["--steer-mode", "clamp", "--steer-point", "attn"]) == 0
+    assert main(base) == 0  # add at out with attn directions: allowed, with a warning
+    assert main(["probes", "extract", "--model", "tiny", "--dataset", str(data), "--out", str(out),
+                 "--no-progress"]) == 2  # the store holds the attn point: another point is refused
 
 
 def test_pack_for_another_model_is_refused(tmp_path, features):

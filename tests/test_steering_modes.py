@@ -2,7 +2,9 @@
 validation and the CLI's choices, every mode's kernel id has a formula in all three
 kernels, and the fourth mode, ablate, follows its formula in the torch reference and the
 Triton kernel (under TRITON_INTERPRET=1 on CPU), with strength 0 exactly the identity.
-Its C form is tested on the fused blocks in test_fused.py. Also: steering hooks run
+Its C form is tested on the fused blocks in test_fused.py. Negative strengths: what each
+mode takes, and norm toward -v without dividing by zero or flipping the sign (reference and
+Triton; C in test_fused.py). Also: steering hooks run
 before observers at one hook point whatever order they were attached in."""
 
 import subprocess
@@ -87,6 +89,21 @@ def test_settings_and_cli_choices_come_from_the_registry(monkeypatch):
     assert parser.parse_args(["render", "--prompt", "x", "--out", "o.wav", "--steer-mode", "erase"]).steer_mode \
         == "erase"
     assert parser.parse_args(["bench", "latency", "--model", "tiny", "--steer-mode", "erase"]).steer_mode == "erase"
+
+
+def test_gate_per_reaches_the_settings_of_render_live_and_eval():
+    from musicsteer.cli.common import steering_settings
+
+    parser = build_parser()
+    render = parser.parse_args(["render", "--prompt", "x", "--out", "o.wav", "--gate", "0.3"])
+    assert steering_settings(render).gate_per == "step"  # render's and live's default
+    live = parser.parse_args(["live", "--model", "tiny", "--prompt", "x", "--null", "--gate-per", "layer"])
+    assert steering_settings(live).gate_per == "layer"
+    ev = parser.parse_args(["probes", "eval", "--model", "tiny", "--features", "f", "--concepts", "p",
+                            "--family", "notes"])
+    assert ev.gate_per == "layer" and ev.gate == 0.3  # MusicRFM's gate for the paper's measure
+    with pytest.raises(SystemExit):
+        parser.parse_args(["render", "--prompt", "x", "--out", "o.wav", "--gate-per", "block"])
 
 
 def test_the_cli_lists_the_modes_without_importing_torch():
@@ -195,3 +212,63 @@ def test_steering_runs_before_an_observer_attached_first(tiny):
     v = steerer.directions[0, 0]
     assert seen and all(float((h @ v).abs().max()) < 1e-4 for h in seen)  # ablated before it was seen
     assert "out" not in decoder.blocks[0].hooks
+
+
+# -- negative strengths ----------------------------------------------------------------
+
+NEGATIVE = [-1.0, -0.5, -3.0]  # a total of -1 divided by zero, (-1, 0) amplified, below -1 flipped the sign
+
+
+def one_concept(a: float, D: int = 64, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, D, generator=g) * 2
+    v = torch.nn.functional.normalize(torch.randn(1, D, generator=g), dim=-1)
+    return x.to(DEVICE), torch.full((2, 1), a, device=DEVICE), v.to(DEVICE)
+
+
+def check_norm_steers_away(x, y, v, a):
+    """What a negative norm strength means: toward -v, |y| <= |x|, no sign flip, finite."""
+    assert torch.isfinite(y).all()
+    assert (y.norm(dim=-1) <= x.norm(dim=-1) * (1 + 1e-5)).all()  # never amplified
+    assert ((y * x).sum(-1) > 0).all() or a <= -1.0  # not flipped (at |a| >= 1 it may turn past 90 degrees)
+    assert ((y @ v.T) < (x @ v.T)).all()  # moved toward -v
+    want = (x - abs(a) * x.norm(dim=-1, keepdim=True) * v) / (1 + abs(a))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("a", NEGATIVE)
+def test_reference_norm_with_a_negative_strength_steers_toward_minus_v(a):
+    x, alpha, v = one_concept(a)
+    check_norm_steers_away(x, steer_reference(x, alpha, v, None, modes.get("norm").kernel), v, a)
+
+
+def test_reference_norm_is_odd_in_the_strength_and_the_direction():
+    """-a toward v is a toward -v, for several concepts of mixed signs (the old divisor 1 + sum a
+    broke this, and divided by zero where the strengths summed to -1)."""
+    h, _, v, c = case(2, 4, 48, 3, seed=7)
+    alpha = torch.tensor([[-0.5, -0.25, -0.25], [0.7, -1.2, 0.5]], device=DEVICE)  # row 0 sums to -1
+    norm = modes.get("norm").kernel
+    y = steer_reference(h, alpha, v, c, norm)
+    flipped = steer_reference(h, -alpha, -v, c, norm)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, flipped)
+    assert (y.norm(dim=-1) <= h.norm(dim=-1) * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("a", NEGATIVE)
+def test_triton_norm_with_a_negative_strength_equals_the_reference(steer_triton, a):
+    x, alpha, v = one_concept(a)
+    norm = modes.get("norm").kernel
+    got = steer_triton(x.clone(), alpha, v, None, norm)
+    check_norm_steers_away(x, got, v, a)
+    torch.testing.assert_close(got, steer_reference(x, alpha, v, None, norm), atol=1e-5, rtol=1e-5)
+
+
+def test_the_modes_declare_the_strengths_they_take():
+    assert modes.get("add").strengths == modes.get("norm").strengths == (float("-inf"), float("inf"))
+    assert modes.get("clamp").strengths == modes.get("ablate").strengths == (0.0, 1.0)
+    assert modes.get("ablate").clamp(2.5) == 1.0 and modes.get("clamp").clamp(-0.2) == 0.0
+    assert modes.get("ablate").out_of_range(0.5) is None
+    assert "[0, 1]" in modes.get("ablate").out_of_range(-0.5)
+    with pytest.raises(ValueError, match="must include 0"):
+        modes.SteeringMode("mine", ABLATE, "always on", strengths=(0.5, 1.0))

@@ -369,3 +369,52 @@ def test_reprime_budget_picks_a_slice_and_streams_as_that_fixed_slice(tiny, tmp_
     assert info["reprime_chunk"] == 64 and info["stream"]["reprime_budget_ms"] == 1e6
     tokens, _, _ = replay(tiny, tmp_path / "s")
     np.testing.assert_array_equal(tokens, recorded)
+
+
+def test_the_re_prime_steers_each_position_as_its_step_was_steered(tiny):
+    """With a gate that opens every other step or so, the positions a re-prime recomputes get
+    the strengths their own steps had (the plan's record), not those of the step it runs at."""
+    from musicsteer.steering.pack import ConceptPack
+    from musicsteer.steering.plan import SteeringSettings, build_steering
+
+    pack = ConceptPack.random(["c0", "c1"], tiny.cfg, "tiny", seed=2)
+    steerer, plan = build_steering(tiny.decoder, pack, SteeringSettings(gate=0.5, seed=3, layers="all"), batch=2)
+    plan.set_strength("c0", 2.0)
+    plan.set_strength("c1", -1.0)
+    config = StreamConfig(PROMPT, SAMPLING, window_s=1.0, keep_s=0.4, reprime_chunk=8, max_seconds=2.4)
+    stepped, replayed = {}, []  # step -> layer 0's alpha (B, K); (global column, alpha it was re-primed with)
+    write = plan.write
+
+    def recording_write(step, s):
+        write(step, s)
+        stepped[step] = s.alpha[0].clone()
+
+    plan.write = recording_write
+    original = tiny.decoder.hidden_states
+
+    def watch(codes, input_pos, kv_len=None, use_cache=True):
+        context = producer.context
+        if context.reprime_due and tiny.decoder.caches[0] is context.spare[0]:  # a re-prime slice
+            hook = steerer._hooks[0]
+            per = hook.positions if hook.positions is not None else steerer.alpha[0][:, None].expand(
+                -1, codes.shape[-1], -1)  # (B, T, K)
+            base = context._reprime["base"]
+            replayed.extend((base + int(p), per[:, j].clone()) for j, p in enumerate(input_pos))
+        return original(codes, input_pos, kv_len, use_cache)
+
+    tiny.decoder.hidden_states = watch
+    try:
+        ring = AudioRing(1 << 15)
+        sink = PacedSink(32000, realtime=False)
+        producer = Producer(tiny, config, ring, None, (steerer, plan), MemoryRecorder())
+        sink.start(ring)
+        producer.run()
+        sink.stop()
+    finally:
+        del tiny.decoder.hidden_states
+    assert producer.error is None and producer.reprimes >= 2
+    assert len(replayed) >= 2 * 20
+    for column, alpha in replayed:
+        torch.testing.assert_close(alpha, stepped[column], msg=f"column {column}")
+    # the gate really changed the strengths between the steps of one re-prime
+    assert len({bool(a.abs().sum() > 0) for _, a in replayed}) == 2

@@ -55,7 +55,10 @@ def add_steering_args(p: argparse.ArgumentParser) -> None:
                    help="residual stream after each block, or the self-attention output")
     p.add_argument("--steer-layers", default="weighted", metavar="weighted|all|top:K")
     p.add_argument("--kappa", type=float, default=0.95, help="layer weights: minmax(score) ** (1/kappa)")
-    p.add_argument("--gate", type=float, default=1.0, help="probability per step that steering is applied")
+    p.add_argument("--gate", type=float, default=1.0, help="probability that steering is applied (default 1: always)")
+    p.add_argument("--gate-per", default="step", choices=("step", "layer"),
+                   help="one gate draw per step for every layer and concept (default), or one per layer and "
+                        "concept at every step (MusicRFM's code); both keep the mean, per step is burstier")
 
 
 def compute_device(name: str):
@@ -93,6 +96,7 @@ def steering_settings(args: argparse.Namespace):
 
     try:
         return SteeringSettings(mode=args.steer_mode, rows=args.steer_rows, point=args.steer_point,
-                                layers=args.steer_layers, kappa=args.kappa, gate=args.gate, seed=args.seed)
+                                layers=args.steer_layers, kappa=args.kappa, gate=args.gate, seed=args.seed,
+                                gate_per=getattr(args, "gate_per", "step"))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

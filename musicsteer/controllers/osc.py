@@ -16,7 +16,9 @@ Address space (DESIGN.md):
   /musicsteer/learn s                         arm MIDI learn for a parameter (when MIDI is on)
 Numbers may be ints or floats. Anything else (junk bytes, wrong types or counts,
 unknown addresses or concepts, NaN, infinities) is logged, counted, and answered with
-/musicsteer/error s; out-of-range values are clamped. Bundles are taken in arrival
+/musicsteer/error s; out-of-range values are clamped. A concept strength outside the
+steering mode's range (`strengths`, e.g. [0, 1] for clamp and ablate) is clamped to it,
+logged, and answered with /musicsteer/error s too, while the clamped value applies. Bundles are taken in arrival
 order; their time tags are not waited for (a sleeping server would stall control).
 
 The parameters it sets and gets are the entries of the parameter table (params.py);
@@ -53,9 +55,11 @@ Reply = tuple[str, list]
 
 class OscRouter:
     def __init__(self, controls: ControlState, concepts: list[str], stats: Callable[[], object] | None = None,
-                 smooth_ms: float = 0.0, learn: Callable[[str], None] | None = None) -> None:
+                 smooth_ms: float = 0.0, learn: Callable[[str], None] | None = None,
+                 strengths: tuple[float, float] | None = None) -> None:
+        """`strengths`: the concept strengths the steering mode takes (None: the table's limits)."""
         self.controls, self.concepts, self.stats = controls, list(concepts), stats
-        self.smooth_ms, self.learn = smooth_ms, learn
+        self.smooth_ms, self.learn, self.strengths = smooth_ms, learn, strengths
         self.subscribers: set[tuple[str, int]] = set()
 
     def handle(self, address: str, args: list, sender: tuple[str, int]) -> list[Reply]:
@@ -84,9 +88,19 @@ class OscRouter:
                 value = self._string(address, value)
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise OscError(f"{address} needs a number, got {type(value).__name__} {value!r}")
+            replies = []
+            if ref is not None and ref.param.target == "strength" and self.strengths is not None:
+                lo, hi = self.strengths
+                if not lo <= value <= hi:  # NaN passes here and is refused by the control state
+                    clamped = min(max(value, lo), hi)
+                    message = f"{address}: the steering mode takes strengths in [{lo:g}, {hi:g}], " \
+                              f"got {value:g}; clamped to {clamped:g}"
+                    log.warning("%s", message)
+                    replies.append(("/musicsteer/error", [message]))
+                    value = clamped
             smoothed = ref is not None and ref.param.smoothed
             self.controls.set(path, value, source="osc", smooth_ms=self.smooth_ms if smoothed else 0.0)
-            return []
+            return replies
         raise OscError(f"unknown address {address!r}")
 
     def query(self, path: str) -> Reply:

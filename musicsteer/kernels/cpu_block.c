@@ -178,7 +178,7 @@ static void attention(block_call *c, int slot, const attend_args *a) {
 
 /* The steering update of kernels/reference.py on the block's output rows, in float32:
  *   add    x + sum_k a_k v_k
- *   norm   (x + |x| sum_k a_k v_k) / (1 + sum_k a_k)
+ *   norm   (x + |x| sum_k a_k v_k) / (1 + sum_k |a_k|)
  *   clamp  x + sum_k a_k (c_k - <x, v_k>) v_k
  *   ablate x - sum_k a_k <x, v_k> v_k
  * as y = s x + sum_k w_k v_k: every thread works out s and w for every row (a few dot products),
@@ -193,7 +193,7 @@ static void steer_out(block_call *c) {
         if (L->steer_mode == STEER_NORM) {
             double n2 = 0.0, total = 0.0;
             for (int i = 0; i < d; i++) n2 += (double)x[i] * x[i];
-            for (int k = 0; k < K; k++) total += a[k];
+            for (int k = 0; k < K; k++) total += fabs((double)a[k]); /* never below 1: no sign flip */
             const float norm = (float)sqrt(n2), inv = 1.0f / (1.0f + (float)total);
             s[r] = inv;
             for (int k = 0; k < K; k++) w[r][k] = norm * a[k] * inv;

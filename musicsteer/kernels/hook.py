@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import steer
+from .reference import steer_positions
 
 STEERING, OBSERVER = 0, 1  # hook orders; the decoder treats a hook without `order` as OBSERVER
 
@@ -21,15 +22,20 @@ STEERING, OBSERVER = 0, 1  # hook orders; the decoder treats a hook without `ord
 class KernelHook:
     """h (B, T, D) -> steered h. alpha (B, K) is read at every call (rewritten in place between
     steps), directions (K, D) are unit vectors, targets (K,) are read by modes that use them,
-    `kernel` is the mode id (kernels/ids.py)."""
+    `kernel` is the mode id (kernels/ids.py). `positions`, when set (B, T, K), gives a
+    strength per position of a T-position forward instead (a re-prime of recorded steps);
+    backends that apply steering themselves leave such a hook to its call."""
 
     order = STEERING
-    __slots__ = ("alpha", "directions", "targets", "kernel")
+    __slots__ = ("alpha", "directions", "targets", "kernel", "positions")
 
     def __init__(self, alpha: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, kernel: int) -> None:
         assert alpha.dim() == 2 and directions.dim() == 2 and alpha.shape[1] == directions.shape[0]
         assert targets.shape == (directions.shape[0],)
         self.alpha, self.directions, self.targets, self.kernel = alpha, directions, targets, kernel
+        self.positions: torch.Tensor | None = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.positions is not None and self.positions.shape[1] == h.shape[1]:
+            return steer_positions(h, self.positions, self.directions, self.targets, self.kernel)
         return steer(h, self.alpha, self.directions, self.targets, self.kernel)

@@ -42,9 +42,9 @@ def _steer_kernel(h_ptr, alpha_ptr, v_ptr, c_ptr, T, D, K,
                 v = tl.load(v_ptr + ks[:, None] * stride_vk + ds[None, :],
                             mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 proj += tl.sum(v * x[None, :], axis=1)
-        if MODE == 1:  # NORM: (x + |x| sum a v) / (1 + sum a)
+        if MODE == 1:  # NORM: (x + |x| sum a v) / (1 + sum |a|)
             coef = a * tl.sqrt(tl.sum(sq, axis=0))
-            scale = 1.0 / (1.0 + tl.sum(a, axis=0))
+            scale = 1.0 / (1.0 + tl.sum(tl.abs(a), axis=0))
         elif MODE == 2:  # CLAMP: x + sum a (c - <x, v>) v
             target = tl.load(c_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
             coef = a * (target - proj)

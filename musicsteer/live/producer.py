@@ -291,7 +291,10 @@ class Producer:
         budget = self.config.reprime_budget_ms
         self.context = Window(decoder, self.window, self.keep, self.config.reprime_chunk,
                               self.config.reprime_margin(self.keep),
-                              reprime_margin(self.keep, CHUNKS[0]) if budget is not None else None)
+                              reprime_margin(self.keep, CHUNKS[0]) if budget is not None else None,
+                              steering=self._replayed if self.plan is not None else None)
+        if self.plan is not None:
+            self.plan.keep_history(self.context.retain)
         self.engine.set_prompt(self.engine.prompt)
         if budget is not None:  # the re-prime's cost, measured here while the spare set is free
             self._slice_cost = self.context.measure_prefill()
@@ -306,6 +309,10 @@ class Producer:
             use_graph = backend.graphs if backend is not None else captures_graphs(device)
         if use_graph:  # one graph per cache set: the re-prime swaps them (steering attached first)
             self.decode.capture(self.context.cache_sets)
+
+    def _replayed(self, first: int, n: int):
+        """The re-prime's steering: columns first..first+n-1 with the strengths their steps used."""
+        return self.steerer.replaying(self.plan.recorded(first, n))
 
     def _condition(self, prompt: str) -> None:
         states, mask = self.model.text.encode(prompt)

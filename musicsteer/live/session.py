@@ -261,7 +261,8 @@ def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, 
 
     learn = (lambda param: midi.learn(param, request.mapping)) if midi is not None and request.mapping else None
     router = OscRouter(controls, plan.names if plan is not None else [], stats=producer.stats,
-                       smooth_ms=request.osc_smooth_ms, learn=learn)
+                       smooth_ms=request.osc_smooth_ms, learn=learn,
+                       strengths=plan.mode.strengths if plan is not None else None)
     osc = OscServer(router, request.osc_host, request.osc_port)
     meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach() if plan is not None else None
 

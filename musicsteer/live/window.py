@@ -11,7 +11,13 @@ keeps decoding; once the spare has caught up, the two swap. No single step does 
 whole re-prime, and the audio never stops.
 
 Global columns: column c of the delayed stream holds codebook k of frame c - 1 - k;
-column 0 is all special. The window starts at global column `base`.
+column 0 is all special; it is the input of step c. The window starts at global column
+`base`.
+
+A steered stream re-primes each position with the strengths its step was generated
+with (`steering(first_column, n)`, the plan's record of every step's alpha), not with
+the strengths of the step the re-prime runs at: the re-primed context is the one the
+music was made with, whatever the gate or the controls did since.
 
 It knows nothing of audio, controllers or sampling.
 """
@@ -20,6 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 
@@ -66,11 +75,14 @@ def choose_chunk(step_ms: float, slice_ms: tuple[float, float], budget_ms: float
 
 class Window:
     def __init__(self, decoder: MusicGen, window: int, keep: int, chunk: int, margin: int,
-                 retain_margin: int | None = None) -> None:
+                 retain_margin: int | None = None, steering: Callable[[int, int], ContextManager] | None = None) -> None:
         """`window` positions at most in the cache, `keep` kept at a re-prime, `chunk` positions
         re-primed per step, starting `margin` steps before the window fills; the history holds
-        enough for margins up to `retain_margin` (default `margin`; see `set_chunk`)."""
+        enough for margins up to `retain_margin` (default `margin`; see `set_chunk`). `steering`
+        (first column, n) gives a context in which a forward over those columns is steered as
+        their steps were (None: unsteered, or steering left as it is)."""
         self.decoder = decoder
+        self.steering = steering
         cfg = decoder.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
         self.window, self.keep, self.chunk, self.margin = window, keep, chunk, margin
@@ -166,8 +178,10 @@ class Window:
         decoder = self.decoder
         current = decoder.caches
         decoder.use_caches(self.spare)
+        steered = self.steering(base + start, n) if self.steering is not None else nullcontext()
         try:
-            decoder.hidden_states(cols.unsqueeze(0).expand(2, K, n), self.positions[start : start + n],
-                                  kv_len=start + n)
+            with steered:
+                decoder.hidden_states(cols.unsqueeze(0).expand(2, K, n), self.positions[start : start + n],
+                                      kv_len=start + n)
         finally:
             decoder.use_caches(current)

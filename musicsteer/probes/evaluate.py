@@ -1,12 +1,20 @@
 """`musicsteer probes eval`: MusicRFM's "probe accuracy on generations".
 
 A multiclass probe for one family is fitted on the training features at the family's
-best layer (the pack's multiclass evaluation, else the concepts' best mean score).
-Then, for each strength and each concept of the family, the model generates clips
-steered toward that concept (strength 0: unsteered); each clip is decoded to audio,
-re-encoded by EnCodec, run through the decoder exactly as the training clips were
-(the feature store's conditioning and layout), pooled, and classified. The table is
-the fraction of generations classified as the concept they were steered toward.
+best layer (the pack's multiclass evaluation, else the concepts' best mean score),
+and beside it one class-balanced one-vs-rest detector per concept. Then, for each
+strength and each concept of the family, the model generates clips steered toward
+that concept (strength 0: unsteered); each clip is decoded to audio, re-encoded by
+EnCodec, run through the decoder exactly as the training clips were (the feature
+store's conditioning and layout), pooled, and judged with steering detached (the
+hooks would otherwise add the last step's strengths to the features judged).
+
+Two rates per strength: `accuracy`, the fraction of generations the multiclass probe
+classifies as the concept they were steered toward (MusicRFM's figure; at strength 0
+it is 1/C by construction, since every clip gets exactly one label), and `detected`,
+the fraction for which the target concept's own detector fires. At strength 0 the
+detected rate is the unsteered baseline toward each target, which a steered row is
+compared with. The gate is drawn per layer and concept (MusicRFM's code) unless told.
 
 A CLAP text-adherence column needs a CLAP model in the local Hugging Face cache;
 without one the column is absent and the record says why.
@@ -46,6 +54,32 @@ class OneHotRidge:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return ((X.astype(np.float64) - self.mu) @ self.W + self.ybar).argmax(-1)
+
+
+class BalancedRidge:
+    """One-vs-rest detectors: per class, ridge on 0/1 targets with the two sides weighted
+    equally (closed form); a detector fires when its output is above 1/2."""
+
+    def __init__(self, X: np.ndarray, labels: np.ndarray, n_classes: int, rel_alpha: float = 1e-2) -> None:
+        X = X.astype(np.float64)
+        self.mu = X.mean(0)
+        Xc = X - self.mu
+        self.W, self.b = np.zeros((X.shape[1], n_classes)), np.zeros(n_classes)
+        for k in range(n_classes):
+            y = (labels == k).astype(np.float64)
+            if y.min() == y.max():
+                continue  # a class without clips (or with all of them) never fires
+            w = np.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum())  # each side weighs 1/2
+            m = w @ Xc  # weighted mean (D,)
+            Z = Xc - m
+            cov = (Z * w[:, None]).T @ Z  # (D, D), weights summing to 1
+            ridge = rel_alpha * np.trace(cov) / X.shape[1]  # relative to the mean eigenvalue
+            self.W[:, k] = np.linalg.solve(cov + ridge * np.eye(X.shape[1]), (Z * w[:, None]).T @ (y - w @ y))
+            self.b[k] = w @ y - m @ self.W[:, k]
+
+    def fires(self, X: np.ndarray) -> np.ndarray:
+        """(N, C) booleans: which detectors fire on each clip."""
+        return (X.astype(np.float64) - self.mu) @ self.W + self.b > 0.5
 
 
 def best_layer(pack: ConceptPack, family: str, names: list[str]) -> int:
@@ -93,7 +127,8 @@ def clap_scorer() -> tuple[ClapScorer | None, str]:
 
 
 def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, family: str, strengths: list[float],
-                        per_concept: int, duration: float, prompt: str, gate: float, seed: int) -> dict:
+                        per_concept: int, duration: float, prompt: str, gate: float, seed: int,
+                        gate_per: str = "layer") -> dict:
     store = load_features(features)
     pack = ConceptPack.load(pack_dir)
     pack.check_fits(model.cfg)
@@ -105,61 +140,62 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
     if missing:
         raise ProbeError(f"the pack has no concept {missing[0]!r} for family {family!r}")
     layer = best_layer(pack, family, names)
-    classifier = OneHotRidge(store.layer(layer, fam.rows), fam.label_ids, len(fam.labels))
+    X = store.layer(layer, fam.rows)
+    classifier = OneHotRidge(X, fam.label_ids, len(fam.labels))
+    detectors = BalancedRidge(X, fam.label_ids, len(fam.labels))
     meta = store.meta
     settings = ExtractSettings(prompt=meta["conditioning"].get("prompt") or "",
                                text=meta["conditioning"].get("prompt") is not None,
-                               delay=meta.get("layout", "delay") == "delay")
+                               delay=meta.get("layout", "delay") == "delay", point=meta.get("point", "out"))
     frames = max(int(duration * 50), 8)
     sampling = SamplingSettings(seed=seed)
-    steering = SteeringSettings(gate=gate, seed=seed)
+    steering = SteeringSettings(gate=gate, seed=seed, gate_per=gate_per, point=settings.point)  # steer where extracted
     steerer, plan = build_steering(model.decoder, pack, steering, sampling.batch, names)
 
     clap, clap_note = clap_scorer()
     clap_scores: list[float] = []
 
-    def classify(codes: torch.Tensor) -> int:
+    def judge(codes: torch.Tensor) -> tuple[int, np.ndarray]:
+        """(multiclass label, which detectors fire) of one generation; steering is detached here."""
+        assert not steerer.attached
         audio = model.codec.decode(codes)
         if clap is not None:
             clap_scores.append(clap.score(prompt, audio, model.codec.sample_rate))
         recoded = model.codec.encode(audio, model.cfg.codebooks)
         states = hidden_states(model, layout(recoded, model.cfg.special_token, settings.delay)[None], settings)
         pooled = states[layer, 0, 1:].float().mean(0).cpu().numpy()[None]  # (1, D)
-        return int(classifier.predict(pooled)[0])
+        return int(classifier.predict(pooled)[0]), detectors.fires(pooled)[0]
+
+    def generations(strength: float, name: str | None) -> list[torch.Tensor]:
+        """`per_concept` generations steered toward `name` at `strength` (None: unsteered)."""
+        if name is None:
+            return [generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i)).codes
+                    for i in range(per_concept)]
+        for n in names:
+            plan.set_strength(n, strength if n == name else 0.0)
+        with steerer:
+            return [generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i),
+                             before_step=lambda s: plan.write(s, steerer)).codes for i in range(per_concept)]
 
     t0 = time.monotonic()
     table = []
     for strength in strengths:
-        hits = per_label = 0
-        per_concept_acc = {}
         clap_scores.clear()
-        unsteered_preds = None
-        if strength == 0.0:  # one set of unsteered generations, scored against every label
-            unsteered_preds = [classify(generate(model.decoder, model.text, prompt, frames,
-                                                 SamplingSettings(seed=seed + i)).codes)
-                               for i in range(per_concept)]
+        unsteered = [judge(c) for c in generations(0.0, None)] if strength == 0.0 else None
+        per_concept_acc, per_concept_det = {}, {}
         for k, name in enumerate(names):
-            if unsteered_preds is not None:
-                correct = sum(p == k for p in unsteered_preds)
-            else:
-                for n in names:
-                    plan.set_strength(n, strength if n == name else 0.0)
-                correct = 0
-                with steerer:
-                    for i in range(per_concept):
-                        codes = generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i),
-                                         before_step=lambda s: plan.write(s, steerer)).codes
-                        correct += classify(codes) == k
-            per_concept_acc[name] = correct / per_concept
-            hits += correct
-            per_label += per_concept
-        row = {"strength": strength, "accuracy": hits / per_label, "per_concept": per_concept_acc}
+            verdicts = unsteered if unsteered is not None else [judge(c) for c in generations(strength, name)]
+            per_concept_acc[name] = sum(label == k for label, _ in verdicts) / per_concept
+            per_concept_det[name] = sum(bool(fired[k]) for _, fired in verdicts) / per_concept
+        row = {"strength": strength, "accuracy": float(np.mean(list(per_concept_acc.values()))),
+               "detected": float(np.mean(list(per_concept_det.values()))),
+               "per_concept": per_concept_acc, "per_concept_detected": per_concept_det}
         if clap is not None:
             row["clap"] = float(np.mean(clap_scores))
         table.append(row)
     return {"evaluation": "generation", "family": family, "layer": layer, "labels": list(fam.labels),
             "chance": 1.0 / len(fam.labels), "per_concept": per_concept, "duration_s": frames / 50,
-            "gate": gate, "prompt": prompt, "table": table, "clap": clap.source if clap else None,
+            "gate": gate, "gate_per": gate_per, "prompt": prompt, "table": table, "clap": clap.source if clap else None,
             "clap_note": clap_note,
             "held_out": pack.meta.get("evaluation", {}).get(family), "seconds": time.monotonic() - t0}
 
@@ -167,9 +203,12 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
 def format_eval(record: dict) -> str:
     lines = [f"probe accuracy on generations: family {record['family']} (layer {record['layer']}, "
              f"{len(record['labels'])} labels, chance {record['chance']:.3f}, {record['per_concept']} clips per cell)",
-             f"{'strength':>9} {'accuracy':>9}" + (f" {'CLAP':>7}" if record["clap"] else "")]
+             f"gate {record['gate']:g} per {record.get('gate_per', 'step')}; accuracy: classified as the target "
+             "(1/C at strength 0 by construction); detected: the target's detector fires (at 0: the unsteered "
+             "baseline)",
+             f"{'strength':>9} {'accuracy':>9} {'detected':>9}" + (f" {'CLAP':>7}" if record["clap"] else "")]
     for row in record["table"]:
-        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f}" +
+        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f} {row['detected']:9.3f}" +
                      (f" {row['clap']:7.3f}" if "clap" in row else ""))
     lines.append(record["clap_note"])
     return "\n".join(lines)

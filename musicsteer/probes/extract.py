@@ -4,15 +4,18 @@ states of the decoder, stored on disk so probe training never runs the model aga
 Each clip is encoded by EnCodec, laid out with the delay pattern and teacher-forced
 through the decoder on the same CFG batch the engine generates with (conditional row:
 the text prompt; unconditional row: the null text). The conditional row's residual
-stream after every block is mean-pooled over the clip's positions (all but the
-opening all-special position). MusicRFM's layout (codes without the delay pattern,
-no text) is available as an option, for comparison.
+stream after every block (`point="out"`), or every block's self-attention output
+(`point="attn"`, the other point steering hooks), is mean-pooled over the clip's
+positions (all but the opening all-special position): probes trained on it give
+directions, clamp targets and norms of the quantity steered at that point. MusicRFM's
+layout (codes without the delay pattern, no text) is available as an option, for
+comparison.
 
 Store (`<out>/`):
   pooled.npy   float32 [L, N, D] (a .npy memmap, filled clip by clip)
   index.csv    clip,family,label,value,program in the manifest's order
   done.npy     bool [N]: rows already extracted (re-running resumes)
-  meta.json    model id and shape, conditioning, layout, dataset
+  meta.json    model id and shape, conditioning, layout, hook point, dataset
   frames/      with --per-frame: <row>.npy float16 [L, T, D] per clip
 """
 
@@ -30,6 +33,7 @@ from ..errors import MusicsteerError
 from ..model.delay import interleave
 from ..model.loading.load import LoadedModel
 from ..model.text import condition_rows
+from ..steering.plan import POINTS
 
 
 class ExtractError(MusicsteerError):
@@ -43,6 +47,11 @@ class ExtractSettings:
     text: bool = True  # condition on the prompt (False: the null text, as MusicRFM)
     per_frame: bool = False
     batch: int = 8
+    point: str = "out"  # the hook point extracted: out (residual stream) or attn (self-attention output)
+
+    def __post_init__(self) -> None:
+        if self.point not in POINTS:
+            raise ExtractError(f"hook point {self.point!r}; use {' or '.join(POINTS)}")
 
 
 def read_manifest(dataset: Path) -> list[dict]:
@@ -62,7 +71,7 @@ def layout(codes: torch.Tensor, special: int, delay: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def hidden_states(model: LoadedModel, seqs: torch.Tensor, settings: ExtractSettings) -> torch.Tensor:
-    """Residual stream after every block, conditional row: seqs (N, K, P) -> (L, N, P, D)."""
+    """The states at `settings.point` of every block, conditional row: seqs (N, K, P) -> (L, N, P, D)."""
     decoder = model.decoder
     N, K, P = seqs.shape
     captured: list[torch.Tensor] = []
@@ -71,8 +80,8 @@ def hidden_states(model: LoadedModel, seqs: torch.Tensor, settings: ExtractSetti
         def grab(h, _i=i):
             captured.append(h[:N])  # the conditional rows come first
             return h
-        decoder.add_hook(f"blocks.{i}.out", grab)
-        hooks.append((f"blocks.{i}.out", grab))
+        decoder.add_hook(f"blocks.{i}.{settings.point}", grab)
+        hooks.append((f"blocks.{i}.{settings.point}", grab))
     try:
         states, mask = model.text.encode(settings.prompt)
         if not settings.text:
@@ -103,13 +112,15 @@ def extract(model: LoadedModel, dataset: Path, out: Path, settings: ExtractSetti
     meta = {"model": {"id": model.model_id, "layers": L, "hidden": D}, "dataset": str(dataset), "clips": N,
             "conditioning": {"prompt": settings.prompt if settings.text else None, "cfg_batch": True,
                              "row": "conditional"},
-            "layout": "delay" if settings.delay else "flat", "pooling": "mean over positions 1..P-1"}
+            "layout": "delay" if settings.delay else "flat", "point": settings.point,
+            "pooling": "mean over positions 1..P-1"}
     pooled_path, done_path = out / "pooled.npy", out / "done.npy"
     if (out / "meta.json").exists():
         old = json.loads((out / "meta.json").read_text())
+        old.setdefault("point", "out")  # stores from before the option
         if old != meta:
             raise ExtractError(f"{out} holds an extraction with other settings ({old['model']['id']}, "
-                               f"{old['layout']}); use a new directory")
+                               f"{old['layout']}, point {old['point']}); use a new directory")
         pooled = np.load(pooled_path, mmap_mode="r+")
         done = np.load(done_path, mmap_mode="r+")
     else:

@@ -16,6 +16,14 @@ RFM iteration would use, and it exists even when the best iteration is the first
 Features are centred and scaled by one scalar (`common.IsotropicScaler`) so that the
 bandwidth range means the same thing at every layer; an isotropic scale leaves every
 direction unchanged. Nothing here knows of layers, feature stores or packs.
+
+Two recipes (`RECIPES`): the project's (`musicsteer`: 8 trials, the same at every
+layer, the first at a fixed base, xrfm's `l2` kernel, features scaled to a median
+distance of 10, 5 iterations, trials and iterations kept by validation MSE), and
+MusicRFM's code (`musicrfm`: 100 random trials drawn afresh for every layer, kernel
+`l2_high_dim` on raw features, 8 iterations with xrfm's early stop at 1.1x, iterations
+and trials kept by validation AUC). Centring changes nothing for these kernels (they
+depend on differences of features only), so both centre.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ class RfmParams:
     median_distance: float | None = 10.0  # scale features so the median distance is this; None: raw
     tuning_metric: str = "mse"  # xrfm's metric for keeping the best iteration (and for the search)
     early_stop: bool = True  # xrfm's early stop when the metric gets 10% worse than the best
+    top_k: int | None = None  # xrfm's top_k fit argument (MusicRFM passes its n_components)
 
     def __post_init__(self) -> None:
         if not (self.reg >= 0 and self.bandwidth > 0 and self.exponent > 0 and self.iters >= 1):
@@ -68,15 +77,25 @@ class RfmSearch:
     exponent: tuple[float, float] = (0.7, 1.4)
     center_grads: tuple[bool, ...] = (False, True)
     base: RfmParams = field(default_factory=RfmParams)
+    first_is_base: bool = True  # the first trial is `base` itself (else every trial is drawn)
+    per_layer: bool = False  # draw other trials at every layer (`for_layer`) instead of the same ones
+    select: str = "loss"  # keep the trial with the best xrfm tuning metric ("loss") or validation score
 
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise ProbeError(f"the RFM search budget must be at least 1, got {self.budget}")
+        if self.select not in ("loss", "score"):
+            raise ProbeError(f"RFM trial selection {self.select!r}; use loss or score")
+
+    def for_layer(self, layer: int) -> "RfmSearch":
+        """The search at one layer: itself, or (per_layer) one with that layer's own draws."""
+        return replace(self, seed=int(np.random.SeedSequence([self.seed, layer]).generate_state(1)[0])) \
+            if self.per_layer else self
 
     def trials(self) -> list[RfmParams]:
         rng = np.random.default_rng(self.seed)
-        out = [self.base]
-        for _ in range(self.budget - 1):
+        out = [self.base] if self.first_is_base else []
+        while len(out) < self.budget:
             out.append(replace(
                 self.base,
                 reg=float(np.exp(rng.uniform(np.log(self.reg[0]), np.log(self.reg[1])))),
@@ -86,10 +105,30 @@ class RfmSearch:
         return out
 
     def describe(self) -> dict:
+        first = "first trial = base, then " if self.first_is_base else "every trial drawn: "
         return {"budget": self.budget, "seed": self.seed, "reg": list(self.reg), "bandwidth": list(self.bandwidth),
                 "exponent": list(self.exponent), "center_grads": list(self.center_grads),
-                "sampling": "first trial = base, then reg and bandwidth log-uniform, exponent uniform",
-                "base": asdict(self.base)}
+                "sampling": first + "reg and bandwidth log-uniform, exponent uniform",
+                "per_layer": "other draws at every layer" if self.per_layer else "the same trials at every layer",
+                "select": "best validation score (AUC, R^2, accuracy)" if self.select == "score"
+                else f"best validation {self.base.tuning_metric}", "base": asdict(self.base)}
+
+
+RECIPES = {
+    "musicsteer": RfmSearch(),
+    "musicrfm": RfmSearch(budget=100, first_is_base=False, per_layer=True, select="score",
+                          base=RfmParams(kernel="l2_high_dim", median_distance=None, iters=8, tuning_metric="auc",
+                                         early_stop=True, top_k=1)),
+}
+
+
+def recipe(name: str, budget: int | None = None, seed: int = 0) -> RfmSearch:
+    """The search a recipe names, with its own budget unless one is given."""
+    try:
+        base = RECIPES[name]
+    except KeyError:
+        raise ProbeError(f"RFM recipe {name!r}; use one of {', '.join(RECIPES)}") from None
+    return replace(base, budget=base.budget if budget is None else budget, seed=seed)
 
 
 @dataclass
@@ -132,8 +171,9 @@ def xrfm_fit(model, params: RfmParams, Xt: torch.Tensor, yt: torch.Tensor, Xv: t
              yv: torch.Tensor) -> None:
     """xrfm's fit with our settings; Xt (n, D), yt (n, 1) or (n, C)."""
     # `iters` is passed again here: xrfm records the final round's index from this argument.
+    extra = {} if params.top_k is None else {"top_k": params.top_k}
     model.fit((Xt, yt), (Xv, yv), iters=params.iters, reg=params.reg, center_grads=params.center_grads,
-              early_stop_rfm=params.early_stop, return_best_params=True, get_agop_best_model=True)
+              early_stop_rfm=params.early_stop, return_best_params=True, get_agop_best_model=True, **extra)
 
 
 def _maximize(metric: str) -> bool:
@@ -144,7 +184,10 @@ def _maximize(metric: str) -> bool:
 
 def _fit_one(Xt, Yt, Xv, Yv, params: RfmParams, task: str, device, seed: int) -> dict:
     """Fit one configuration on scaled features Xt (n, D) with targets Yt (n, C)."""
-    model = xrfm_model(params, task if Yt.shape[1] == 1 else "regression", device)
+    xtask = task if Yt.shape[1] == 1 else "regression"
+    if xtask == "regression" and params.tuning_metric == "auc":  # AUC needs labels: iterations by MSE here
+        params = replace(params, tuning_metric="mse")
+    model = xrfm_model(params, xtask, device)
     tXt, tXv = torch.from_numpy(Xt), torch.from_numpy(Xv)
     tYt, tYv = torch.from_numpy(Yt.astype(np.float32)), torch.from_numpy(Yv.astype(np.float32))
     with torch.random.fork_rng(devices=[]):
@@ -163,7 +206,8 @@ def _search(X_train, Y_train, X_val, Y_val, params, task, device, score_fn) -> t
     search = params if isinstance(params, RfmSearch) else None
     trials = search.trials() if search else [params or RfmParams()]
     seed = search.seed if search else 0
-    maximize = _maximize(trials[0].tuning_metric)
+    by_score = search is not None and search.select == "score"
+    maximize = True if by_score else _maximize(trials[0].tuning_metric)
     best, best_params, records, scalers = None, None, [], {}
     for p in trials:
         if p.median_distance not in scalers:
@@ -172,9 +216,10 @@ def _search(X_train, Y_train, X_val, Y_val, params, task, device, score_fn) -> t
         r = _fit_one(sc(X_train), Y_train, sc(X_val), Y_val, p, task, device, seed)
         r["score"] = score_fn(r["pred"]) if r["model"] is not None else float("nan")
         records.append({**asdict(p), "val_loss": r["loss"], "val_score": r["score"], "best_iter": r["best_iter"]})
-        if not np.isfinite(r["loss"]):
+        key = "score" if by_score else "loss"
+        if not np.isfinite(r[key]):
             continue
-        if best is None or (r["loss"] > best["loss"] if maximize else r["loss"] < best["loss"]):
+        if best is None or (r[key] > best[key] if maximize else r[key] < best[key]):
             best, best_params = r, p
     if best is None:
         raise ProbeError(f"every RFM fit failed (non-finite predictions) on {X_train.shape[0]} clips")

@@ -37,9 +37,9 @@ from .features import (
 )
 from .linear import RIDGE_ALPHAS, fit_diffmean, fit_logistic, fit_multiclass, fit_ridge
 from ..steering.pack import SIGN, Concept, ConceptPack
-from .rfm import RfmSearch, fit_rfm, fit_rfm_multiclass
+from .rfm import RECIPES, RfmSearch, fit_rfm, fit_rfm_multiclass, recipe
 
-__all__ = ["METHODS", "ProbeError", "evaluation_table", "plot_scores", "train_pack"]
+__all__ = ["METHODS", "ProbeError", "RECIPES", "evaluation_table", "plot_scores", "train_pack"]
 
 METHODS = ("rfm", "linear", "logistic", "diffmean")
 DIRECTION_RULE = {
@@ -108,16 +108,18 @@ def _compact_hyper(method: str, probe) -> dict:
 
 
 def train_pack(features_dir: Path | str, concepts: list[str] | None = None, method: str = "rfm",
-               families: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0, budget: int = 8,
-               out_dir: Path | str | None = None, model_id: str | None = None, *,
+               families: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
+               budget: int | None = None, out_dir: Path | str | None = None, model_id: str | None = None, *,
                max_train: int | None = 4000, evaluate: bool = True, device: str | None = None,
-               progress: bool = True) -> ConceptPack:
+               progress: bool = True, recipe_name: str = "musicsteer") -> ConceptPack:
     """Train per-layer probes for the chosen concepts (all by default) and return the pack;
     with `out_dir`, also save it there with `evaluation.csv` and `scores.png`.
 
-    `budget` is the number of RFM configurations tried per concept and layer (ignored by
-    the linear methods, whose regularisation grid is fixed); `max_train` caps the training
-    clips per probe (None: no cap); `device` None runs RFM on CUDA when present."""
+    `budget` is the number of RFM configurations tried per concept and layer (None: the
+    recipe's, 8 or 100; ignored by the linear methods, whose regularisation grid is fixed);
+    `recipe_name` picks the RFM search (rfm.RECIPES: the project's, or MusicRFM's code);
+    `max_train` caps the training clips per probe (None: no cap); `device` None runs RFM on
+    CUDA when present."""
     from tqdm import tqdm
 
     if method not in METHODS:
@@ -138,7 +140,9 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
             if f.task == "regression":
                 raise ProbeError(f"family {f.name!r} is a regression family and logistic probes need labels; "
                                  "leave it out (--families) or use rfm, linear or diffmean")
-    search = RfmSearch(budget=budget, seed=seed)
+    if recipe_name != "musicsteer" and method != "rfm":
+        raise ProbeError(f"the {recipe_name} recipe is an RFM search: use it with method rfm")
+    search = recipe(recipe_name, budget, seed)
     L, D = store.layers, store.hidden
     directions = {s.name: np.zeros((L, D), np.float32) for s in specs}
     scores = {s.name: np.zeros(L, np.float32) for s in specs}
@@ -160,9 +164,10 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
                                         "val": len(split.val), "scores": []}
             for layer in range(L):
                 X = store.layer(layer, fam.rows)  # (n, D)
+                layer_search = search.for_layer(layer)
                 for job in jobs:
                     bar.set_postfix_str(f"{job.spec.name} L{layer}", refresh=False)
-                    probe = _fit(method, X, job, search, device)
+                    probe = _fit(method, X, job, layer_search, device)
                     if not np.isfinite(probe.val_score):
                         raise ProbeError(f"concept {job.spec.name!r} layer {layer}: the validation score is not finite")
                     v = probe.direction()
@@ -173,7 +178,7 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
                     hyper[job.spec.name].append(_compact_hyper(method, probe))
                     bar.update()
                 if evaluate and fam.task == "classification":
-                    acc = _multiclass(method, X, fam, mc_train, split.val, search, device)
+                    acc = _multiclass(method, X, fam, mc_train, split.val, layer_search, device)
                     evaluation[fam.name]["scores"].append(acc)
                     bar.update()
             for job in jobs:
@@ -190,7 +195,7 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
     meta = {
         "model": {"id": model_id or store.meta["model"].get("id", "unknown"), "layers": L, "hidden": D},
         "method": method,
-        "hyperparameters": _hyper_summary(method, search, max_train),
+        "hyperparameters": _hyper_summary(method, search, max_train, recipe_name),
         "sign": SIGN,
         "sign_rule": "each layer's direction is flipped so that the projection of the training clips on it "
                      "correlates positively with the concept's 0/1 label or value",
@@ -199,6 +204,7 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
         "targets": "mean projection of the concept's training clips on the direction (classification only)",
         "data": {"features": str(Path(features_dir)), "dataset": store.meta.get("dataset"),
                  "conditioning": store.meta.get("conditioning"), "layout": store.meta.get("layout"),
+                 "point": store.meta.get("point", "out"),
                  "clips": int(store.pooled.shape[1]), "val_fraction": val_fraction, "seed": seed,
                  "balance": "one-vs-rest: the larger side subsampled to the smaller, in both splits",
                  "families": fam_summary},
@@ -244,12 +250,16 @@ def _family_summary(fam: Family, split: Split) -> dict:
     return out
 
 
-def _hyper_summary(method: str, search: RfmSearch, max_train) -> dict:
+def _hyper_summary(method: str, search: RfmSearch, max_train, recipe_name: str) -> dict:
     out = {"max_train": max_train}
     if method == "rfm":
-        out |= {"search": search.describe(), "library": _xrfm_version(),
-                "selection": "per concept and layer, the configuration with the lowest validation MSE "
-                             "(xrfm keeps its best iteration by the same metric)",
+        selection = ("per concept and layer, the configuration with the lowest validation MSE (xrfm keeps its "
+                     "best iteration by the same metric)") if search.select == "loss" else (
+                     "per concept and layer, the configuration with the best validation score (AUC; R^2 for a "
+                     "regression concept, accuracy for the multiclass evaluation); xrfm keeps its best iteration "
+                     f"by validation {search.base.tuning_metric} (MSE where there are no labels)")
+        out |= {"recipe": recipe_name, "search": search.describe(), "library": _xrfm_version(),
+                "selection": selection,
                 "per_layer": "concepts[*].layers: reg, bandwidth, exponent, center_grads, best_iter, scale"}
     elif method in ("linear", "logistic"):
         out |= {"alpha_grid": list(RIDGE_ALPHAS) if method == "linear" else "logspace(-4, 1, 6)",

@@ -7,8 +7,14 @@ the steering hooks accept, and the one place a new mode is declared.
 A mode is a small value: its name, the kernel id the Triton kernel, the C block kernel
 and the torch reference all switch on (kernels/ids.py), a one-line description, whether
 it reads the concepts' targets, and whether it is CUDA-graph safe (reads only device
-buffers, so a captured step replays it with new strengths). Adding a mode is one
-`register` call here plus its formula in each kernel.
+buffers, so a captured step replays it with new strengths), and the strengths it
+takes: `add` and `norm` take any sign (a negative strength steers toward -v; norm's
+divisor is 1 + sum |a|, so it never divides by zero, amplifies the state or flips the
+sign of its components off the directions),
+`clamp` and `ablate` take [0, 1] (0 leaves h alone, 1 sets or removes the component;
+outside that they would overshoot or amplify). `SteeringPlan` clamps a strength to the
+range with a log line; `render` refuses one outside it, and OSC replies with an error.
+Adding a mode is one `register` call here plus its formula in each kernel.
 
 This module knows the kernels' ids, not their code: it imports no torch, so the CLI
 can list the modes without loading it; `SteeringMode.reference` loads the formula when
@@ -17,6 +23,7 @@ asked. It knows nothing of the decoder, plans or packs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,10 +37,25 @@ class SteeringMode:
     description: str  # one line, for help and tables
     uses_targets: bool = False  # reads the concepts' per-layer targets (c_k)
     graph_safe: bool = True  # reads only device buffers: safe inside a captured CUDA graph
+    strengths: tuple[float, float] = (-math.inf, math.inf)  # the strengths that mean something
+
+    def clamp(self, value: float) -> float:
+        """`value` within the mode's strength range."""
+        lo, hi = self.strengths
+        return min(max(float(value), lo), hi)
+
+    def out_of_range(self, value: float) -> str | None:
+        """Why `value` is outside the mode's strengths, or None when it is inside."""
+        lo, hi = self.strengths
+        if lo <= value <= hi:
+            return None
+        return f"{self.name} mode takes strengths in [{lo:g}, {hi:g}], got {value:g}"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum() or self.name != self.name.lower():
             raise ValueError(f"steering mode name {self.name!r}: lower-case letters, digits and dashes")
+        if not self.strengths[0] <= 0.0 <= self.strengths[1]:
+            raise ValueError(f"steering mode {self.name!r}: its strengths must include 0 (off)")
         if self.kernel not in KERNEL_IDS:
             raise ValueError(f"steering mode {self.name!r}: kernel id {self.kernel} is not one the kernels "
                              f"implement ({', '.join(map(str, KERNEL_IDS))})")
@@ -78,8 +100,10 @@ def describe() -> str:
     return "; ".join(f"{m.name}: {m.description}" for m in _REGISTRY.values())
 
 
-register(SteeringMode("add", ADD, "h + a v (MusicRFM)"))
-register(SteeringMode("norm", NORM, "(h + a |h| v) / (1 + a), norm-preserving (linear-probe steering)"))
-register(SteeringMode("clamp", CLAMP, "move the component along v toward the concept's target (a = 1 sets it)",
-                      uses_targets=True))
-register(SteeringMode("ablate", ABLATE, "remove the component along v (a = 1 removes it, 0 keeps it)"))
+register(SteeringMode("add", ADD, "h + a v (MusicRFM); a < 0 steers toward -v"))
+register(SteeringMode("norm", NORM, "(h + a |h| v) / (1 + |a|), norm-preserving (linear-probe steering); "
+                      "a < 0 steers toward -v"))
+register(SteeringMode("clamp", CLAMP, "move the component along v toward the concept's target (a in [0, 1]; "
+                      "1 sets it)", uses_targets=True, strengths=(0.0, 1.0)))
+register(SteeringMode("ablate", ABLATE, "remove the component along v (a in [0, 1]; 1 removes it, 0 keeps it)",
+                      strengths=(0.0, 1.0)))

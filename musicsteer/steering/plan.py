@@ -1,15 +1,24 @@
 """Threading model: `SteeringPlan.set_*` may be called from any thread (they store a
 value under a lock); `write(step)` runs on the producer thread before each step and
-is the only writer of the device buffers.
+is the only writer of the device buffers; `recorded` and `Steerer.replaying` run on
+that thread too (the window's re-prime).
 
 Steering in the decoder: device buffers and hooks (`Steerer`), and the host-side
 plan that fills the strength buffer each step (`SteeringPlan`).
 
 Per hooked layer l, batch row r and concept k, at step t:
-    alpha[l, r, k] = strength_k * schedule_k(t) * weight[l, k] * gate(t) * row[r]
+    alpha[l, r, k] = strength_k * schedule_k(t) * weight[l, k] * gate(t, l, k) * row[r]
 `weight` comes from the concepts' per-layer validation scores (score-weighted,
-top-K, or all layers); `gate(t)` is one seeded draw per step shared by all layers
-(on with probability p); `row` picks both CFG branches or the conditional one.
+top-K, or all layers); the gate is on with probability p, drawn from (seed, step):
+once per step for every layer and concept (`gate_per="step"`), or independently per
+layer and concept at every step (`gate_per="layer"`, MusicRFM's code: one draw per
+hooked layer per forward, and per direction when several are summed). Both keep the
+mean strength; the per-step gate is burstier (all layers on or off together).
+`row` picks both CFG branches or the conditional one. A strength outside the mode's
+range (steering/modes.py) is clamped to it, with a log line.
+
+`write(step)` also keeps the alpha each step used (`keep_history`), so the window's
+re-prime recomputes a position with the strengths it was generated with.
 
 The buffers (`alpha` [L, B, K], `directions` [L, K, D], `targets` [L, K]) are
 allocated once on the model's device and only ever written in place, so a step
@@ -20,7 +29,9 @@ are `SteeringHook`s (steering/hooks.py) in the settings' registered mode
 
 from __future__ import annotations
 
+import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +42,11 @@ from . import modes
 from .hooks import SteeringHook
 from .schedules import Constant
 
+log = logging.getLogger("musicsteer.steering")
+
 POINTS = ("out", "attn")
 ROWS = ("both", "cond")
+GATE_PER = ("step", "layer")
 
 
 @dataclass(frozen=True)
@@ -42,8 +56,9 @@ class SteeringSettings:
     point: str = "out"  # residual stream after the block, or the self-attention output
     layers: str = "weighted"  # weighted | top:K | all
     kappa: float = 0.95  # weighted: w = minmax(score) ** (1 / kappa)
-    gate: float = 1.0  # probability per step that steering is applied
+    gate: float = 1.0  # probability that steering is applied (per step, or per layer and concept)
     seed: int = 0
+    gate_per: str = "step"  # one gate draw per step, or one per layer and concept at every step
 
     def __post_init__(self) -> None:
         modes.get(self.mode)  # validates against the registry
@@ -51,6 +66,8 @@ class SteeringSettings:
             raise ValueError(f"steered rows {self.rows!r}; use both or cond")
         if self.point not in POINTS:
             raise ValueError(f"hook point {self.point!r}; use out or attn")
+        if self.gate_per not in GATE_PER:
+            raise ValueError(f"gate draws per {self.gate_per!r}; use step or layer")
         if not 0.0 <= self.gate <= 1.0:
             raise ValueError(f"gate probability must be in [0, 1], got {self.gate}")
         if not self.kappa > 0:
@@ -83,10 +100,19 @@ def layer_weights(scores: np.ndarray, settings: SteeringSettings) -> np.ndarray:
 
 
 def gate_open(step: int, settings: SteeringSettings) -> bool:
-    """The step's gate: a function of (seed, step) alone, so replay and lookahead agree."""
+    """The step's gate (`gate_per="step"`): a function of (seed, step) alone, so replay and
+    lookahead agree."""
     if settings.gate >= 1.0:
         return True
     return bool(np.random.default_rng([settings.seed, step]).random() < settings.gate)
+
+
+def gate_mask(step: int, settings: SteeringSettings, shape: tuple[int, int]) -> np.ndarray:
+    """The per-layer gate (`gate_per="layer"`): (L, K) independent draws, a function of (seed, step)."""
+    if settings.gate >= 1.0:
+        return np.ones(shape, dtype=np.float32)
+    draws = np.random.default_rng([settings.seed, step, 1]).random(shape)  # (L, K)
+    return (draws < settings.gate).astype(np.float32)
 
 
 class Steerer:
@@ -116,6 +142,27 @@ class Steerer:
         self.attached = True
         return self
 
+    @contextmanager
+    def replaying(self, alphas: np.ndarray):
+        """Inside the block, a forward over T positions steers position t with `alphas[:, :, t]`
+        ((L, B, T, K), the strengths recorded for those positions) instead of the buffer; a
+        one-position forward reads the buffer, which holds that position's strengths meanwhile."""
+        L, B, T, K = alphas.shape
+        saved = self.alpha.clone()
+        if T == 1 or (alphas == alphas[:, :, :1]).all():
+            self.alpha.copy_(torch.from_numpy(np.ascontiguousarray(alphas[:, :, 0])))
+            per = None
+        else:
+            per = torch.from_numpy(np.ascontiguousarray(alphas)).to(self.alpha.device)  # (L, B, T, K)
+        try:
+            for i, hook in self._hooks.items():
+                hook.positions = None if per is None else per[i]
+            yield
+        finally:
+            for hook in self._hooks.values():
+                hook.positions = None
+            self.alpha.copy_(saved)
+
     def detach(self) -> None:
         for i, hook in self._hooks.items():
             self.decoder.remove_hook(f"blocks.{i}.{self.settings.point}", hook)
@@ -143,10 +190,14 @@ class SteeringPlan:
         if settings.rows == "cond":
             rows[1:] = 0.0
         self.rows = rows  # (B,)
+        self.mode = modes.get(settings.mode)
         self.strengths = np.zeros(len(self.names), dtype=np.float32)
         self.schedules: list = [Constant(1.0)] * len(self.names)
         self._lock = threading.Lock()
         self._host = torch.zeros((self.weights.shape[0], batch, len(self.names)), dtype=torch.float32)
+        self._clamped: set[int] = set()  # concepts whose last strength was clamped (logged once)
+        self._history: np.ndarray | None = None  # (R, L, B, K): the alpha of step t at t % R
+        self._stamps: np.ndarray | None = None  # (R,): which step each slot holds (-1: none)
 
     def concept(self, name: str) -> int:
         try:
@@ -155,7 +206,16 @@ class SteeringPlan:
             raise KeyError(f"no concept {name!r}; loaded: {', '.join(self.names) or 'none'}") from None
 
     def set_strength(self, name: str, value: float) -> None:
+        """Set a concept's strength; one outside the mode's range is clamped to it, with a log line."""
         k = self.concept(name)
+        why = self.mode.out_of_range(float(value))
+        if why is not None:
+            value = self.mode.clamp(value)
+            if k not in self._clamped:  # once until it is back in range (a smoothed ramp sets it every step)
+                log.warning("concept %s: %s; clamped to %g", name, why, value)
+            self._clamped.add(k)
+        else:
+            self._clamped.discard(k)
         with self._lock:
             self.strengths[k] = value
 
@@ -165,20 +225,45 @@ class SteeringPlan:
             self.schedules[k] = schedule
 
     def concept_strengths(self, step: int) -> np.ndarray:
-        """Strength x schedule x gate per concept at `step`, (K,)."""
+        """Strength x schedule per concept at `step`, within the mode's range, times the step's
+        gate when it is drawn per step, (K,)."""
+        lo, hi = self.mode.strengths
         with self._lock:
-            s = np.array([self.strengths[k] * self.schedules[k](step) for k in range(len(self.names))],
-                         dtype=np.float32)
+            s = np.array([min(max(self.strengths[k] * self.schedules[k](step), lo), hi)
+                          for k in range(len(self.names))], dtype=np.float32)
+        if self.settings.gate_per == "layer":
+            return s
         return s if gate_open(step, self.settings) else np.zeros_like(s)
 
     def alpha(self, step: int) -> np.ndarray:
         """(L, B, K) strengths for every layer, row and concept at `step`."""
         s = self.concept_strengths(step)
-        return self.weights[:, None, :] * self.rows[None, :, None] * s[None, None, :]
+        alpha = self.weights[:, None, :] * self.rows[None, :, None] * s[None, None, :]
+        if self.settings.gate_per == "layer":
+            alpha = alpha * gate_mask(step, self.settings, self.weights.shape)[:, None, :]
+        return alpha
+
+    def keep_history(self, steps: int) -> None:
+        """Keep the alpha of the last `steps` steps written (allocated once, here)."""
+        self._history = np.zeros((steps, *self._host.shape), dtype=np.float32)  # (R, L, B, K)
+        self._stamps = np.full(steps, -1, dtype=np.int64)
+
+    def recorded(self, first: int, n: int) -> np.ndarray:
+        """The alpha steps first..first+n-1 were written with, (L, B, n, K); a step not kept (before
+        the first write, or too old) reads as unsteered."""
+        assert self._history is not None, "keep_history() first"
+        steps = np.arange(first, first + n)
+        slots = steps % len(self._stamps)
+        out = self._history[slots] * (self._stamps[slots] == steps)[:, None, None, None]  # (n, L, B, K)
+        return out.transpose(1, 2, 0, 3)
 
     def write(self, step: int, steerer: Steerer) -> None:
         """Fill the steerer's device buffer in place for `step` (producer thread)."""
         self._host.numpy()[:] = self.alpha(step)
+        if self._history is not None:
+            slot = step % len(self._stamps)
+            self._history[slot] = self._host.numpy()
+            self._stamps[slot] = step
         # _host is pageable on purpose: the copy has left it when copy_ returns, so the next write
         # cannot race a queued transfer. Pinning it would need two buffers and an event.
         steerer.alpha.copy_(self._host, non_blocking=True)

@@ -67,6 +67,8 @@ def steering_of(hooks) -> KernelHook | None:
     if not hooks or not isinstance(hooks[0], KernelHook):
         return None
     hook = hooks[0]
+    if hook.positions is not None:  # per-position strengths: the hook applies them in Python
+        return None
     alpha, directions, targets = hook.alpha, hook.directions, hook.targets
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
                for t in (alpha, directions, targets)):
