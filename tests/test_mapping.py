@@ -266,7 +266,7 @@ def test_example_in_the_docstring_parses():
     doc = module.__doc__.split("::\n\n")[1].split("\nDefaults:")[0]
     text = "\n".join(line[4:] for line in doc.splitlines())
     m = Mapping.parse(text, "example.toml", CONCEPTS)
-    assert len(m.bindings) == 8 and len(m.prompts) == 3
+    assert len(m.bindings) == 11  # 8, and the two scene notes and a program change and len(m.prompts) == 3
 
 
 # -- errors ------------------------------------------------------------------------------------
