@@ -63,7 +63,7 @@ function numberControl(p, value) {
   input.step = p.type === "int" ? 1 : (p.knob[1] - p.knob[0]) / 1000;
   input.dataset.path = p.path;
   input.setAttribute("aria-label", p.path);
-  const c = { input, show, held: false, type: p.type };
+  const c = { input, show, held: false, type: p.type, limits: p.limits };
   input.addEventListener("pointerdown", () => { c.held = true; });
   window.addEventListener("pointerup", () => { c.held = false; });
   input.addEventListener("input", () => {
@@ -124,6 +124,8 @@ function setValue(path, value) {
   const c = controls.get(path);
   if (!c || value === undefined || c.held || document.activeElement === c.input) return;
   if (c.text) { c.input.value = value; return; }
+  if (value > Number(c.input.max) && value <= c.limits[1]) c.input.max = value;  // set past the knob's range
+  if (value < Number(c.input.min) && value >= c.limits[0]) c.input.min = value;
   c.input.value = value;
   c.show.textContent = fmt(value, c.type);
 }
