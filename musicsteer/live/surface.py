@@ -85,7 +85,7 @@ def start_web(request, controls, producer, plan, meter, scenes, sample_rate: int
 
     router = WebRouter(controls, plan.names if plan is not None else [], scenes, smooth_ms=request.osc_smooth_ms)
     holder = {}
-    tap = SurfaceTap(meter, producer.stats, sample_rate, lambda: bool(holder["web"].stats().connections))
+    tap = SurfaceTap(meter, producer.stats, sample_rate, lambda: holder["web"].watched)
     web = holder["web"] = WebServer(router, Access.make(request.web_host, request.web_port), tap.frame)
     producer.observers.append(tap)
     web.start()

@@ -80,6 +80,11 @@ class WebServer:
         if self._thread is not None:
             self._thread.join(10)
 
+    @property
+    def watched(self) -> bool:
+        """Whether a client is connected now (any thread: one read of a dict's size)."""
+        return bool(self._clients)
+
     def stats(self) -> WebStats:
         return WebStats(len(self._clients), self.accepted, self.refused, self.received, self.errors, self.frames)
 
