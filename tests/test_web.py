@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from musicsteer.controllers.limits import MAX_MESSAGE_BYTES, RateLimit
@@ -383,3 +384,39 @@ def test_live_cli_prints_the_address_and_refuses_a_busy_port(tmp_path, tiny):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"musicsteer: error: {bad}, line 3: scene 'a': topk needs a number, got str"
+
+
+def test_a_fader_sweep_from_the_page_replays_to_the_same_tokens(tiny, tmp_path):
+    """Changes from the socket are in the control log like OSC's: a recorded session with a
+    sweep of cfg and a strength, and a scene recall, replays to the same tokens."""
+    from musicsteer.live.session import replay
+
+    pack = tmp_path / "pack"
+    ConceptPack.random(["cmaj"], tiny.cfg, "tiny", seed=4).save(pack)
+    request = LiveRequest("warm lofi piano", SamplingSettings(seed=5), null="realtime", concepts=pack, seconds=3.0,
+                          record=tmp_path / "rec", web_port=0, status=False, buffer_ms=150, osc_smooth_ms=40)
+    parts = start_session(tiny, request)
+    try:
+        url = f"http://127.0.0.1:{parts.web.port}"
+
+        async def go():
+            async with aiohttp.ClientSession() as http:
+                ws, _ = await connect(http, url)
+                for i in range(40):
+                    await ws.send_str(json.dumps({"set": "concept/cmaj/strength", "value": i / 20}))
+                    await ws.send_str(json.dumps({"set": "cfg", "value": 1.0 + i / 10}))
+                    if i == 20:
+                        await ws.send_str(json.dumps({"scene": "store", "name": "mid"}))
+                    await asyncio.sleep(0.02)
+                await ws.send_str(json.dumps({"scene": "recall", "name": "mid", "seconds": 0.3}))
+                await ws.close()
+        run(go())
+        wait_for(lambda: not parts.producer.running, 30)
+    finally:
+        parts.finish(drain=False)
+    _, entries, recorded = load_session(tmp_path / "rec")
+    sources = {e["source"].split(":")[0] for e in entries}
+    assert sources == {"web"} and len(entries) > 40
+    assert any(e.get("smooth_ms") == 40 for e in entries) and any(e.get("ramp_ms") == 300.0 for e in entries)
+    tokens, _, _ = replay(tiny, tmp_path / "rec")
+    np.testing.assert_array_equal(tokens, recorded)
