@@ -354,3 +354,21 @@ def test_notes_and_program_changes_recall_scenes_and_panic(jack, backend):
             assert wait_for(lambda: ctl.stats().rejected == 1)
         finally:
             out.close()
+
+
+def test_live_cli_auto_without_jack_is_one_line(jack, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if os.path.exists("/dev/snd/seq"):
+        pytest.skip("this machine has ALSA's sequencer: auto takes it (the selection is checked above)")
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('[[cc]]\ncc = 1\nparam = "cfg"\n')
+    env = {**os.environ, "JACK_DEFAULT_SERVER": "musicsteer-no-such-server"}
+    proc = subprocess.run([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", "x", "--null",
+                           "--seconds", "1", "--no-status", "--no-osc", "--map", str(mapping)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()  # libjack's own complaints are hushed
+    assert line.startswith("musicsteer: error: no MIDI system: start JACK") and "/dev/snd/seq is missing" in line

@@ -152,7 +152,7 @@ def test_chromium_moves_a_fader_and_switches_a_scene(chromium, live, tmp_path):
                 await asyncio.sleep(1.0)
                 f1 = int(await page.js("document.querySelector('#frames').textContent"))
                 m1 = await page.js("document.querySelector('.meter[data-concept=cmaj] .fill').dataset.value")
-                assert f1 - f0 >= 20, (f0, f1)
+                assert f1 - f0 >= 10, (f0, f1)  # up to 50 a second
                 assert m0 is not None and m1 is not None and m0 != m1
                 assert await page.js("document.querySelector('#step-ms').textContent") != "–"
                 # a click three quarters along the cmaj fader (its range is 0..1)

@@ -36,6 +36,7 @@ This module knows nothing of tensors or the engine; ControlState validates value
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -88,13 +89,30 @@ def compiled_apis() -> list[str]:
     return [n for n, c in _API_CONSTANTS.items() if getattr(rtmidi, c) in have]
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """fd 2 to /dev/null for a moment: libjack prints its failed connection attempts there,
+    and the error we raise says it in one line. Used while a session starts, before its
+    threads write anything."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def jack_running() -> bool:
     """Whether a JACK server answers (a client of RtMidi's opens on it; none is started)."""
     rtmidi = _rtmidi()
     if "jack" not in compiled_apis():
         return False
     try:
-        probe = rtmidi.MidiIn(rtapi=rtmidi.API_UNIX_JACK, name="musicsteer-probe")
+        with quiet_stderr():
+            probe = rtmidi.MidiIn(rtapi=rtmidi.API_UNIX_JACK, name="musicsteer-probe")
     except rtmidi.RtMidiError:
         return False
     probe.delete()
