@@ -223,7 +223,12 @@ class WebServer:
             await asyncio.sleep(period)
             if not self._clients:
                 continue
-            frame = self.frame()
+            try:
+                frame = self.frame()
+            except Exception:  # a frame is lost, never the broadcaster
+                self.errors += 1
+                log.exception("web: building a frame failed")
+                continue
             gen = self.router.controls.generation
             if gen != generation:
                 generation, frame["values"] = gen, self.router.values()
