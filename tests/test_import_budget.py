@@ -24,7 +24,7 @@ from musicsteer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_INSTALLED = ("mido", "rtmidi", "soundfile", "pythonosc", "xrfm", "rtmixer", "_rtmixer", "pa_ringbuffer",
-                 "sounddevice", "_sounddevice_data", "matplotlib", "scipy")
+                 "sounddevice", "_sounddevice_data", "matplotlib", "scipy", "aiohttp")
 
 SITECUSTOMIZE = f'''
 import importlib.machinery
@@ -109,6 +109,8 @@ def test_bench_codec_with_core_packages_only(core_only, tmp_path):
      "pa-ringbuffer, rtmixer, python-osc"),
     (["live", "--model", "tiny", "--prompt", "x", "--out", "{tmp}/x.wav", "--no-osc", "--seconds", "0.2"],
      "pa-ringbuffer, rtmixer"),
+    (["live", "--model", "tiny", "--prompt", "x", "--null", "--no-osc", "--web", "--seconds", "0.2"],
+     "pa-ringbuffer, rtmixer, aiohttp"),
     (["midi", "ports"], "mido, python-rtmidi"),
     (["bench", "stream", "--model", "tiny", "--seconds", "1"], "pa-ringbuffer, rtmixer"),
     (["bench", "latency", "--model", "tiny", "--plot", "{tmp}/p.png"], "matplotlib"),

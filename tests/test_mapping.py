@@ -266,7 +266,7 @@ def test_example_in_the_docstring_parses():
     doc = module.__doc__.split("::\n\n")[1].split("\nDefaults:")[0]
     text = "\n".join(line[4:] for line in doc.splitlines())
     m = Mapping.parse(text, "example.toml", CONCEPTS)
-    assert len(m.bindings) == 8 and len(m.prompts) == 3
+    assert len(m.bindings) == 11  # 8, and the two scene notes and a program change and len(m.prompts) == 3
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -304,6 +304,16 @@ GOOD = '[[cc]]\ncc = 1\nparam = "cfg"\n'
     ('[[note]]\nnote = 60\nparam = "concept/cmaj/schedule"\nvalue = "wobble:3"\n', 4, "unknown schedule 'wobble'"),
     ('[[note]]\nnote = 128\nparam = "cfg"\n', 2, "note 128 is out of 0..127"),
     ('[[pitchbend]]\nparam = "cfg"\nsmooth_ms = -5\n', 3, "smooth_ms must not be negative"),
+    ('[[note]]\nnote = 36\nscene = "a"\npanic = true\n', 4, "either scene = \"NAME\""),
+    ('[[note]]\nnote = 36\nscene = ""\n', 3, "scene must be a scene's name"),
+    ('[[note]]\nnote = 36\nscene = "a"\nseconds = 900\n', 4, "seconds must be in 0..600"),
+    ('[[note]]\nnote = 36\npanic = true\nseconds = 1\n', 4, "seconds does not apply to the panic"),
+    ('[[note]]\nnote = 36\nscene = "a"\nrange = [0, 1]\n', 4, "range does not apply to a note that recalls"),
+    ('[[note]]\nnote = 36\nparam = "cfg"\nseconds = 1\n', 4, "seconds applies to a note that recalls a scene"),
+    ('[[program]]\nscene = "a"\n', 1, "[[program]] needs program = N"),
+    ('[[program]]\nprogram = 200\nscene = "a"\n', 2, "program 200 is out of 0..127"),
+    ('[[program]]\nprogram = 1\npanic = false\n', 3, "panic must be true"),
+    ('[[program]]\nprogram = 1\nscene = "a"\nparam = "cfg"\n', 4, "unknown key 'param' in [[program]]"),
 ])
 def test_malformed_files_name_the_line_and_reason(text, line, reason):
     with pytest.raises(MappingError) as info:
@@ -423,3 +433,17 @@ def test_learner_rejects_bad_options_when_armed(tmp_path):
     with pytest.raises(MappingError, match="prompt_slot needs prompts"):
         learner.arm("prompt_slot")
     assert not learner.armed
+
+
+def test_scene_bindings_turn_notes_and_program_changes_into_scene_actions():
+    from musicsteer.controllers.mapping import SceneAction
+
+    m = Mapping.parse('[[note]]\nnote = 36\nscene = "verse"\nseconds = 2.0\n\n[[note]]\nnote = 37\npanic = true\n\n'
+                      '[[program]]\nprogram = 3\nchannel = 2\nscene = "chorus"\n\n'
+                      '[[note]]\nnote = 36\nparam = "cfg"\nvalue = 4.0\n', concepts=CONCEPTS)
+    assert m.handle(mido.Message("note_on", note=36, velocity=90)) == [SceneAction("verse", 2.0),
+                                                                        Setting("cfg", 4.0, 0.0)]
+    assert m.handle(mido.Message("note_on", note=37, velocity=90)) == [SceneAction(None, None)]
+    assert m.handle(mido.Message("note_off", note=37)) == []
+    assert m.handle(mido.Message("program_change", program=3, channel=1)) == [SceneAction("chorus", None)]
+    assert m.handle(mido.Message("program_change", program=3, channel=0)) == []

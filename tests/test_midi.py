@@ -259,3 +259,116 @@ def test_midi_and_portaudio_share_the_jack_server_in_one_process(jack, backend):
         finally:
             sink.stop()
             out.close()
+
+
+# -- the MIDI system (--midi-api) and scene bindings ------------------------------------------------
+
+def test_auto_picks_jack_when_a_server_runs(jack, backend):
+    from musicsteer.controllers.midi import jack_running, resolve_api
+
+    assert jack_running() and resolve_api("auto") == "jack"
+    with MidiController(ControlState([]), Mapping(), client_name="msauto", api="auto") as ctl:
+        assert ctl.api == "jack" and "msauto:in" in jack.ports()
+
+
+def test_auto_without_a_jack_server_takes_the_platform_midi_or_names_what_is_missing(jack, monkeypatch, tmp_path):
+    import musicsteer.controllers.midi as midi
+
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", "musicsteer-no-such-server")
+    assert not midi.jack_running()
+    monkeypatch.setattr(midi.sys, "platform", "linux")
+    monkeypatch.setattr(midi, "ALSA_SEQ", str(tmp_path / "no-seq"))
+    with pytest.raises(MidiError) as exc:
+        midi.resolve_api("auto")
+    message = str(exc.value)
+    assert message.startswith("no MIDI system: start JACK") and "ALSA's sequencer" in message
+    assert str(tmp_path / "no-seq") + " is missing" in message and "\n" not in message
+    (tmp_path / "seq").touch()  # a machine with ALSA's sequencer
+    monkeypatch.setattr(midi, "ALSA_SEQ", str(tmp_path / "seq"))
+    assert midi.resolve_api("auto") == "alsa"
+    monkeypatch.setattr(midi.sys, "platform", "darwin")  # this python-rtmidi has no CoreMIDI
+    with pytest.raises(MidiError, match=r"^no MIDI system: start JACK.*no coremidi API for darwin \(it has jack, alsa\)"):
+        midi.resolve_api("auto")
+
+
+@pytest.mark.parametrize("api, message", [
+    ("coremidi", r"^no MIDI system: this python-rtmidi has no coremidi API \(it has jack, alsa\) \(it runs on macOS\)$"),
+    ("winmm", r"no winmm API .*Windows"),
+    ("beos", r"unknown MIDI API 'beos'"),
+])
+def test_an_api_this_build_lacks_is_one_line(api, message):
+    from musicsteer.controllers.midi import resolve_api
+
+    with pytest.raises(MidiError, match=message):
+        resolve_api(api)
+    with pytest.raises(MidiError, match=message):
+        MidiController(ControlState([]), Mapping(), api=api).start()
+
+
+def test_jack_named_without_a_server_is_one_line(jack, monkeypatch):
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", "musicsteer-no-such-server")
+    with pytest.raises(MidiError, match=r"^no MIDI system: start JACK"):
+        MidiController(ControlState([]), Mapping(), client_name="msnone", api="jack").start()
+
+
+def test_live_cli_refuses_a_missing_midi_api(tmp_path):
+    import subprocess
+    import sys
+
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('[[cc]]\ncc = 1\nparam = "cfg"\n')
+    proc = subprocess.run([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", "x", "--null",
+                           "--seconds", "1", "--no-status", "--no-osc", "--map", str(mapping), "--midi-api", "coremidi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "musicsteer: error: no MIDI system: this python-rtmidi has no coremidi API (it has jack, alsa) (it runs on macOS)"]
+
+
+def test_notes_and_program_changes_recall_scenes_and_panic(jack, backend):
+    from musicsteer.controllers.scenes import Scene, SceneBank
+
+    controls = ControlState(["cmaj", "gmaj"])
+    bank = SceneBank(controls, [Scene("verse", {"concept/cmaj/strength": 0.5, "cfg": 4.0}, 1.0),
+                                Scene("chorus", {"concept/gmaj/strength": 2.0})])
+    mapping = Mapping.parse('[[note]]\nnote = 36\nscene = "verse"\n\n[[note]]\nnote = 37\npanic = true\n\n'
+                            '[[program]]\nprogram = 3\nchannel = 2\nscene = "chorus"\nseconds = 0.5\n\n'
+                            '[[program]]\nprogram = 4\nscene = "nope"\n', concepts=controls.concepts)
+    with MidiController(controls, mapping, client_name="msscene", scenes=bank) as ctl:
+        out = backend.open_output("msscene:in")
+        try:
+            out.send(mido.Message("note_on", note=36, velocity=100))
+            assert wait_for(lambda: controls.current("cfg") == 4.0)
+            assert {c.param: (c.value, c.ramp_ms, c.source) for c in controls.take(0)} == {
+                "concept/cmaj/strength": (0.5, 1000.0, "midi:msscene:in:verse"),
+                "cfg": (4.0, 1000.0, "midi:msscene:in:verse")}
+            out.send(mido.Message("program_change", program=3, channel=0))  # channel 1: not bound
+            out.send(mido.Message("program_change", program=3, channel=1))
+            assert wait_for(lambda: controls.current("concept/gmaj/strength") == 2.0)
+            assert [(c.value, c.ramp_ms) for c in controls.take(1)] == [(2.0, 500.0)]
+            out.send(mido.Message("note_on", note=37, velocity=1))
+            assert wait_for(lambda: controls.current("concept/gmaj/strength") == 0.0)
+            assert {c.param: c.value for c in controls.take(2)} == {"concept/cmaj/strength": 0.0,
+                                                                    "concept/gmaj/strength": 0.0}
+            out.send(mido.Message("program_change", program=4))  # an unknown scene: refused, counted
+            assert wait_for(lambda: ctl.stats().rejected == 1)
+        finally:
+            out.close()
+
+
+def test_live_cli_auto_without_jack_is_one_line(jack, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if os.path.exists("/dev/snd/seq"):
+        pytest.skip("this machine has ALSA's sequencer: auto takes it (the selection is checked above)")
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('[[cc]]\ncc = 1\nparam = "cfg"\n')
+    env = {**os.environ, "JACK_DEFAULT_SERVER": "musicsteer-no-such-server"}
+    proc = subprocess.run([sys.executable, "-m", "musicsteer", "live", "--model", "tiny", "--prompt", "x", "--null",
+                           "--seconds", "1", "--no-status", "--no-osc", "--map", str(mapping)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()  # libjack's own complaints are hushed
+    assert line.startswith("musicsteer: error: no MIDI system: start JACK") and "/dev/snd/seq is missing" in line

@@ -17,6 +17,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 
 from musicsteer.controllers.osc import OscError, OscRouter
 from musicsteer.controllers.state import ControlError, ControlState
+from musicsteer.errors import MusicsteerError
 from musicsteer.live.recorder import load_session
 from musicsteer.live.session import LiveRequest, run_live
 from musicsteer.model.sampling import SamplingSettings
@@ -302,3 +303,62 @@ def test_osc_starts_a_schedule_from_the_current_step(stream):
     a, b = producer.plan.schedules
     assert a.schedule == LinearDown(100) and b.schedule == LinearUp(100) and a.start == b.start
     assert producer.plan.strengths[1] == pytest.approx(0.5)  # B takes A's strength when it had none
+
+
+# -- scenes and panic ------------------------------------------------------------------------------
+
+def test_router_stores_recalls_and_panics():
+    from musicsteer.controllers.scenes import SceneBank
+
+    cs = ControlState(["cmaj", "gmaj"])
+    cs.seed("cfg", 3.0)
+    r = OscRouter(cs, ["cmaj", "gmaj"], scenes=SceneBank(cs))
+    r.handle("/musicsteer/concept/cmaj/strength", [0.6], ME)
+    assert r.handle("/musicsteer/scene/store", ["A"], ME) == [("/musicsteer/scene/stored", ["A"])]
+    assert r.query("scenes") == ("/musicsteer/scenes", ["A"])
+    cs.take(0)
+    r.handle("/musicsteer/scene/recall", ["A", 2], ME)  # an int is seconds too
+    assert {c.param: (c.value, c.ramp_ms, c.source) for c in cs.take(1)} == {
+        "concept/cmaj/strength": (0.6, 2000.0, "osc:A"), "cfg": (3.0, 2000.0, "osc:A")}
+    assert r.handle("/musicsteer/panic", [0.0], ME) == [] and cs.take(2) == []  # a button's release
+    r.handle("/musicsteer/panic", [], ME)
+    assert {c.param: c.value for c in cs.take(3)} == {"concept/cmaj/strength": 0.0, "concept/gmaj/strength": 0.0}
+    for address, args, message in [("/musicsteer/scene/recall", ["B"], "unknown scene 'B'; scenes: A"),
+                                   ("/musicsteer/scene/recall", ["A", "slow"], "needs a number"),
+                                   ("/musicsteer/scene/recall", ["A", -1.0], "transition"),
+                                   ("/musicsteer/scene/recall", [], "takes a scene name"),
+                                   ("/musicsteer/scene/store", [1], "needs a string"),
+                                   ("/musicsteer/panic", ["now"], "needs a number")]:
+        with pytest.raises(MusicsteerError, match=message):
+            r.handle(address, args, ME)
+    with pytest.raises(OscError, match="no scenes"):
+        OscRouter(cs, ["cmaj"]).handle("/musicsteer/panic", [], ME)
+
+
+def test_oscsend_stores_recalls_a_scene_and_panics(stream):
+    port, holder, session = stream
+    producer = holder["p"]
+
+    def oscsend(*args):
+        subprocess.run(["oscsend", "localhost", str(port), *args], check=True, timeout=10)
+
+    oscsend("/musicsteer/concept/cmaj/strength", "f", "1.5")
+    time.sleep(0.3)
+    oscsend("/musicsteer/scene/store", "s", "loud")
+    oscsend("/musicsteer/concept/cmaj/strength", "f", "0.1")
+    time.sleep(0.3)
+    oscsend("/musicsteer/scene/recall", "sf", "loud", "0.2")
+    deadline = time.monotonic() + 5
+    while producer.plan.strengths[0] != pytest.approx(1.5):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    oscsend("/musicsteer/panic")
+    deadline = time.monotonic() + 5
+    while list(producer.plan.strengths) != [0.0, 0.0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(1.2)
+    _, entries, _ = load_session(session)
+    assert [e["ramp_ms"] for e in entries if e["source"] == "osc:loud" and e["param"] == "concept/cmaj/strength"] \
+        == [pytest.approx(200.0)]
+    assert any(e["source"] == "osc" and e["value"] == 0.0 and e["param"] == "concept/gmaj/strength" for e in entries)

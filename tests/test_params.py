@@ -23,7 +23,7 @@ from musicsteer.steering.pack import ConceptPack
 ME = ("127.0.0.1", 9)
 # SamplingSettings fields a session keeps from its start (--greedy, --seed): no live parameter
 FIXED_FOR_A_SESSION = {"greedy", "seed"}
-OSC_COMMANDS = {"get", "listen", "learn", "concepts", "stats", "error", "listening", "meter"}
+OSC_COMMANDS = {"get", "listen", "learn", "concepts", "stats", "error", "listening", "meter", "scene", "panic"}
 
 
 def test_the_table_lists_todays_parameters():

@@ -15,6 +15,8 @@ SHARED = [
     "live/producer.py", "live/window.py", "live/controls.py", "live/session.py", "live/ring_buffer.py", "live/sinks.py",
     "live/portaudio_sink.py", "live/recorder.py",
     "controllers/state.py", "controllers/osc.py", "controllers/midi.py", "controllers/params.py",
+    "controllers/scenes.py", "controllers/limits.py", "controllers/web/protocol.py", "controllers/web/access.py",
+    "controllers/web/server.py", "live/surface.py",
     "steering/plan.py", "steering/meters.py", "steering/hooks.py", "steering/modes.py",
     "model/musicgen.py", "model/graph_step.py", "model/step.py",
     "backends/select.py", "backends/cpu/fused.py", "backends/cpu/attention.py", "backends/cuda/attention.py",

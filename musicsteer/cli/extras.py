@@ -28,6 +28,7 @@ PACKAGES = {
     "scipy": "scipy",
     "yaml": "pyyaml",
     "tqdm": "tqdm",
+    "aiohttp": "aiohttp",
 }
 
 # what the live stream needs whatever its options: the C ring buffer it plays through

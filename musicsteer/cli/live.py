@@ -49,6 +49,15 @@ def register(sub) -> None:
     live.add_argument("--no-osc", action="store_true", help="no OSC server")
     live.add_argument("--map", type=Path, metavar="MAPPING.toml", help="MIDI mapping file (CCs, notes, pitch bend)")
     live.add_argument("--midi-in", metavar="NAME", help="MIDI input to follow (JACK MIDI source; see midi ports)")
+    live.add_argument("--midi-api", default="auto", choices=("auto", "jack", "alsa", "coremidi", "winmm"),
+                      help="MIDI system: auto (JACK when a server runs, else the platform's own), jack, alsa, "
+                           "coremidi or winmm")
+    live.add_argument("--scenes", type=Path, metavar="SCENES.toml",
+                      help="scenes file: recalled by OSC, MIDI and the web page; a store writes it")
+    live.add_argument("--web", nargs="?", type=int, const=8080, metavar="PORT",
+                      help="serve the browser control surface on PORT (default 8080; 0: any free port)")
+    live.add_argument("--web-host", default="127.0.0.1",
+                      help="address the web surface listens on (default loopback; any other needs the printed token)")
     add_sampling_args(live)
     add_steering_args(live)
     live.set_defaults(run=run_live)
@@ -59,7 +68,8 @@ def needed_packages(args: argparse.Namespace) -> tuple[str, ...]:
     PortAudio for a device, MIDI for a mapping or an input."""
     return (*STREAM, *(() if args.no_osc else ("pythonosc",)),
             *(("sounddevice",) if args.out is None and args.null is None else ()),
-            *(("mido", "rtmidi") if args.map is not None or args.midi_in is not None else ()))
+            *(("mido", "rtmidi") if args.map is not None or args.midi_in is not None else ()),
+            *(("aiohttp",) if args.web is not None else ()))
 
 
 def run_live(args: argparse.Namespace) -> int:
@@ -88,7 +98,8 @@ def run_live(args: argparse.Namespace) -> int:
         seconds=args.seconds, record=args.record, concepts=args.concepts, steer=parse_strengths(args.steer),
         schedules=parse_assignments(args.schedule, "--schedule"), steering=steering, buffer_ms=args.buffer_ms,
         osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
-        mapping=args.map, midi_in=args.midi_in,
+        mapping=args.map, midi_in=args.midi_in, midi_api=args.midi_api, scenes=args.scenes,
+        web_port=args.web, web_host=args.web_host,
         codec=codec, status=not args.no_status)
     model = load_from_args(args)
     window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)

@@ -5,7 +5,7 @@ holds state or blocks.
 Mapping bindings as values: which MIDI control sets which parameter, through what scale.
 
 `Scale` turns a control position into a parameter value (a curve into a range);
-`CCBinding`, `NoteBinding` and `BendBinding` are one binding each, as a mapping file
+`CCBinding`, `NoteBinding`, `SceneBinding` and `BendBinding` are one binding each, as a mapping file
 declares it (mapping.py documents the format, mapping_toml.py reads it);
 `check_param` is the rule for which parameters of the table (params.py) a binding may
 set. This module knows nothing of ports, files or tensors.
@@ -125,6 +125,17 @@ class NoteBinding:
     note_off: float | None = None  # None = hold
     mono: bool = False
     smooth_ms: float = 0.0
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class SceneBinding:
+    """A note or a program change that recalls a scene (or, with scene None, is the panic)."""
+    kind: str  # "note" or "program"
+    number: int  # the note or program number, 0..127
+    scene: str | None  # None: panic
+    seconds: float | None = None  # the recall's transition; None: the scene's own
+    channel: int | None = None
     line: int = 0
 
 

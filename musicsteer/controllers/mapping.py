@@ -68,6 +68,21 @@ The format, by example (every key shown; most are optional)::
     param = "concept/gmaj/strength"      # numeric param and no `value`: velocity through
     range = [0.0, 2.0]                   # curve into range; note_off on release
 
+    [[note]]                             # one note recalls a scene (scenes.py) over 2 s
+    note = 36
+    scene = "verse"
+    seconds = 2.0                        # optional: the scene's own transition otherwise
+
+    [[note]]                             # one note is the panic: every concept to 0 at once
+    note = 37
+    panic = true
+
+    [[program]]                          # a program change recalls a scene (or panic = true)
+    program = 3                          # 0..127, as sent (some devices show it as 1..128)
+    channel = 1                          # optional, as for cc
+    scene = "chorus"
+    seconds = 0.5
+
     [[pitchbend]]                        # the pitch wheel
     channel = 1
     param = "concept/gmaj/strength"
@@ -141,11 +156,12 @@ from .bindings import (
     MappingError,
     NoteBinding,
     Scale,
+    SceneBinding,
 )
 from .mapping_toml import block_spans, parse_mapping
 
 __all__ = ["CURVES", "PROMPT_SLOT", "TAKEOVERS", "BendBinding", "CCBinding", "Mapping", "MappingError", "NoteBinding",
-           "Scale", "Setting", "add_cc_binding", "bend_position", "conflicts", "format_table", "toml_value"]
+           "Scale", "SceneAction", "SceneBinding", "Setting", "add_cc_binding", "bend_position", "conflicts", "format_table", "toml_value"]
 
 PICKUP_TOLERANCE = 0.02  # of the knob's travel
 HEADER = "# musicsteer MIDI mapping (format: musicsteer/controllers/mapping.py)\n"
@@ -155,6 +171,12 @@ class Setting(NamedTuple):
     param: str
     value: float | int | str
     smooth_ms: float = 0.0
+
+
+class SceneAction(NamedTuple):
+    """What a scene binding asks for: recall `scene` (None: panic) over `seconds`."""
+    scene: str | None
+    seconds: float | None = None
 
 
 def bend_position(pitch: int) -> float:
@@ -193,6 +215,7 @@ class Mapping:
                 if b.lsb is not None:
                     self._by_cc.setdefault(b.lsb, []).append(i)
         self._notes = [i for i, b in enumerate(self.bindings) if isinstance(b, NoteBinding)]
+        self._scenes = [b for b in self.bindings if isinstance(b, SceneBinding)]
         self._bends = [i for i, b in enumerate(self.bindings) if isinstance(b, BendBinding)]
         self.reset()
 
@@ -202,7 +225,7 @@ class Mapping:
 
     def reset(self) -> None:
         """Forget every binding's state (positions, pickups, held notes)."""
-        self._state = [_Keys() if isinstance(b, NoteBinding) else _Knob() for b in self.bindings]
+        self._state = [_Keys() if isinstance(b, (NoteBinding, SceneBinding)) else _Knob() for b in self.bindings]
 
     @classmethod
     def load(cls, path: Path | str, concepts=None) -> Mapping:
@@ -219,14 +242,18 @@ class Mapping:
         prompts, bindings = parse_mapping(text, str(path), frozenset(concepts) if concepts is not None else None)
         return cls(bindings, prompts, path if str(path) != "<mapping>" else None)
 
-    def handle(self, msg, current: Callable[[str], object] | None = None) -> list[Setting]:
-        """The settings a mido message makes. `current(param)` gives a parameter's value
-        now (ControlState.current), for soft takeover; without it every binding jumps."""
+    def handle(self, msg, current: Callable[[str], object] | None = None) -> list[Setting | SceneAction]:
+        """The settings a mido message makes, and the scene actions (SceneAction) of its scene
+        bindings. `current(param)` gives a parameter's value now (ControlState.current), for
+        soft takeover; without it every binding jumps."""
         kind = msg.type
         if kind == "control_change":
             return self._cc(msg.channel + 1, msg.control, msg.value, current)
+        if kind == "program_change":
+            return self._scene_actions("program", msg.channel + 1, msg.program)
         if kind == "note_on" and msg.velocity > 0:
-            return self._note_on(msg.channel + 1, msg.note, msg.velocity)
+            return self._scene_actions("note", msg.channel + 1, msg.note) + \
+                self._note_on(msg.channel + 1, msg.note, msg.velocity)
         if kind in ("note_off", "note_on"):
             return self._note_off(msg.channel + 1, msg.note)
         if kind == "pitchwheel":
@@ -237,6 +264,10 @@ class Mapping:
                     out += self._continuous(b, self._state[i], bend_position(msg.pitch), current)
             return out
         return []
+
+    def _scene_actions(self, kind: str, channel: int, number: int) -> list[SceneAction]:
+        return [SceneAction(b.scene, b.seconds) for b in self._scenes
+                if b.kind == kind and b.number == number and (b.channel is None or b.channel == channel)]
 
     # -- continuous controls ---------------------------------------------------------------
 

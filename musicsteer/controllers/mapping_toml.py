@@ -29,17 +29,21 @@ from .bindings import (
     MappingError,
     NoteBinding,
     Scale,
+    SceneBinding,
     check_param,
     pitch_class_names,
 )
 from .params import ControlError
 
-TOP_KEYS = ("version", "prompts", "cc", "note", "pitchbend")
+TOP_KEYS = ("version", "prompts", "cc", "note", "pitchbend", "program")
+SCENE_KEYS = ("scene", "seconds", "panic")  # a note or program change that recalls a scene, or the panic
 SCALE_KEYS = ("range", "curve", "shape")
 KEYS = {
     "cc": ("cc", "channel", "bits", "param", *SCALE_KEYS, "smooth_ms", "takeover"),
-    "note": ("note", "concept", "notes", "channel", "param", "value", *SCALE_KEYS, "smooth_ms", "note_off", "mono"),
+    "note": ("note", "concept", "notes", "channel", "param", "value", *SCALE_KEYS, "smooth_ms", "note_off", "mono",
+             *SCENE_KEYS),
     "pitchbend": ("channel", "param", *SCALE_KEYS, "smooth_ms", "takeover"),
+    "program": ("program", "channel", *SCENE_KEYS),
 }
 _HEADER = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]")
 _KEY = re.compile(r"\s*(\"(?:[^\"\\]|\\.)*\"|'[^']*'|[A-Za-z0-9_\-]+)\s*[=.]")
@@ -306,7 +310,43 @@ def _note_off(f: _Fields, param: str, default):
     return _param(param).coerce(v)
 
 
-def _note(f: _Fields, concepts, prompts) -> NoteBinding:
+def _scene(f: _Fields, kind: str, number_key: str) -> SceneBinding:
+    """A `[[note]]` or `[[program]]` with scene = "NAME" (seconds optional) or panic = true."""
+    line = f.where.line(kind, f.index)
+    if not f.has(number_key):
+        raise f.bad(None, f"[[{kind}]] needs {number_key} = N (0..127)")
+    number = f.integer(number_key, 0, 127)
+    if kind == "note":
+        f.no(tuple(k for k in KEYS["note"] if k not in ("note", "channel", *SCENE_KEYS)),
+             "to a note that recalls a scene or is the panic")
+    if f.has("panic") == f.has("scene"):
+        raise f.bad("panic" if f.has("panic") else None,
+                    f"[[{kind}]] needs either scene = \"NAME\" (recall it) or panic = true")
+    if f.has("panic"):
+        if f.table["panic"] is not True:
+            raise f.bad("panic", f"panic must be true, got {f.table['panic']!r}")
+        f.no(("seconds",), "to the panic (it acts at once)")
+        return SceneBinding(kind, number, None, None, f.channel(), line)
+    name = f.table["scene"]
+    if not isinstance(name, str) or not name.strip():
+        raise f.bad("scene", f"scene must be a scene's name, got {name!r}")
+    seconds = None
+    if f.has("seconds"):
+        seconds = f.number("seconds", 0.0)
+        if not 0 <= seconds <= 600:
+            raise f.bad("seconds", f"seconds must be in 0..600, got {seconds:g}")
+    return SceneBinding(kind, number, name, seconds, f.channel(), line)
+
+
+def _program(f: _Fields, concepts, prompts) -> SceneBinding:
+    return _scene(f, "program", "program")
+
+
+def _note(f: _Fields, concepts, prompts) -> NoteBinding | SceneBinding:
+    if any(f.has(k) for k in ("scene", "panic")):
+        return _scene(f, "note", "note")
+    if f.has("seconds"):
+        raise f.bad("seconds", "seconds applies to a note that recalls a scene (scene = \"NAME\")")
     line = f.where.line("note", f.index)
     if f.has("note") == f.has("concept"):
         raise f.bad("concept" if f.has("concept") else None,
@@ -392,7 +432,7 @@ def parse_mapping(text: str, path: str, concepts: frozenset[str] | None):
     if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise where.error("prompts must be a list of non-empty strings", key="prompts")
     prompts = tuple(prompts)
-    makers = {"cc": _cc, "note": _note, "pitchbend": _bend}
+    makers = {"cc": _cc, "note": _note, "pitchbend": _bend, "program": _program}
     bindings = []
     for kind, make in makers.items():
         entries = data.get(kind, [])

@@ -10,7 +10,7 @@ and never runs Python. `start`, `stop`, `stats`, `learn` and `set_mapping` are c
 from any other thread (the CLI, the OSC server). Each counter has one writing thread.
 If the JACK server itself dies, messages stop (nothing crashes); restart the session.
 
-MIDI input on JACK: knobs, notes and wheels into ControlState through a mapping, and MIDI learn.
+MIDI input on JACK or the platform's MIDI system: knobs, notes and wheels into ControlState through a mapping, and MIDI learn.
 
 `MidiController` opens a virtual MIDI input, `<client_name>:in`, that any JACK MIDI
 source can be connected to (a DAW, a2jmidid's bridge of a USB controller, a test
@@ -22,8 +22,11 @@ Each message goes through the `Mapping` into `ControlState.set(..., source="midi
 into the mapping file, inside a running controller (`controller.learn(...)`) or fed by
 hand.
 
-MIDI goes through JACK (python-rtmidi's UNIX_JACK API); the machines this runs on have
-no ALSA sequencer. mido is used for message objects only: its rtmidi backend always
+The MIDI system is python-rtmidi's API named by `api` (`live --midi-api`): "jack",
+"alsa" (Linux's sequencer), "coremidi" (macOS), "winmm" (Windows, which has no virtual
+ports: name an input to follow), or "auto": JACK when a JACK server runs, else the
+platform's own (`resolve_api`); what is missing is a one-line MidiError. The machines
+this is tested on have JACK and no ALSA sequencer. mido is used for message objects only: its rtmidi backend always
 installs a Python callback, and RtMidi calls that callback in JACK's process thread,
 which would then wait for the GIL while holding up the whole JACK graph (the audio sink
 included). Here RtMidi queues messages in C++ and a Python thread drains the queue.
@@ -33,7 +36,10 @@ This module knows nothing of tensors or the engine; ControlState validates value
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,10 +49,10 @@ import mido
 
 from ..errors import MusicsteerError
 from .bindings import CCBinding, MappingError
-from .mapping import Mapping, add_cc_binding
+from .mapping import Mapping, SceneAction, add_cc_binding
 from .mapping_toml import cc_binding
 from .params import default_range
-from .state import ControlError, ControlState
+from .state import ControlState
 
 log = logging.getLogger("musicsteer.midi")
 
@@ -59,33 +65,107 @@ class MidiError(MusicsteerError):
     pass
 
 
+API_NAMES = ("auto", "jack", "alsa", "coremidi", "winmm")
+_API_CONSTANTS = {"jack": "API_UNIX_JACK", "alsa": "API_LINUX_ALSA", "coremidi": "API_MACOSX_CORE",
+                  "winmm": "API_WINDOWS_MM"}
+NATIVE = {"linux": "alsa", "darwin": "coremidi", "win32": "winmm"}  # sys.platform -> its own MIDI system
+ALSA_SEQ = "/dev/snd/seq"
+REBUILD = ("install libjack-jackd2-dev and libasound2-dev, then pip install --force-reinstall --no-cache-dir "
+           "--no-binary python-rtmidi python-rtmidi")
+
+
 def _rtmidi():
     try:
         import rtmidi
     except ImportError:
         raise MidiError("no MIDI system: python-rtmidi is not installed (pip install python-rtmidi)") from None
-    if rtmidi.API_UNIX_JACK not in rtmidi.get_compiled_api():
-        raise MidiError("no MIDI system: this python-rtmidi was built without JACK; install libjack-jackd2-dev "
-                        "and run pip install --force-reinstall --no-cache-dir --no-binary python-rtmidi python-rtmidi")
     return rtmidi
 
 
-def _client(name: str, output: bool = False):
-    """A JACK MIDI client of RtMidi's; MidiError with what to do if JACK is not running."""
+def compiled_apis() -> list[str]:
+    """The MIDI systems this python-rtmidi was built with, by our names."""
     rtmidi = _rtmidi()
+    have = set(rtmidi.get_compiled_api())
+    return [n for n, c in _API_CONSTANTS.items() if getattr(rtmidi, c) in have]
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """fd 2 to /dev/null for a moment: libjack prints its failed connection attempts there,
+    and the error we raise says it in one line. Used while a session starts, before its
+    threads write anything."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     try:
-        client = (rtmidi.MidiOut if output else rtmidi.MidiIn)(rtapi=rtmidi.API_UNIX_JACK, name=name)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def jack_running() -> bool:
+    """Whether a JACK server answers (a client of RtMidi's opens on it; none is started)."""
+    rtmidi = _rtmidi()
+    if "jack" not in compiled_apis():
+        return False
+    try:
+        with quiet_stderr():
+            probe = rtmidi.MidiIn(rtapi=rtmidi.API_UNIX_JACK, name="musicsteer-probe")
+    except rtmidi.RtMidiError:
+        return False
+    probe.delete()
+    return True
+
+
+def resolve_api(name: str = "auto") -> str:
+    """The MIDI system `name` (API_NAMES) stands for here; MidiError naming what is missing."""
+    if name not in API_NAMES:
+        raise MidiError(f"unknown MIDI API {name!r}; choose one of {', '.join(API_NAMES)}")
+    have = compiled_apis()
+    if name == "auto":
+        if jack_running():
+            return "jack"
+        native = NATIVE.get(sys.platform)
+        if native is None or native not in have:
+            raise MidiError(f"{NO_MIDI}; this python-rtmidi has no {native or 'native MIDI'} API for "
+                            f"{sys.platform} (it has {', '.join(have) or 'none'})")
+        if native == "alsa" and not os.path.exists(ALSA_SEQ):
+            raise MidiError(f"{NO_MIDI}, or make ALSA's sequencer available ({ALSA_SEQ} is missing: modprobe snd-seq)")
+        return native
+    if name not in have:
+        hint = f"; {REBUILD}" if name in ("jack", "alsa") else f" (it runs on {_platform_of(name)})"
+        raise MidiError(f"no MIDI system: this python-rtmidi has no {name} API (it has {', '.join(have) or 'none'})"
+                        + hint)
+    return name
+
+
+def _platform_of(api: str) -> str:
+    return {"coremidi": "macOS", "winmm": "Windows"}.get(api, "Linux")
+
+
+def _client(name: str, output: bool = False, api: str = "jack"):
+    """A MIDI client of RtMidi's on `api` (a resolved name); MidiError with what to do if its
+    system is not there (JACK not running, no ALSA sequencer)."""
+    rtmidi = _rtmidi()
+    if api not in compiled_apis():
+        resolve_api(api)  # says what is missing
+    try:
+        client = (rtmidi.MidiOut if output else rtmidi.MidiIn)(rtapi=getattr(rtmidi, _API_CONSTANTS[api]), name=name)
     except rtmidi.RtMidiError as exc:
-        raise MidiError(f"{NO_MIDI} ({exc})") from None
+        if api == "jack":
+            raise MidiError(f"{NO_MIDI} ({exc})") from None
+        raise MidiError(f"no MIDI system: cannot open {api} MIDI ({exc})") from None
     client.set_error_callback(lambda kind, message, data: log.warning("rtmidi: %s", message))
     if not output:
         client.ignore_types(sysex=True, timing=True, active_sense=True)
     return client
 
 
-def list_input_ports() -> list[str]:
-    """The MIDI sources on JACK (the names `port` and `--midi-in` match against)."""
-    client = _client("musicsteer-list")
+def list_input_ports(api: str = "jack") -> list[str]:
+    """The MIDI sources on `api` (the names `port` and `--midi-in` match against)."""
+    client = _client("musicsteer-list", api=resolve_api(api))
     try:
         return client.get_ports()
     finally:
@@ -115,8 +195,12 @@ class MidiController:
     """MIDI in, through `mapping`, into `controls` (see the module docstring)."""
 
     def __init__(self, controls: ControlState, mapping: Mapping, port: str | None = None,
-                 client_name: str = "musicsteer", *, poll_s: float = 1.0) -> None:
+                 client_name: str = "musicsteer", *, poll_s: float = 1.0, api: str = "auto",
+                 scenes=None) -> None:
+        """`api` is the MIDI system (API_NAMES; resolved at start); `scenes` the SceneBank a
+        mapping's scene bindings store and recall through (None: they are refused)."""
         self.controls, self.mapping, self.port = controls, mapping, port
+        self.api_choice, self.api, self.scenes = api, None, scenes
         self.client_name, self.poll_s = client_name, poll_s
         self.virtual_port = f"{client_name}:in"
         self._virtual = self._link = None
@@ -134,16 +218,20 @@ class MidiController:
     def start(self) -> MidiController:
         if self._threads:
             return self
-        probe = _client(f"{self.client_name}-probe", output=True)  # lists the inputs already on JACK
+        self.api = resolve_api(self.api_choice)
+        if self.api == "winmm" and self.port is None:
+            raise MidiError("Windows MIDI (winmm) has no virtual inputs: name the input to follow with --midi-in NAME")
+        probe = _client(f"{self.client_name}-probe", output=True, api=self.api)  # lists the inputs already there
         try:
-            if self.virtual_port in probe.get_ports():
+            if any(n == self.virtual_port or n.startswith(self.virtual_port + " ") for n in probe.get_ports()):
                 raise MidiError(f"a MIDI input named {self.virtual_port} exists already (another musicsteer?); "
                                 f"choose another client name")
         finally:
             probe.delete()
-        self._virtual = _client(self.client_name)
+        self._virtual = _client(self.client_name, api=self.api)
         try:
-            self._virtual.open_virtual_port("in")
+            if self.api != "winmm":
+                self._virtual.open_virtual_port("in")
             if self.port is not None:
                 names = self._virtual.get_ports()
                 matches = find_ports(self.port, names)
@@ -160,7 +248,7 @@ class MidiController:
             self._threads.append(threading.Thread(target=self._watch_loop, name="midi-watcher", daemon=True))
         for t in self._threads:
             t.start()
-        log.info("MIDI in on %s%s", self.virtual_port, f", following {self._link_name}" if self._link else "")
+        log.info("MIDI (%s) in on %s%s", self.api, self.virtual_port, f", following {self._link_name}" if self._link else "")
         return self
 
     def stop(self) -> None:
@@ -206,7 +294,7 @@ class MidiController:
     # -- ports -----------------------------------------------------------------------------
 
     def _open_link(self, name: str) -> None:
-        link = _client(f"{self.client_name}-link")
+        link = _client(f"{self.client_name}-link", api=self.api)
         try:
             link.open_port(link.get_ports().index(name), "in")
         except (ValueError, OSError) as exc:  # it went away between the listing and now
@@ -304,11 +392,22 @@ class MidiController:
             self._ignored += 1
         for s in settings:
             try:
-                self.controls.set(s.param, s.value, source=f"midi:{source}", smooth_ms=s.smooth_ms)
+                if isinstance(s, SceneAction):
+                    self._scene(s, source)
+                else:
+                    self.controls.set(s.param, s.value, source=f"midi:{source}", smooth_ms=s.smooth_ms)
                 self._applied += 1
-            except ControlError as exc:
+            except MusicsteerError as exc:  # ControlError, SceneError: the setting is refused
                 self._rejected += 1
                 log.warning("midi:%s: %s", source, exc)
+
+    def _scene(self, action: SceneAction, source: str) -> None:
+        if self.scenes is None:
+            raise MidiError("this session has no scenes")
+        if action.scene is None:
+            self.scenes.panic(source=f"midi:{source}")
+        else:
+            self.scenes.recall(action.scene, action.seconds, source=f"midi:{source}")
 
     def _learned_from(self, learner: MidiLearner, mapping: Mapping | None) -> None:
         if mapping is not None:

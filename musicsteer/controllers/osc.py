@@ -14,6 +14,11 @@ Address space (DESIGN.md):
                                               and /musicsteer/stats (step ms, buffer fill, underruns,
                                               steps, real-time factor) every frame; 0 unsubscribes
   /musicsteer/learn s                         arm MIDI learn for a parameter (when MIDI is on)
+  /musicsteer/scene/store s                   store the targets now as scene s (scenes.py)
+  /musicsteer/scene/recall s [f]              recall scene s over f seconds (default: the scene's own)
+  /musicsteer/panic [f]                       every concept's strength to 0 at once (a button's
+                                              release, 0, does nothing)
+  /musicsteer/get/scenes                      replies with the names of the stored scenes
 Numbers may be ints or floats. Anything else (junk bytes, wrong types or counts,
 unknown addresses or concepts, NaN, infinities) is logged, counted, and answered with
 /musicsteer/error s; out-of-range values are clamped. A concept strength outside the
@@ -40,6 +45,7 @@ from pythonosc.osc_packet import OscPacket, ParseError
 
 from ..errors import MusicsteerError
 from . import params
+from .limits import MAX_MESSAGE_BYTES
 from .state import ControlState
 
 log = logging.getLogger("musicsteer.osc")
@@ -55,11 +61,12 @@ Reply = tuple[str, list]
 
 class OscRouter:
     def __init__(self, controls: ControlState, concepts: list[str], stats: Callable[[], object] | None = None,
-                 smooth_ms: float = 0.0, learn: Callable[[str], None] | None = None,
+                 smooth_ms: float = 0.0, learn: Callable[[str], None] | None = None, scenes=None,
                  strengths: tuple[float, float] | None = None) -> None:
-        """`strengths`: the concept strengths the steering mode takes (None: the table's limits)."""
+        """`scenes` is the session's SceneBank (scenes.py), or None: no scene addresses; `strengths`: the
+        concept strengths the steering mode takes (None: the table's limits)."""
         self.controls, self.concepts, self.stats = controls, list(concepts), stats
-        self.smooth_ms, self.learn, self.strengths = smooth_ms, learn, strengths
+        self.smooth_ms, self.learn, self.scenes, self.strengths = smooth_ms, learn, scenes, strengths
         self.subscribers: set[tuple[str, int]] = set()
 
     def handle(self, address: str, args: list, sender: tuple[str, int]) -> list[Reply]:
@@ -80,6 +87,8 @@ class OscRouter:
                 raise OscError("MIDI learn needs MIDI input: start live with --midi-in or a mapping")
             self.learn(self._string(address, args[0]))
             return []
+        if path in ("scene/store", "scene/recall", "panic"):
+            return self._scene(address, path, args)
         ref = params.find(path)
         if ref is not None or params.family(path) is not None:  # ControlState names what a family has
             self._arity(address, args, 1)
@@ -103,10 +112,31 @@ class OscRouter:
             return replies
         raise OscError(f"unknown address {address!r}")
 
+    def _scene(self, address: str, path: str, args: list) -> list[Reply]:
+        if self.scenes is None:
+            raise OscError(f"{address}: this session has no scenes")
+        if path == "panic":
+            if len(args) > 1:
+                raise OscError(f"{address} takes no argument or one number, got {len(args)}")
+            if not args or self._numbers(address, args, 1)[0]:
+                self.scenes.panic(source="osc")
+            return []
+        if path == "scene/store":
+            self._arity(address, args, 1)
+            self.scenes.store(self._string(address, args[0]))
+            return [("/musicsteer/scene/stored", [args[0]])]
+        if len(args) not in (1, 2):
+            raise OscError(f"{address} takes a scene name and optionally seconds, got {len(args)} arguments")
+        seconds = self._numbers(address, args[1:], 1)[0] if len(args) == 2 else None
+        self.scenes.recall(self._string(address, args[0]), seconds, source="osc")
+        return []
+
     def query(self, path: str) -> Reply:
         address = PREFIX + path
         if path == "concepts":
             return address, list(self.concepts)
+        if path == "scenes":
+            return address, self.scenes.names() if self.scenes is not None else []
         if path == "stats":
             return address, self.stats_args()
         ref = params.find(path)
@@ -194,7 +224,7 @@ class OscServer:
     def _receive_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                data, sender = self.sock.recvfrom(65536)
+                data, sender = self.sock.recvfrom(MAX_MESSAGE_BYTES)
             except TimeoutError:
                 continue
             except OSError:

@@ -57,7 +57,8 @@ class EngineControls:
         ref = self._check_param(change.param)
         if ref.param.numeric:  # targets "sampling" and "strength"
             smooth_ms = change.smooth_ms if ref.param.smoothed else 0.0
-            self.smoother.set_target(change.param, float(change.value), smooth_ms, self._current(ref))
+            self.smoother.set_target(change.param, float(change.value), smooth_ms, self._current(ref),
+                                     ramp_ms=change.ramp_ms if ref.param.smoothed else 0.0)
         elif ref.param.target == "prompt":
             self.set_prompt(str(change.value))
         else:  # "schedule"

@@ -135,6 +135,9 @@ class StepObserver:
     def audio_pushed(self, first_sample: int, samples: int, ring_index: int) -> None:
         pass
 
+    def audio_block(self, audio: np.ndarray) -> None:
+        """The block just pushed (float32 samples; valid only during the call: copy to keep)."""
+
     def step_done(self, step: int) -> None:
         pass
 
@@ -420,6 +423,7 @@ class Producer:
         self._wait_s += time.perf_counter() - t0
         for observer in self.observers:
             observer.audio_pushed(self.audio_pushed, len(audio), ring_index)
+            observer.audio_block(audio)
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
         self.audio_pushed += len(audio)

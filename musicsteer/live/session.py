@@ -56,6 +56,10 @@ class LiveRequest:
     osc_smooth_ms: float = 0.0
     mapping: Path | None = None  # MIDI mapping file
     midi_in: str | None = None  # MIDI input to follow
+    midi_api: str = "auto"  # the MIDI system (controllers/midi.py API_NAMES)
+    scenes: Path | None = None  # scenes file (controllers/scenes.py); None: scenes live in memory
+    web_port: int | None = None  # None: no web surface
+    web_host: str = "127.0.0.1"
     window_s: float = 30.0
     keep_s: float = 10.0
     reprime_chunk: int = 32  # positions re-primed per step (StreamConfig.reprime_chunk)
@@ -147,6 +151,8 @@ class LiveParts:
     osc: object | None = None
     meter: object | None = None
     midi: object | None = None
+    scenes: object | None = None  # the SceneBank every controller stores and recalls through
+    web: object | None = None
     sink_started: bool = False
 
     def finish(self, drain: bool) -> LiveResult:
@@ -158,6 +164,8 @@ class LiveParts:
                 self.sink.drain()
         finally:
             self.producer.stop()
+            if self.web is not None:
+                self.web.stop()
             if self.osc is not None:
                 self.osc.stop()
             if self.midi is not None:
@@ -202,9 +210,18 @@ def start_session(model: LoadedModel, request: LiveRequest, controls: ControlSta
                         recorder, step_hook=step_hook, observers=observers)
     parts = LiveParts(request, producer, ring, sink, controls, recorder, plan, time.monotonic())
     try:
-        parts.midi = start_midi(request, controls)  # a malformed mapping fails here, before any sound
+        parts.scenes = make_scenes(request, controls)  # a malformed scenes file fails here, before any sound
+        parts.midi = start_midi(request, controls, parts.scenes)  # and a malformed mapping
+        if plan is not None and (request.osc_port is not None or request.web_port is not None):
+            from ..steering.meters import Meter
+
+            parts.meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach()
         if request.osc_port is not None:
-            parts.osc, parts.meter = start_osc(model, request, controls, producer, steerer, plan, parts.midi)
+            parts.osc = start_osc(request, controls, producer, plan, parts.midi, parts.meter, parts.scenes)
+        if request.web_port is not None:
+            from .surface import start_web
+
+            parts.web = start_web(request, controls, producer, plan, parts.meter, parts.scenes, sample_rate)
         producer.start()
         if on_start is not None:
             on_start(producer)
@@ -242,7 +259,14 @@ def starting_value(param: params.Param, concept: str | None, request: LiveReques
     raise ValueError(f"{param.name}: no starting value for target {param.target!r}")
 
 
-def start_midi(request: LiveRequest, controls: ControlState):
+def make_scenes(request: LiveRequest, controls: ControlState):
+    """The session's SceneBank: the --scenes file's (a store writes it), else one in memory."""
+    from ..controllers.scenes import SceneBank
+
+    return SceneBank.load(controls, request.scenes) if request.scenes is not None else SceneBank(controls)
+
+
+def start_midi(request: LiveRequest, controls: ControlState, scenes=None):
     """The MIDI controller for --map / --midi-in, started; None without either."""
     if request.mapping is None and request.midi_in is None:
         return None
@@ -250,25 +274,22 @@ def start_midi(request: LiveRequest, controls: ControlState):
     from ..controllers.midi import MidiController
 
     mapping = Mapping.load(request.mapping, controls.concepts) if request.mapping is not None else Mapping()
-    return MidiController(controls, mapping, port=request.midi_in).start()
+    return MidiController(controls, mapping, port=request.midi_in, api=request.midi_api, scenes=scenes).start()
 
 
-def start_osc(model: LoadedModel, request: LiveRequest, controls: ControlState, producer: Producer, steerer, plan,
-              midi=None):
-    """The OSC server, and the meters it publishes every frame while someone listens."""
+def start_osc(request: LiveRequest, controls: ControlState, producer: Producer, plan, midi=None, meter=None,
+              scenes=None):
+    """The OSC server, publishing `meter` and the stats every frame while someone listens."""
     from ..controllers.osc import OscRouter, OscServer
-    from ..steering.meters import Meter
 
     learn = (lambda param: midi.learn(param, request.mapping)) if midi is not None and request.mapping else None
     router = OscRouter(controls, plan.names if plan is not None else [], stats=producer.stats,
-                       smooth_ms=request.osc_smooth_ms, learn=learn,
+                       smooth_ms=request.osc_smooth_ms, learn=learn, scenes=scenes,
                        strengths=plan.mode.strengths if plan is not None else None)
     osc = OscServer(router, request.osc_host, request.osc_port)
-    meter = Meter(model.decoder, plan.names, steerer.directions, plan.scores).attach() if plan is not None else None
-
     producer.observers.append(MeterPublisher(osc, meter, router))
     osc.start()
-    return osc, meter
+    return osc
 
 
 class MeterPublisher(StepObserver):
