@@ -117,10 +117,15 @@ def run_train(args: argparse.Namespace) -> int:
     from ..probes.train import evaluation_table, train_pack
 
     split = (lambda text: [t for t in text.split(",") if t] if text else None)
+    engine = None
+    if ray_engine(args, "gpus_per_task"):
+        from ..probes.distributed.train_ray import ray_fitter
+
+        engine = ray_fitter(args.address, gpus_per_task=args.gpus_per_task or 0.0)
     pack = train_pack(args.features, concepts=split(args.concepts), method=args.method,
                       families=split(args.families), val_fraction=args.val_fraction, seed=args.seed,
                       budget=args.budget, out_dir=args.out, max_train=args.max_train, evaluate=not args.no_eval,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, engine=engine)
     print(f"wrote {args.out}: {len(pack.names)} concepts, method {args.method}")
     best: dict[str, tuple[int, float]] = {}
     for row in evaluation_table(pack):
