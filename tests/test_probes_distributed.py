@@ -63,3 +63,25 @@ def test_two_workers_on_two_nodes_match_the_local_engine(cluster, data, local_fe
                 log=lines.append)
     same_store(local_features, tmp_path / "f")
     assert len(lines) == 2 and all("pid" in line and "(cpu, float32)" in line for line in lines)
+
+
+def test_dataset_on_ray_writes_the_local_engines_bytes(cluster, data, tmp_path):
+    from musicsteer.probes.distributed.dataset_ray import ray_renderer
+
+    report = build_dataset(tmp_path / "d", families=["chords"], programs=[0], per_label=1, seed=5, progress=False,
+                           render_all=ray_renderer(cluster.address))
+    assert report.rendered == 12
+    for wav in sorted((tmp_path / "d" / "clips" / "chords").glob("*.wav")):
+        for f in (wav, wav.with_suffix(".mid")):
+            assert f.read_bytes() == (data / "clips" / "chords" / f.name).read_bytes(), f.name
+
+
+def test_train_on_ray_writes_the_local_engines_pack(cluster, local_features, tmp_path):
+    from musicsteer.probes.distributed.train_ray import ray_fitter
+    from musicsteer.probes.train import train_pack
+
+    for name, engine in (("local", None), ("ray", ray_fitter(cluster.address))):
+        train_pack(local_features, method="rfm", budget=2, seed=1, out_dir=tmp_path / name, progress=False,
+                   engine=engine)
+    for f in ("directions.safetensors", "concepts.json", "evaluation.csv"):
+        assert (tmp_path / "ray" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f

@@ -93,13 +93,14 @@ def ray_engine(args: argparse.Namespace, *ray_only: str) -> bool:
 
 def run_extract(args: argparse.Namespace) -> int:
     require(args, "soundfile")
+    on_ray = ray_engine(args, "workers", "gpus_per_worker", "cpus_per_worker", "worker_dataset")
     from ..probes.extract import ExtractSettings, extract
 
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {args.batch})")
     settings = ExtractSettings(prompt=args.prompt, delay=not args.no_delay, text=not args.no_text,
                                per_frame=args.per_frame, batch=args.batch)
-    if ray_engine(args, "workers", "gpus_per_worker", "cpus_per_worker", "worker_dataset"):
+    if on_ray:
         from ..probes.distributed.extract_ray import ModelSpec, PoolSettings, extract_ray
 
         pool = PoolSettings(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -114,11 +115,12 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     require(args, *(("xrfm",) if args.method == "rfm" else ()), "matplotlib")
+    on_ray = ray_engine(args, "gpus_per_task")
     from ..probes.train import evaluation_table, train_pack
 
     split = (lambda text: [t for t in text.split(",") if t] if text else None)
     engine = None
-    if ray_engine(args, "gpus_per_task"):
+    if on_ray:
         from ..probes.distributed.train_ray import ray_fitter
 
         engine = ray_fitter(args.address, gpus_per_task=args.gpus_per_task or 0.0)

@@ -60,7 +60,8 @@ def connect(address: str | None, *, num_cpus: int | None = None, num_gpus: int |
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+            # "local": a new Ray for this run, never one that happens to run on this machine
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
     except ConnectionError as exc:
         first = (str(exc).strip().splitlines() or ["connection failed"])[0]
         raise ClusterError(f"cannot join the Ray cluster at {address or 'this machine'}: {first}") from None
