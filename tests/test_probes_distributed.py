@@ -6,6 +6,7 @@ the dataset, Ray missing) each ending in one line with nothing extracted lost.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import pytest
 
 from musicsteer.probes.dataset import build_dataset
 from musicsteer.probes.distributed.extract_ray import ModelSpec, PoolSettings, extract_ray
-from musicsteer.probes.extract import ExtractSettings, extract
-from ray_cluster import start_cluster
+from musicsteer.probes.extract import ExtractError, ExtractSettings, extract
+from ray_cluster import free_port, start_cluster
 
 # ray itself is imported by the cluster fixture, after it has set the cluster's auth token
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -85,3 +86,123 @@ def test_train_on_ray_writes_the_local_engines_pack(cluster, local_features, tmp
                    engine=engine)
     for f in ("directions.safetensors", "concepts.json", "evaluation.csv"):
         assert (tmp_path / "ray" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+
+
+def cli(cluster, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "musicsteer", *args], cwd=REPO, env=env or cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def extract_args(cluster, data, out, *more: str) -> list[str]:
+    return ["probes", "extract", "--model", "tiny", "--dataset", str(data), "--out", str(out), "--batch",
+            str(SETTINGS.batch), "--no-progress", "--engine", "ray", "--address", cluster.address, *more]
+
+
+def wait_for_done(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> int:
+    """Rows marked done in the store, once at least `at_least` are (polling its done.npy)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "done.npy").exists():
+            n = int(np.load(out / "done.npy").sum())
+            if n >= at_least:
+                return n
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{out}: fewer than {at_least} rows done in time")
+
+
+def test_a_killed_worker_then_a_killed_driver_lose_nothing(cluster, tiny, data, local_features, tmp_path):
+    """One run: a worker is SIGKILLed once a chunk is in, the run goes on, then the driver is
+    SIGKILLed; the store is continued by the Ray engine and, from a copy, by the local one."""
+    out = tmp_path / "f"
+    proc = cli(cluster, *extract_args(cluster, data, out, "--workers", "2"))
+    pids = []
+    while len(pids) < 2:
+        line = proc.stdout.readline()
+        assert line, proc.communicate()
+        if line.startswith("worker "):
+            pids.append(int(line.split("pid ")[1].split()[0]))
+    at_kill = wait_for_done(out, proc, 1)
+    os.kill(pids[0], signal.SIGKILL)
+    after = wait_for_done(out, proc, at_kill + 2 * SETTINGS.batch)  # the run goes on without it
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    done = int(np.load(out / "done.npy").sum())
+    assert at_kill < after <= done < 24, "the run was over before its driver was killed"
+    shutil.copytree(out, tmp_path / "copy")
+    extract(tiny, data, tmp_path / "copy", SETTINGS, progress=False)
+    same_store(local_features, tmp_path / "copy")
+    extract_ray(ModelSpec("tiny"), data, out, SETTINGS, PoolSettings(workers=1), progress=False, log=lambda _: None)
+    same_store(local_features, out)
+
+
+@pytest.fixture
+def partial(local_features, tmp_path):
+    """A copy of the local store with its second half not yet extracted."""
+    out = tmp_path / "partial"
+    shutil.copytree(local_features, out)
+    done = np.load(out / "done.npy", mmap_mode="r+")
+    done[12:] = False
+    done.flush()
+    return out
+
+
+def snapshot(store: Path) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(store.iterdir()) if f.is_file()}
+
+
+def test_an_unreachable_address_is_one_line(cluster, data, partial):
+    before = snapshot(partial)
+    proc = cli(cluster, *extract_args(cluster, data, partial)[:-1], f"127.0.0.1:{free_port()}")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert len(stderr.strip().splitlines()) == 1 and "no Ray cluster at 127.0.0.1:" in stderr, stderr
+    assert snapshot(partial) == before
+
+
+def test_a_worker_that_cannot_see_the_dataset_is_one_line(cluster, data, partial, tmp_path):
+    before = snapshot(partial)
+    with pytest.raises(ExtractError, match="cannot see the dataset at /nonexistent") as info:
+        extract_ray(ModelSpec("tiny"), data, partial, SETTINGS, PoolSettings(workers=1, worker_dataset="/nonexistent"),
+                    progress=False)
+    assert "\n" not in str(info.value)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    with open(other / "manifest.csv", "a") as f:
+        f.write("\n")
+    with pytest.raises(ExtractError, match="sees another dataset"):
+        extract_ray(ModelSpec("tiny"), data, partial, SETTINGS, PoolSettings(workers=1, worker_dataset=str(other)),
+                    progress=False)
+    assert snapshot(partial) == before
+
+
+WITHOUT_RAY = '''
+import importlib.machinery, sys
+
+
+class WithoutRay(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] == "ray" else super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [WithoutRay if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+'''
+
+
+@pytest.mark.parametrize("command", ["extract", "dataset", "train"])
+def test_without_ray_the_engine_says_how_to_install_it(data, partial, tmp_path, command):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(WITHOUT_RAY)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tmp_path / "site"),
+                                                                    os.environ.get("PYTHONPATH")))))
+    args = {"extract": ["--model", "tiny", "--dataset", str(data), "--out", str(partial)],
+            "dataset": ["--out", str(tmp_path / "d"), "--families", "chords", "--programs", "0"],
+            "train": ["--features", str(partial), "--out", str(tmp_path / "pack")]}[command]
+    before = snapshot(partial)
+    proc = subprocess.run([sys.executable, "-m", "musicsteer", "probes", command, *args, "--engine", "ray"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"musicsteer: error: probes {command} --engine ray needs Ray, which is not "
+                                        "installed: pip install 'musicsteer[ray]' (or pip install ray)"]
+    assert snapshot(partial) == before and not (tmp_path / "d").exists()
