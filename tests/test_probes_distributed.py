@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -206,3 +207,61 @@ def test_without_ray_the_engine_says_how_to_install_it(data, partial, tmp_path, 
     assert proc.stderr.splitlines() == [f"musicsteer: error: probes {command} --engine ray needs Ray, which is not "
                                         "installed: pip install 'musicsteer[ray]' (or pip install ray)"]
     assert snapshot(partial) == before and not (tmp_path / "d").exists()
+
+
+def test_the_commands_on_ray_write_what_the_local_ones_write(cluster, data, local_features, tmp_path, capsys):
+    from musicsteer.cli import main
+
+    for engine in ("local", "ray"):
+        ray_args = ["--engine", "ray", "--address", cluster.address] if engine == "ray" else []
+        assert main(["probes", "dataset", "--out", str(tmp_path / f"d-{engine}"), "--families", "chords",
+                     "--programs", "24", "--seed", "5", "--no-progress", *ray_args]) == 0
+        assert main(["probes", "train", "--features", str(local_features), "--out", str(tmp_path / f"p-{engine}"),
+                     "--method", "linear", "--no-progress", *ray_args]) == 0
+    for name in ("d-local/manifest.csv", "p-local/directions.safetensors", "p-local/concepts.json"):
+        assert (tmp_path / name.replace("local", "ray")).read_bytes() == (tmp_path / name).read_bytes(), name
+    wavs = sorted((tmp_path / "d-local" / "clips" / "chords").glob("*.wav"))
+    assert len(wavs) == 12
+    for wav in wavs:
+        assert (tmp_path / "d-ray" / "clips" / "chords" / wav.name).read_bytes() == wav.read_bytes()
+    assert "on Ray (127.0.0.1:" in capsys.readouterr().out
+
+
+def test_without_an_address_a_local_ray_is_started_and_stopped(local_features, tmp_path):
+    """`probes train --engine ray` with no cluster named: a Ray of its own (small object
+    store, a temporary directory), gone once the command ends; the same pack as local."""
+    from musicsteer.probes.train import train_pack
+
+    temp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_TMPDIR": str(temp), "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.005",
+            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "musicsteer", "probes", "train", "--features",
+                               str(local_features), "--out", str(tmp_path / "p"), "--method", "linear", "--no-progress",
+                               "--engine", "ray"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert any(temp.glob("ray/session_*")), "the run did not start its own Ray under RAY_TMPDIR"
+        train_pack(local_features, method="linear", out_dir=tmp_path / "local", progress=False)
+        for f in ("directions.safetensors", "concepts.json"):
+            assert (tmp_path / "p" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+        deadline = time.monotonic() + 30
+        while (left := [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
+                        .stdout.splitlines() if str(temp) in line]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"Ray processes outlived the command: {left}"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command, flags", [
+    (["extract", "--model", "tiny", "--dataset", "d", "--out", "f"], ["--workers", "2", "--address", "auto"]),
+    (["train", "--features", "f", "--out", "p"], ["--gpus-per-task", "0.5"]),
+    (["dataset", "--out", "d"], ["--address", "auto"]),
+])
+def test_ray_options_without_the_ray_engine_are_refused(tmp_path, capsys, command, flags):
+    from musicsteer.cli import main
+
+    assert main(["probes", *command, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with --engine ray" in err[0] and flags[0] in err[0], err
