@@ -29,5 +29,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing ${MUSICSTEER_TORCH:-torch==2.13.0}"
   "$venv/bin/pip" install -q "${MUSICSTEER_TORCH:-torch==2.13.0}"
 fi
-"$venv/bin/pip" install -q -e ".[test]"
+# the ray extra too: tests/test_probes_distributed.py runs the probe pipeline on a real Ray cluster
+"$venv/bin/pip" install -q -e ".[test,ray]"
 echo "setup: ready ($venv)"

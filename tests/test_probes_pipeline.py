@@ -277,3 +277,28 @@ def test_clap_column_when_a_clap_model_is_cached(tiny, features, tmp_path, monke
     assert record["clap"] == "laion/clap-htsat-unfused"
     assert all(-1.0 <= row["clap"] <= 1.0 for row in record["table"])
     assert record["table"][0]["clap"] != record["table"][1]["clap"]
+
+
+def test_a_chunk_is_pure_and_a_resume_writes_the_same_bits(tiny, data, features, tmp_path):
+    """A clip's features do not depend on its chunk-mates, and a store continued after its
+    later chunks were lost (done marks cleared, values zeroed) is the uninterrupted one."""
+    from musicsteer.probes.extract import chunk_rows, extract_chunk, read_manifest
+
+    rows = read_manifest(data)
+    together = extract_chunk(tiny, data, rows[:3], ExtractSettings()).pooled  # (L, 3, D)
+    alone = np.concatenate([extract_chunk(tiny, data, [r], ExtractSettings()).pooled for r in rows[:3]], axis=1)
+    assert np.array_equal(together, alone)
+    assert [list(c) for c in chunk_rows(5, 2)] == [[0, 1], [2, 3], [4]]
+
+    import shutil
+
+    store = tmp_path / "f"
+    shutil.copytree(features, store)
+    done, pooled = np.load(store / "done.npy", mmap_mode="r+"), np.load(store / "pooled.npy", mmap_mode="r+")
+    done[20:], pooled[:, 20:] = False, 0.0
+    done.flush(), pooled.flush()
+    del done, pooled
+    extract(tiny, data, store, ExtractSettings(prompt="music", batch=8), progress=False)
+    assert np.array_equal(np.load(store / "pooled.npy"), np.load(features / "pooled.npy"))
+    with pytest.raises(ExtractError, match="chunks of 8 clips; re-run with --batch 8"):
+        extract(tiny, data, store, ExtractSettings(prompt="music", batch=4), progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import UsageError
 from . import probes_dataset as dataset_cli
 from .common import load_from_args
-from .extras import require
+from .extras import command_name, require
 
 
 def register(sub) -> None:
@@ -28,9 +28,16 @@ def register(sub) -> None:
                     help="what to extract: the residual stream after each block (out), or the self-attention "
                          "output (attn); steer a pack at the point it was extracted at (--steer-point)")
     ex.add_argument("--per-frame", action="store_true", help="also keep per-position states (float16)")
-    ex.add_argument("--batch", type=int, default=8)
+    ex.add_argument("--batch", type=int, default=8, help="clips per chunk, the work unit (fixed once a store is begun)")
     ex.add_argument("--compute", default="auto", metavar="DEVICE")
     ex.add_argument("--no-progress", action="store_true")
+    add_engine_args(ex)
+    ex.add_argument("--workers", type=int, metavar="N",
+                    help="ray: actors, each holding the model (default: one per GPU, else per --cpus-per-worker)")
+    ex.add_argument("--gpus-per-worker", type=float, metavar="G", help="ray: GPUs per actor (default 1 if any, else 0)")
+    ex.add_argument("--cpus-per-worker", type=float, metavar="C", help="ray: CPUs per actor (default 1)")
+    ex.add_argument("--worker-dataset", metavar="DIR",
+                    help="ray: the dataset's path as the workers see it (default: --dataset's absolute path)")
     ex.set_defaults(run=run_extract)
 
     tr = psub.add_parser("train", help="probes per layer and concept -> a concept pack")
@@ -50,6 +57,9 @@ def register(sub) -> None:
     tr.add_argument("--max-train", type=int, default=4000, help="training clips per probe at most")
     tr.add_argument("--no-eval", action="store_true", help="skip the multiclass evaluation probes")
     tr.add_argument("--no-progress", action="store_true")
+    add_engine_args(tr)
+    tr.add_argument("--gpus-per-task", type=float, metavar="G",
+                    help="ray: GPU share of each probe search (0.25: four searches per GPU); 0 runs them on CPU")
     tr.set_defaults(run=run_train)
 
     ev = psub.add_parser("eval", help="probe accuracy on held-out clips and on steered generations")
@@ -71,26 +81,64 @@ def register(sub) -> None:
     ev.set_defaults(run=run_eval)
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this process; ray: a Ray cluster (docs/ray.md)")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="ray: the cluster to join (default: RAY_ADDRESS, else a local Ray started for the run)")
+
+
+def ray_engine(args: argparse.Namespace, *ray_only: str) -> bool:
+    """Whether the command runs on Ray (checking Ray is installed); options that only apply
+    to Ray (`address` and `ray_only`) given without it are a usage error."""
+    if args.engine == "ray":
+        from ..probes.distributed.cluster import require_ray
+
+        require_ray(f"{command_name(args)} --engine ray")
+        return True
+    given = [f"--{k.replace('_', '-')}" for k in ("address", *ray_only) if getattr(args, k, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --engine ray")
+    return False
+
+
 def run_extract(args: argparse.Namespace) -> int:
     require(args, "soundfile")
+    on_ray = ray_engine(args, "workers", "gpus_per_worker", "cpus_per_worker", "worker_dataset")
     from ..probes.extract import ExtractSettings, extract
 
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1 (got {args.batch})")
     settings = ExtractSettings(prompt=args.prompt, delay=not args.no_delay, text=not args.no_text,
-                               per_frame=args.per_frame, batch=max(args.batch, 1), point=args.point)
-    out = extract(load_from_args(args), args.dataset, args.out, settings, progress=not args.no_progress)
+                               per_frame=args.per_frame, batch=args.batch, point=args.point)
+    if on_ray:
+        from ..probes.distributed.extract_ray import ModelSpec, PoolSettings, extract_ray
+
+        pool = PoolSettings(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                            cpus_per_worker=args.cpus_per_worker or 1.0, worker_dataset=args.worker_dataset)
+        out = extract_ray(ModelSpec(args.model), args.dataset, args.out, settings, pool,
+                          progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    else:
+        out = extract(load_from_args(args), args.dataset, args.out, settings, progress=not args.no_progress)
     print(f"wrote {out} (pooled.npy, index.csv, meta.json)")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     require(args, *(("xrfm",) if args.method == "rfm" else ()), "matplotlib")
+    on_ray = ray_engine(args, "gpus_per_task")
     from ..probes.train import evaluation_table, train_pack
 
     split = (lambda text: [t for t in text.split(",") if t] if text else None)
+    engine = None
+    if on_ray:
+        from ..probes.distributed.train_ray import ray_fitter
+
+        engine = ray_fitter(args.address, gpus_per_task=args.gpus_per_task or 0.0)
     pack = train_pack(args.features, concepts=split(args.concepts), method=args.method,
                       families=split(args.families), val_fraction=args.val_fraction, seed=args.seed,
                       budget=args.budget, out_dir=args.out, max_train=args.max_train, evaluate=not args.no_eval,
-                      progress=not args.no_progress, recipe_name=args.recipe)
+                      progress=not args.no_progress, recipe_name=args.recipe, engine=engine)
     print(f"wrote {args.out}: {len(pack.names)} concepts, method {args.method}"
           + (f", recipe {args.recipe}" if args.method == "rfm" else ""))
     best: dict[str, tuple[int, float]] = {}

@@ -33,6 +33,10 @@ def register(probes_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="SynTheory's sizes: programs and clips per label chosen per family (104,585 clips)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: --workers processes here; ray: one task per clip on a Ray cluster (docs/ray.md)")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="ray: the cluster to join (default: RAY_ADDRESS, else a local Ray of --workers CPUs)")
     p.set_defaults(run=run_dataset)
     return p
 
@@ -93,9 +97,21 @@ def run_dataset(args) -> int:
     fams, progs, per = resolve_plan(families, programs, per_label)
     find_fluidsynth(), find_soundfont(args.soundfont)  # say what is missing before announcing the work
     planned = sum(len(FAMILIES[f].labels) * len(progs[f]) * per[f] for f in fams)
-    print(f"{planned} clips into {args.out} with {args.workers} worker(s)", flush=True)
+    render_all = None
+    if args.engine == "ray":
+        from ..probes.distributed.cluster import require_ray
+        from ..probes.distributed.dataset_ray import ray_renderer
+
+        require_ray("probes dataset --engine ray")
+        render_all = ray_renderer(args.address, num_cpus=args.workers)
+        print(f"{planned} clips into {args.out} on Ray ({args.address or 'RAY_ADDRESS or a local Ray'})", flush=True)
+    elif args.address is not None:
+        raise UsageError("--address only applies with --engine ray")
+    else:
+        print(f"{planned} clips into {args.out} with {args.workers} worker(s)", flush=True)
     report = build_dataset(args.out, fams, progs, per, seed=args.seed, soundfont=args.soundfont,
-                           sample_rate=args.sample_rate, workers=args.workers, progress=not args.no_progress)
+                           sample_rate=args.sample_rate, workers=args.workers, progress=not args.no_progress,
+                           render_all=render_all)
     rate = report.rendered / report.seconds if report.seconds > 0 else 0.0
     print(f"{report.total} clips in {report.out_dir}: {report.rendered} rendered, {report.skipped} already there; "
           f"{report.seconds:.1f} s ({rate:.1f} clips/s)")

@@ -315,10 +315,11 @@ def build_dataset(out_dir: str | os.PathLike, families: Sequence[str] | None = N
                   programs: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
                   per_label: int | Mapping[str, int] = 1, seed: int = 0,
                   soundfont: str | os.PathLike | None = None, sample_rate: int = 32000,
-                  workers: int | None = None, progress: bool = True) -> BuildReport:
+                  workers: int | None = None, progress: bool = True, render_all=None) -> BuildReport:
     """Renders the dataset into out_dir (resuming: complete clips are kept) and writes
     manifest.csv and dataset.json. families None: all; programs None: the 92 kept ones;
-    programs and per_label may be given per family (see full_preset)."""
+    programs and per_label may be given per family (see full_preset). `render_all(todo,
+    out, renderer, progress)` replaces the local process pool (the Ray engine's)."""
     started = time.perf_counter()
     fams, progs, per = resolve_plan(families, programs, per_label)
     if not 8000 <= int(sample_rate) <= 96000:
@@ -347,7 +348,10 @@ def build_dataset(out_dir: str | os.PathLike, families: Sequence[str] | None = N
 
     tasks = plan_clips(fams, progs, per, seed)
     todo = [t for t in tasks if not is_complete(out, t, renderer)]
-    _render_all(todo, out, renderer, workers, progress)
+    if render_all is None:
+        _render_all(todo, out, renderer, workers, progress)
+    else:
+        render_all(todo, out, renderer, progress)
 
     counts = {f: 0 for f in fams}
     for t in tasks:

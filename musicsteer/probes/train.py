@@ -17,6 +17,7 @@ Nothing here knows of the decoder: the pack is checked against a model when load
 from __future__ import annotations
 
 import csv
+import functools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,44 @@ def _jobs(fam: Family, specs: list[ConceptSpec], split: Split, seed: int, max_tr
     return jobs
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """One concept's probe at one layer, as the pack keeps it."""
+    direction: np.ndarray  # (D,) float32, signed unit vector
+    score: float
+    target: float  # mean projection of the concept's training clips (regression: of all)
+    hyper: dict
+
+
+def fit_concept(X: np.ndarray, method: str, job: _Job, layer: int, search: RfmSearch, device) -> FitResult:
+    """The search for one concept at one layer, on that layer's features X (n, D)."""
+    probe = _fit(method, X, job, search, device)
+    if not np.isfinite(probe.val_score):
+        raise ProbeError(f"concept {job.spec.name!r} layer {layer}: the validation score is not finite")
+    v = probe.direction()
+    pos = job.train[job.y_train == 1] if job.task == "classification" else job.train
+    return FitResult(v, float(probe.val_score), float((X[pos] @ v).mean()), _compact_hyper(method, probe))
+
+
+def fit_family(X: np.ndarray, method: str, fam: Family, train, val, search: RfmSearch, device) -> float:
+    """The family's multiclass evaluation probe at one layer: its validation accuracy."""
+    return _multiclass(method, X, fam, train, val, search, device)
+
+
+def run_local(groups, bar) -> list[list]:
+    """The local engine: each group's features loaded in turn, its fits run here, in order.
+    A group is (load: () -> X (n, D), [(fn, args)]); each fit is fn(X, *args)."""
+    out = []
+    for load, calls in groups:
+        X = load()
+        fitted = []
+        for fn, args in calls:
+            fitted.append(fn(X, *args))
+            bar.update()
+        out.append(fitted)
+    return out
+
+
 def _fit(method: str, X: np.ndarray, job: _Job, search: RfmSearch, device):
     args = (X[job.train], job.y_train, X[job.val], job.y_val)
     if method == "rfm":
@@ -109,9 +148,10 @@ def _compact_hyper(method: str, probe) -> dict:
 
 def train_pack(features_dir: Path | str, concepts: list[str] | None = None, method: str = "rfm",
                families: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
-               budget: int | None = None, out_dir: Path | str | None = None, model_id: str | None = None, *,
+               budget: int | None = None,
+               out_dir: Path | str | None = None, model_id: str | None = None, *,
                max_train: int | None = 4000, evaluate: bool = True, device: str | None = None,
-               progress: bool = True, recipe_name: str = "musicsteer") -> ConceptPack:
+               progress: bool = True, recipe_name: str = "musicsteer", engine=None) -> ConceptPack:
     """Train per-layer probes for the chosen concepts (all by default) and return the pack;
     with `out_dir`, also save it there with `evaluation.csv` and `scores.png`.
 
@@ -119,7 +159,9 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
     recipe's, 8 or 100; ignored by the linear methods, whose regularisation grid is fixed);
     `recipe_name` picks the RFM search (rfm.RECIPES: the project's, or MusicRFM's code);
     `max_train` caps the training clips per probe (None: no cap); `device` None runs RFM on
-    CUDA when present."""
+    CUDA when present. `engine`
+    runs the fits (`run_local` by default; `probes.distributed.train_ray` on Ray): every
+    fit is seeded by its concept and layer, so the pack does not depend on the engine."""
     from tqdm import tqdm
 
     if method not in METHODS:
@@ -149,45 +191,44 @@ def train_pack(features_dir: Path | str, concepts: list[str] | None = None, meth
     targets = {s.name: np.zeros(L, np.float32) for s in specs}
     hyper: dict[str, list] = {s.name: [] for s in specs}
     info, fam_summary, evaluation = {}, {}, {}
-    n_fits = sum(L * (len([s for s in specs if s.family == f.name]) + (evaluate and f.task == "classification"))
-                 for f in fams)
-    with tqdm(total=n_fits, desc=f"probes ({method})", unit="fit", disable=not progress) as bar:
-        for fam in fams:
-            split = split_family(fam, val_fraction, seed)
-            fam_specs = [s for s in specs if s.family == fam.name]
-            jobs = _jobs(fam, fam_specs, split, seed, max_train)
-            fam_summary[fam.name] = _family_summary(fam, split)
-            mc_rng = np.random.default_rng([seed, zlib.crc32(fam.name.encode()), 1 << 20])
-            mc_train = _stratified_cap(split.train, strata(fam), max_train, mc_rng)
+    plans = []  # per family: its split, jobs and multiclass training rows
+    for fam in fams:
+        split = split_family(fam, val_fraction, seed)
+        jobs = _jobs(fam, [s for s in specs if s.family == fam.name], split, seed, max_train)
+        mc_rng = np.random.default_rng([seed, zlib.crc32(fam.name.encode()), 1 << 20])
+        plans.append((fam, split, jobs, _stratified_cap(split.train, strata(fam), max_train, mc_rng)))
+    groups = []  # one per family and layer: its features, loaded when its fits run, and the fits
+    for fam, split, jobs, mc_train in plans:
+        for layer in range(L):
+            layer_search = search.for_layer(layer)
+            calls = [(fit_concept, (method, job, layer, layer_search, device)) for job in jobs]
             if evaluate and fam.task == "classification":
-                evaluation[fam.name] = {"metric": "accuracy", "classes": len(fam.labels), "train": len(mc_train),
-                                        "val": len(split.val), "scores": []}
-            for layer in range(L):
-                X = store.layer(layer, fam.rows)  # (n, D)
-                layer_search = search.for_layer(layer)
-                for job in jobs:
-                    bar.set_postfix_str(f"{job.spec.name} L{layer}", refresh=False)
-                    probe = _fit(method, X, job, layer_search, device)
-                    if not np.isfinite(probe.val_score):
-                        raise ProbeError(f"concept {job.spec.name!r} layer {layer}: the validation score is not finite")
-                    v = probe.direction()
-                    directions[job.spec.name][layer] = v
-                    scores[job.spec.name][layer] = probe.val_score
-                    pos = job.train[job.y_train == 1] if job.task == "classification" else job.train
-                    targets[job.spec.name][layer] = float((X[pos] @ v).mean())
-                    hyper[job.spec.name].append(_compact_hyper(method, probe))
-                    bar.update()
-                if evaluate and fam.task == "classification":
-                    acc = _multiclass(method, X, fam, mc_train, split.val, layer_search, device)
-                    evaluation[fam.name]["scores"].append(acc)
-                    bar.update()
-            for job in jobs:
-                s = scores[job.spec.name]
-                info[job.spec.name] = {
-                    "family": fam.name, "label": job.spec.label, "task": job.task,
-                    "score": "auc" if job.task == "classification" else "r2",
-                    "best_layer": int(np.argmax(s)), "best_score": float(s.max()),
-                    "train_clips": len(job.train), "val_clips": len(job.val), "layers": hyper[job.spec.name]}
+                calls.append((fit_family, (method, fam, mc_train, split.val, layer_search, device)))
+            groups.append((functools.partial(store.layer, layer, fam.rows), calls))
+    n_fits = sum(len(calls) for _, calls in groups)
+    with tqdm(total=n_fits, desc=f"probes ({method})", unit="fit", disable=not progress) as bar:
+        results = iter((engine or run_local)(groups, bar))
+    for fam, split, jobs, mc_train in plans:
+        fam_summary[fam.name] = _family_summary(fam, split)
+        if evaluate and fam.task == "classification":
+            evaluation[fam.name] = {"metric": "accuracy", "classes": len(fam.labels), "train": len(mc_train),
+                                    "val": len(split.val), "scores": []}
+        for layer in range(L):
+            fitted = next(results)
+            for job, fit in zip(jobs, fitted):
+                directions[job.spec.name][layer] = fit.direction
+                scores[job.spec.name][layer] = fit.score
+                targets[job.spec.name][layer] = fit.target
+                hyper[job.spec.name].append(fit.hyper)
+            if evaluate and fam.task == "classification":
+                evaluation[fam.name]["scores"].append(fitted[-1])
+        for job in jobs:
+            s = scores[job.spec.name]
+            info[job.spec.name] = {
+                "family": fam.name, "label": job.spec.label, "task": job.task,
+                "score": "auc" if job.task == "classification" else "r2",
+                "best_layer": int(np.argmax(s)), "best_score": float(s.max()),
+                "train_clips": len(job.train), "val_clips": len(job.val), "layers": hyper[job.spec.name]}
     concepts_out = {
         s.name: Concept(s.name, torch.from_numpy(directions[s.name]), torch.from_numpy(scores[s.name]),
                         torch.from_numpy(targets[s.name]) if info[s.name]["task"] == "classification" else None)
