@@ -44,11 +44,13 @@ class StreamError(MusicsteerError):
 # -- models and packs -----------------------------------------------------------------------
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", weights: str = "full",
-               text_encoder: str | Path | None = None, codec: str | Path | None = None) -> LoadedModel:
+               text_encoder: str | Path | None = None, codec: str | Path | None = None,
+               kv_cache: str = "auto") -> LoadedModel:
     """A model for `spec`, as `--model` takes it: a preset with random weights (`tiny`, `small`,
     `medium`, `large`), a transformers or audiocraft directory, or a Hugging Face repo id from
     the local cache (never the network). `device` is cpu, cuda, cuda:N or auto (CUDA when
-    present); `dtype` float32, float16 or bfloat16; `weights` full, bf16, int8 or int4 (CPU)."""
+    present); `dtype` float32, float16 or bfloat16; `weights` full, bf16, int8 or int4 (CPU);
+    `kv_cache` auto, float32, bf16 or int8 (CPU: the self-attention caches' storage)."""
     import torch
 
     from .model.loading.load import load_model as load
@@ -56,7 +58,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", weigh
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return load(str(spec), text_encoder=_opt_str(text_encoder), codec=_opt_str(codec),
-                device=_device(device), dtype=getattr(torch, dtype), weights=weights)
+                device=_device(device), dtype=getattr(torch, dtype), weights=weights, kv_cache=kv_cache)
 
 
 def make_pack(model: LoadedModel | str, *, random: list[str] | tuple[str, ...] = (),
@@ -142,14 +144,16 @@ def start_live(model: LoadedModel | str, prompt: str, *, out: str | Path | None 
                seed: int = 0, cfg: float = 3.0, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
                greedy: bool = False, concepts: ConceptPack | str | Path | None = None,
                steer: dict[str, float] | None = None, schedules: dict[str, str] | None = None,
-               steering: dict | None = None, buffer_ms: float = 60.0, window: float = 30.0, keep: float = 10.0,
+               steering: dict | None = None, buffer_ms: float = 60.0, window: float | None = None,
+               keep: float | None = None,
                osc_port: int | None = None, osc_host: str = "127.0.0.1", mapping: str | Path | None = None,
                midi_in: str | None = None, status: bool = False) -> "LiveSession":
     """Start a live session in the background, as `musicsteer live` does, and return its handle
     once playback has started. It plays into the audio device (`device`, or the default one),
     a WAV file at real-time pace (`out`), or nowhere (`null="realtime"` or `"fast"`), until
-    `seconds` of audio (None: until stopped). `osc_port` also opens the OSC server (0: any
-    free port), `mapping`/`midi_in` MIDI input. Use the handle as a context manager, or call
+    `seconds` of audio (None: until stopped). `window` and `keep` (seconds of context, and of
+    it kept at a re-prime) default to 30 and 10 on a GPU, 15 and 5 on the CPU. `osc_port` also
+    opens the OSC server (0: any free port), `mapping`/`midi_in` MIDI input. Use the handle as a context manager, or call
     `stop()`."""
     from .live.session import LiveRequest, start_session
 
@@ -161,7 +165,8 @@ def start_live(model: LoadedModel | str, prompt: str, *, out: str | Path | None 
     if seconds is not None:
         _seconds(seconds, "seconds")
     for name, value in (("buffer_ms", buffer_ms), ("window", window), ("keep", keep)):
-        _seconds(value, name)
+        if value is not None:
+            _seconds(value, name)
     if record is not None and isinstance(concepts, ConceptPack):
         raise UsageError("a recorded session names its pack's directory so that it can be replayed: "
                          "save the pack (pack.save(DIR)) and pass concepts=DIR")
@@ -174,8 +179,13 @@ def start_live(model: LoadedModel | str, prompt: str, *, out: str | Path | None 
         record=Path(record) if record is not None else None, steer=steer,
         schedules=schedules, steering=_steering(steering, seed), buffer_ms=float(buffer_ms),
         osc_port=osc_port, osc_host=osc_host, mapping=Path(mapping) if mapping is not None else None,
-        midi_in=midi_in, window_s=float(window), keep_s=float(keep), status=status)
+        midi_in=midi_in, status=status)
     loaded = _model(model)  # last: a bad argument fails before a model is loaded
+    from .live.window import default_window
+
+    request_args["window_s"], request_args["keep_s"] = default_window(
+        loaded.decoder.embed.weight.device.type, None if window is None else float(window),
+        None if keep is None else float(keep))
     stop = threading.Event()
     with _pack_dir(concepts) as pack_dir:  # read while the session is built; not needed after
         request = LiveRequest(concepts=pack_dir, **request_args)

@@ -189,6 +189,36 @@ def test_attention_kernel_on_a_bfloat16_cache(hd, length):
     torch.testing.assert_close(out, want.reshape(B, D), atol=2e-5, rtol=1e-4)
 
 
+@needs_cc
+@pytest.mark.parametrize("hd,length", [(64, 301), (64, 1), (12, 7), (100, 33)])
+def test_attention_kernel_on_an_int8_cache(hd, length):
+    """The kernel quantizes the new key and value exactly as QuantizedKVCache does (bit for bit, scales
+    included) and attends over the int8 cache to within float32 rounding of SDPA over its dequantized form."""
+    from musicsteer.model.kv_cache import QuantizedKVCache
+
+    g = torch.Generator().manual_seed(hd + length)
+    B, H, max_len = 2, 3, 320
+    D = H * hd
+    ours, want = (QuantizedKVCache(B, H, max_len, hd, torch.float32, "cpu") for _ in range(2))
+    old = (torch.randn(B, H, length - 1, hd, generator=g) * 3, torch.randn(B, H, length - 1, hd, generator=g))
+    for cache in (ours, want):
+        cache.update(torch.arange(length - 1), *old)
+    qkv = torch.randn(B, 3 * D, generator=g)
+    qkv[0, D:D + hd] = 0  # an all-zero head: scale 0, values 0
+    pos = length - 1
+    out = cpu.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), ours.k, ours.v, pos, length,
+                     (ours.k_scale, ours.v_scale))
+    k, v = want.update(torch.tensor([pos]), qkv[:, D:2 * D].view(B, H, 1, hd), qkv[:, 2 * D:].view(B, H, 1, hd), length)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(ours, name), getattr(want, name)), name
+    assert ours.k_scale[0, 0, pos] == 0 and not ours.k[0, 0, pos].any()
+    q = qkv[:, :D].reshape(B, H, 1, hd)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref.reshape(B, D), atol=2e-5, rtol=1e-4)
+    with pytest.raises(AssertionError, match="scales"):
+        cpu.attend(qkv[:, :D], None, ours.k, ours.v, -1, length)
+
+
 def test_a_bfloat16_cache_decoder_follows_the_float32_one(tiny):
     from musicsteer.model.config import PRESETS
     from musicsteer.model.musicgen import MusicGen
@@ -331,3 +361,55 @@ def test_fused_activation_equals_the_activation_after_the_product(name, rows):
             torch.testing.assert_close(q(x), ACTS[name](plain), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="swish"):
         layer.fuse_activation("swish")
+
+
+needs_tiles = pytest.mark.skipif(not cpu.use_tiles(), reason="this CPU, build or kernel has no usable AMX tiles")
+
+
+@needs_tiles
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows,act", [(16, 0), (37, 1), (64, 0), (300, 2), (512, 3)])
+def test_products_on_amx_tiles_equal_the_vnni_kernel_bit_for_bit(kind, rows, act):
+    """16 rows or more run on AMX tiles; each group's exact int32 sums take the VNNI kernel's float32
+    steps in the same order, so the outputs are the same bits (row counts off the tile size included)."""
+    from musicsteer.backends.cpu.int4 import PackedInt4Linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = (PackedInt8Linear if kind == "int8" else PackedInt4Linear)(torch.randn(256, 320, generator=g) * 0.05)
+    layer._act = act  # the fused activations of the products' epilogue
+    layer._bind()
+    x = torch.randn(rows, 320, generator=g) * torch.logspace(-2, 1, 320)  # groups of very different scales
+    try:
+        tiles = layer._kernel(x, rows)
+        cpu.use_tiles(False)
+        assert not cpu.use_tiles()
+        vnni = layer._kernel(x, rows)
+    finally:
+        cpu.use_tiles(True)
+    assert torch.equal(tiles, vnni)
+    want = torch.nn.functional.linear(x, layer.weight)
+    want = [want, torch.nn.functional.gelu(want), torch.nn.functional.gelu(want, approximate="tanh"),
+            torch.relu(want)][act]
+    assert (tiles - want).abs().max() < 0.02 * want.abs().max()  # and both are the product they claim
+
+
+@needs_tiles
+def test_a_prefill_takes_the_tiles_in_one_call_per_layer(monkeypatch):
+    from musicsteer.backends.cpu import linear
+    from musicsteer.backends.cpu.int8 import PackedInt8Linear
+
+    layer = PackedInt8Linear(torch.randn(64, 128) * 0.05)
+    calls = []
+    kernel = layer._kernel
+    monkeypatch.setattr(layer, "_kernel", lambda x, rows: calls.append(rows) or kernel(x, rows))
+    with torch.no_grad():
+        layer(torch.randn(600, 128))
+        assert calls == [linear.TILE_ROWS, 600 - linear.TILE_ROWS]
+        calls.clear()
+        cpu.use_tiles(False)
+        try:
+            layer(torch.randn(70, 128))
+        finally:
+            cpu.use_tiles(True)
+    assert calls == [32, 32, 6]

@@ -198,6 +198,19 @@ def test_fused_int8_steps_follow_the_module_path(cfg):
     assert model.blocks[0].self_attn.cache.k.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], WIDE, ODD], ids=["tiny", "wide", "odd-heads"])
+def test_fused_steps_over_an_int8_cache_equal_the_module_path(cfg, c_calls):
+    """With 8-bit keys and values the C call quantizes each new key and value as QuantizedKVCache does
+    and attends over the int8 form, where the module path dequantizes first: equal to float32 rounding."""
+    model = packed(cfg, seed=4)
+    model.cache_dtype = torch.int8
+    want = steps(model, fused=False)
+    assert model.blocks[0].self_attn.cache.k.dtype == torch.int8 and c_calls["ms_blocks"] == 0
+    got = steps(model, fused=True)
+    assert c_calls["ms_blocks"] == 12  # every one-token step took the C call
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
     from musicsteer.model.loading.load import load_model
 

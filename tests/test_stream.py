@@ -340,6 +340,16 @@ def test_choose_chunk_takes_the_largest_slice_within_the_budget():
     assert choose_chunk(0.0, (0.0, 1.0), 2.0, 60, 25, 4, fallback=8) == 8
 
 
+def test_the_default_window_depends_on_the_device():
+    from musicsteer.live.window import default_window
+
+    assert default_window("cpu") == (15.0, 5.0) and default_window("cuda") == (30.0, 10.0)
+    assert default_window("cpu", 9.0) == (9.0, 3.0)  # a third of a given window, at most the default keep
+    assert default_window("cpu", 60.0) == (60.0, 5.0)
+    assert default_window("cuda", 20.0, 2.0) == (20.0, 2.0) and default_window("cpu", None, 4.0) == (15.0, 4.0)
+    assert default_window("mps") == (30.0, 10.0)
+
+
 def test_reprime_budget_picks_a_slice_and_streams_as_that_fixed_slice(tiny, tmp_path):
     """Under a time budget the slice is chosen once, before the first re-prime; the stream then equals
     one run with that slice fixed, and a recording replays with the slice it used."""

@@ -1,7 +1,7 @@
 """Threading model: `prepare` runs once, at load, before any forward.
 
-The one place a backend is chosen: once, at load, from the device, the dtype and the
-weight format (`--compute`, `--dtype`, `--weights`).
+The one place a backend is chosen: once, at load, from the device, the dtype, the
+weight format and the KV cache's storage (`--compute`, `--dtype`, `--weights`, `--kv-cache`).
 
 - CPU, float32, full weights: `cpu-f32`. Every linear layer packed for the C kernels
   (or the few-row torch forms where they do not build), the MLP activation fused into
@@ -16,6 +16,9 @@ weight format (`--compute`, `--dtype`, `--weights`).
 - CPU, int4 weights: `cpu-int4`. As int8, with the blocks' weights in 4 bits per group
   of 64 inputs, unpacked in registers for the same VNNI products (a torch form of the
   same weights where the CPU lacks VNNI); the heads stay int8.
+- CPU, any of these with `--kv-cache int8`: the self-attention caches in 8 bits with one
+  float32 scale per row, head and position (model/kv_cache.QuantizedKVCache), read by the
+  C attention kernel directly (a quarter of float32's bytes, half of bfloat16's).
 - CPU, another dtype: `cpu`. The few-row linear forms and the C attention where they apply.
 - CUDA: `cuda`. The static (graph) step's attention through the Triton kernel where
   Triton is installed; the live stream captures CUDA graphs by default.
@@ -28,7 +31,7 @@ knows nothing of this: the backends swap its layers' classes or set its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -37,6 +40,9 @@ from ..errors import UsageError
 from ..kernels.dispatch import triton_available
 
 WEIGHTS = ("full", "int8", "bf16", "int4")
+# Self-attention cache storage: auto (bfloat16 beside reduced CPU weights, the model's dtype
+# otherwise), the model's float32, bfloat16, or int8 with per-head, per-position scales (CPU).
+KV_CACHES = ("auto", "float32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,24 @@ def captures_graphs(device: torch.device | str) -> bool:
 
 
 def prepare(decoder: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32,
-            weights: str = "full") -> Backend:
+            weights: str = "full", kv_cache: str = "auto") -> Backend:
     """Move `decoder` to `device`/`dtype` and apply the backend for them, in place."""
     kind = torch.device(device).type
     if weights not in WEIGHTS:
         raise BackendError(f"unknown weight format {weights!r}; use {' or '.join(WEIGHTS)}")
+    if kv_cache not in KV_CACHES:
+        raise BackendError(f"unknown KV cache format {kv_cache!r}; use {' or '.join(KV_CACHES)}")
+    if kv_cache in ("int8", "bf16") and kind != "cpu":
+        raise BackendError(f"a {kv_cache} KV cache is a CPU option; on a GPU the cache follows --dtype")
+    backend = _prepare(decoder, device, kind, dtype, weights)
+    if kv_cache != "auto":  # the storage the user asked for, over the backend's default
+        decoder.cache_dtype = {"float32": None, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
+    if decoder.cache_dtype == torch.int8:
+        backend = replace(backend, detail=f"{backend.detail}, int8 KV cache")
+    return backend
+
+
+def _prepare(decoder: nn.Module, device: torch.device | str, kind: str, dtype: torch.dtype, weights: str) -> Backend:
     if weights in ("int8", "int4") and kind != "cpu":
         raise BackendError(f"{weights} weights are a CPU option; on a GPU use --dtype float16 or bfloat16")
     if weights == "bf16" and kind != "cpu":

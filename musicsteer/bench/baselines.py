@@ -2,9 +2,12 @@
 memory-bandwidth floor for a decoder step.
 
 - transformers: `MusicgenForConditionalGeneration.generate` with random weights of the
-  same decoder shape (and dtype), CFG and top-k sampling as configured; the per-step
-  cost is the slope between two generation lengths, so prompt encoding and set-up
-  cancel out; the codec decode is skipped.
+  same decoder shape, CFG and top-k sampling as configured; the per-step cost is the
+  slope between two generation lengths, so prompt encoding and set-up cancel out; the
+  codec decode is skipped. Its precision follows the run's (`PEER_PRECISION`): float32,
+  transformers in bfloat16 for bf16 weights, and torch's dynamic int8 quantization of
+  every `nn.Linear` (the ordinary CPU int8 path, `torch.ao.quantization.quantize_dynamic`)
+  for int8 and int4 weights, which torch has no CPU 4-bit path to compare with.
 - audiocraft: `LMModel.generate`, run in the scratch environment that
   tools/audiocraft_fixture/make_fixture.sh creates (audiocraft cannot be installed
   beside a current torch); without it the baseline says so.
@@ -42,9 +45,12 @@ def step_weight_bytes(model: LoadedModel) -> int:
 
 def step_cache_bytes(model: LoadedModel, position: float, batch: int) -> float:
     """Bytes of self-attention keys and values a step at `position` reads (the filled part of
-    every layer's cache, in the cache's storage dtype); the text cache is a few positions and left out."""
+    every layer's cache, in the cache's storage dtype, with an 8-bit cache's scales); the text cache
+    is a few positions and left out."""
     c, decoder = model.cfg, model.decoder
     item = torch.empty((), dtype=decoder.cache_dtype or decoder.embed.weight.dtype).element_size()
+    if decoder.cache_dtype == torch.int8:
+        item += 4 / c.head_dim  # one float32 scale per head and position
     return c.layers * 2 * batch * c.hidden * (position + 1) * item
 
 
@@ -72,7 +78,20 @@ def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     return best
 
 
-def transformers_step_ms(model: LoadedModel, dtype: torch.dtype, cfg: float, steps: int = 24) -> float:
+# the peer precision each of our weight formats is compared with (like for like: the same bytes or
+# fewer for the peer, never more)
+PEER_PRECISION = {"full": "float32", "bf16": "bfloat16", "int8": "int8-dynamic", "int4": "int8-dynamic"}
+
+
+def peer_precision(weights: str, dtype: str) -> str:
+    """The transformers precision that `weights` (with activations in `dtype`) is compared with."""
+    return dtype if weights == "full" else PEER_PRECISION[weights]
+
+
+def transformers_peer(model: LoadedModel, precision: str, steps: int = 24) -> torch.nn.Module:
+    """transformers' MusicGen with random weights of `model`'s decoder shape at `precision`: a torch
+    dtype's name, or `int8-dynamic` (float32 weights, then every `nn.Linear` of the decoder
+    dynamically quantized); a tiny text encoder, and no codec decode."""
     from transformers import (
         EncodecConfig,
         MusicgenConfig,
@@ -90,13 +109,26 @@ def transformers_step_ms(model: LoadedModel, dtype: torch.dtype, cfg: float, ste
                                       max_position_embeddings=max(c.max_positions, 2 * steps + 16)))
     with torch.device("meta"):
         hf = MusicgenForConditionalGeneration(config)
-    hf = hf.to_empty(device="cpu").to(dtype).eval()
+    dynamic = precision == "int8-dynamic"
+    hf = hf.to_empty(device="cpu").to(torch.float32 if dynamic else getattr(torch, precision)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.02)
         for m in hf.modules():  # the sinusoid buffer is not a parameter: rebuild it
             if hasattr(m, "make_weights") and hasattr(m, "num_positions"):
                 m.make_weights(m.num_positions, m.embedding_dim)
+    if dynamic:
+        import warnings
+
+        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; still its CPU int8 path
+            warnings.simplefilter("ignore")
+            hf.decoder = torch.ao.quantization.quantize_dynamic(hf.decoder, {torch.nn.Linear}, dtype=torch.qint8)
+    return hf
+
+
+def transformers_step_ms(model: LoadedModel, precision: str, cfg: float, steps: int = 24) -> float:
+    """Per-step milliseconds of `transformers_peer`'s generate with CFG and top-k 250."""
+    hf = transformers_peer(model, precision, steps)
     hf.audio_encoder.decode = lambda codes, *a, **k: type("Out", (), {"audio_values": torch.zeros(1, 1, 1)})()
     ids = torch.tensor([[5, 6, 7, 1]])
 

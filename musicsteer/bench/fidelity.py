@@ -30,6 +30,7 @@ from ..model.musicgen import MusicGen
 class Fidelity:
     weights: str
     backend: str
+    kv_cache: str  # the self-attention cache's storage of the format under test (backends.select.KV_CACHES)
     steps: int
     agreement: float  # share of (step, codebook) greedy tokens equal to float32's
     kl_mean: float  # mean KL(p_float32 || p_weights) of the guided distributions, nats
@@ -41,20 +42,21 @@ class Fidelity:
 
 
 def _decoder(cfg: ModelConfig, seed: int, weights: str, text: torch.Tensor, mask: torch.Tensor, steps: int,
-             logit_std: float):
+             logit_std: float, kv_cache: str = "float32"):
     decoder = MusicGen.random(cfg, seed=seed)
     with torch.no_grad():
         w = decoder.heads.weight  # (K * V, D), applied to layer-normed states: logits of std ~ std(w) sqrt(D)
         w.mul_(logit_std / (float(w.std()) * w.shape[1] ** 0.5))  # sharper distributions (see `measure`)
-    backend = prepare(decoder, "cpu", torch.float32, weights)
+    backend = prepare(decoder, "cpu", torch.float32, weights, kv_cache)
     decoder.setup_caches(2, max_len=steps + 1, max_text=text.shape[1])
     decoder.set_condition(text, mask)
     return decoder, backend
 
 
 def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 3.0, seed: int = 0,
-            text_len: int = 8, logit_std: float = 3.0) -> Fidelity:
-    """Greedy agreement and mean KL of `weights` against float32 over `steps` teacher-forced steps.
+            text_len: int = 8, logit_std: float = 3.0, kv_cache: str = "auto") -> Fidelity:
+    """Greedy agreement and mean KL of `weights` (with its KV cache stored as `kv_cache`) against
+    float32 weights and a float32 cache over `steps` teacher-forced steps.
 
     A random model's heads (normal, std 0.02) give nearly uniform distributions, where every
     argmax is a near tie; the heads' weights are scaled (in both models, before either is
@@ -66,7 +68,8 @@ def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 
     mask = torch.zeros(2, text_len)
     mask[0] = 1  # row 0 conditioned, row 1 the null text
     ref, _ = _decoder(cfg, seed, "full", text, mask, steps, logit_std)
-    test, backend = _decoder(cfg, seed, weights, text, mask, steps, logit_std)
+    test, backend = _decoder(cfg, seed, weights, text, mask, steps, logit_std, kv_cache)
+    stored = str(test.cache_dtype or torch.float32).replace("torch.", "").replace("bfloat16", "bf16")
     column = torch.randint(0, cfg.vocab, (1, cfg.codebooks, 1), generator=g).expand(2, -1, -1).contiguous()
     agree = kl_sum = entropy = kl_max = 0.0
     with torch.inference_mode():
@@ -85,10 +88,11 @@ def measure(cfg: ModelConfig, weights: str, steps: int = 200, guidance: float = 
             agree += float((tokens == logp[1].argmax(-1)).sum())
             column = tokens.view(1, -1, 1).expand(2, -1, -1).contiguous()
     n = steps * cfg.codebooks
-    return Fidelity(weights, backend.name, steps, agree / n, kl_sum / n, kl_max, entropy / n)
+    return Fidelity(weights, backend.name, stored, steps, agree / n, kl_sum / n, kl_max, entropy / n)
 
 
-def run_fidelity(preset: str, formats: list[str], steps: int = 200, guidance: float = 3.0, seed: int = 0) -> dict:
+def run_fidelity(preset: str, formats: list[str], steps: int = 200, guidance: float = 3.0, seed: int = 0,
+                 kv_cache: str = "auto") -> dict:
     """The record of `bench fidelity`: `measure` for each weight format on the preset's shape."""
     import time
 
@@ -100,7 +104,8 @@ def run_fidelity(preset: str, formats: list[str], steps: int = 200, guidance: fl
     cfg = PRESETS[preset]
     if steps + 1 > cfg.max_positions:
         raise ValueError(f"--steps must stay under the model's {cfg.max_positions} positions")
-    results = [measure(cfg, w, steps=steps, guidance=guidance, seed=seed).as_record() for w in formats]
+    results = [measure(cfg, w, steps=steps, guidance=guidance, seed=seed, kv_cache=kv_cache).as_record()
+               for w in formats]
     return {"benchmark": "fidelity", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(torch.device("cpu")), "model": preset, "random_weights_seed": seed,
             "steps": steps, "cfg": guidance, "teacher_forced": True, "results": results}
@@ -110,6 +115,6 @@ def format_fidelity(record: dict) -> str:
     lines = [f"{record['model']} (random weights, seed {record['random_weights_seed']}), {record['steps']} "
              f"teacher-forced steps, CFG {record['cfg']}: against float32"]
     for r in record["results"]:
-        lines.append(f"  {r['weights']:>5} ({r['backend']}): greedy agreement {r['agreement'] * 100:.1f}%, "
+        lines.append(f"  {r['weights']:>5} ({r['backend']}, {r.get('kv_cache', '?')} cache): greedy agreement {r['agreement'] * 100:.1f}%, "
                      f"KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e} nats (float32 entropy {r['entropy']:.2f})")
     return "\n".join(lines)

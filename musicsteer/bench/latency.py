@@ -184,6 +184,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     can be set against the floor measured beside it."""
     from .baselines import (
         audiocraft_step_ms,
+        peer_precision,
         step_cache_bytes,
         step_weight_bytes,
         stream_bandwidth,
@@ -236,7 +237,8 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     record["baselines"] = {}
     for name in baselines:
         if name == "transformers":
-            ms, what = transformers_step_ms(model, getattr(torch, dtype), sampling.cfg), "transformers generate"
+            precision = peer_precision(weights, dtype)
+            ms, what = transformers_step_ms(model, precision, sampling.cfg), f"transformers generate, {precision}"
         else:
             ms, what = audiocraft_step_ms(model, sampling.cfg)
         record["baselines"][name] = {"step_ms": ms, "what": what,

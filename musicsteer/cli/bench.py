@@ -28,7 +28,9 @@ def register(sub) -> None:
     lat.add_argument("--json", type=Path, metavar="FILE", help="write the record as JSON")
     lat.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram and timeline of step times")
     lat.add_argument("--baseline", action="append", default=[], choices=("transformers", "audiocraft"),
-                     help="also time a reference implementation on the same shape (repeatable)")
+                     help="also time a reference implementation on the same shape (repeatable); transformers runs "
+                          "at the run's precision: float32, bfloat16 for bf16 weights, torch's dynamic int8 "
+                          "for int8 and int4")
     lat.add_argument("--no-floor", action="store_true", help="skip measuring the memory-bandwidth floor")
     lat.add_argument("--rounds", type=int, default=1,
                      help="take turns between the concept counts in this many rounds, sampling the bandwidth "
@@ -41,8 +43,10 @@ def register(sub) -> None:
     add_model_args(stream)
     stream.add_argument("--seconds", type=float, default=150.0)
     stream.add_argument("--fast", action="store_true", help="as fast as possible instead of real-time paced")
-    stream.add_argument("--window", type=float, default=30.0)
-    stream.add_argument("--keep", type=float, default=10.0)
+    stream.add_argument("--window", type=float, help="seconds of context (default as live: 30 on a GPU, 15 on the CPU)")
+    stream.add_argument("--keep", type=float, help="seconds kept at a re-prime (default as live: 10 on a GPU, 5 on the CPU)")
+    stream.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
+                        help="the stateful codec's large weights, as live takes them")
     stream.add_argument("--buffer-ms", type=float, default=60.0)
     stream.add_argument("--reprime-chunk", type=int, default=32, metavar="POSITIONS",
                         help="positions of the window's re-prime run per step")
@@ -84,8 +88,12 @@ def register(sub) -> None:
 
     fid = bsub.add_parser("fidelity", help="what reduced-precision weights lose against float32, on a random model")
     fid.add_argument("--model", default="small", help="preset shape, random weights (default small)")
-    fid.add_argument("--weights", action="append", choices=("bf16", "int8", "int4"),
-                     help="format to compare with float32 (repeatable; default all three)")
+    fid.add_argument("--weights", action="append", choices=("full", "bf16", "int8", "int4"),
+                     help="format to compare with float32 (repeatable; default bf16, int8, int4; full with "
+                          "--kv-cache measures the cache alone)")
+    fid.add_argument("--kv-cache", default="auto", choices=("auto", "float32", "bf16", "int8"),
+                     help="the KV cache's storage for the formats under test (float32 is always compared with "
+                          "a float32 cache)")
     fid.add_argument("--steps", type=int, default=200, help="teacher-forced one-token steps")
     fid.add_argument("--cfg", type=float, default=3.0)
     fid.add_argument("--seed", type=int, default=0, help="of the random weights and the text condition")
@@ -149,14 +157,19 @@ def run_stream(args: argparse.Namespace) -> int:
 
     if args.concepts < 0 or args.reprime_chunk < 2 or not args.seconds > 0:
         raise UsageError("--concepts must not be negative, --reprime-chunk must be at least 2 and --seconds positive")
+    from ..live.window import default_window
+
     model = load_from_args(args)
     loaded = time.time()
+    window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)
     try:
-        record = run_stream_bench(model, args.seconds, not args.fast, args.window, args.keep, args.buffer_ms,
+        record = run_stream_bench(model, args.seconds, not args.fast, window_s, keep_s, args.buffer_ms,
                                   concepts=args.concepts, strength=args.strength, meters=args.meters,
                                   reprime_chunk=args.reprime_chunk, loaded_at=loaded, note=args.note,
-                                  precision={"dtype": args.dtype, "weights": args.weights},
-                                  window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms)
+                                  precision={"dtype": args.dtype, "weights": args.weights, "kv_cache": args.kv_cache,
+                                             "codec": args.codec_precision},
+                                  window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms,
+                                  codec_precision=args.codec_precision)
     except ValueError as exc:  # stream settings that cannot work with this model
         raise UsageError(str(exc)) from exc
     emit(record, args.json)
@@ -187,7 +200,8 @@ def run_fidelity(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     try:
-        record = measure_all(args.model, args.weights or ["bf16", "int8", "int4"], args.steps, args.cfg, args.seed)
+        record = measure_all(args.model, args.weights or ["bf16", "int8", "int4"], args.steps, args.cfg, args.seed,
+                             args.kv_cache)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     print(format_fidelity(record))

@@ -27,6 +27,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "bfloat16 on CPU does the same); int8, int8 per output channel (a quarter); int4, 4-bit "
                         "in groups of 64 inputs (a seventh); each keeps float32 activations and a bfloat16 KV "
                         "cache (half the cache bytes)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "float32", "bf16", "int8"),
+                   help="CPU: storage of the self-attention caches; auto is bfloat16 with reduced weights and "
+                        "the model's dtype otherwise; int8 is 8-bit with a scale per head and position (a "
+                        "quarter of float32's bytes: the cache is most of a step's reads late in a long window)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +75,7 @@ def load_from_args(args: argparse.Namespace):
     return load_model(args.model, text_encoder=getattr(args, "text_encoder", None),
                       codec=getattr(args, "codec", None), device=compute_device(args.compute),
                       dtype=getattr(torch, getattr(args, "dtype", "float32")),
-                      weights=getattr(args, "weights", "full"))
+                      weights=getattr(args, "weights", "full"), kv_cache=getattr(args, "kv_cache", "auto"))
 
 
 def sampling_settings(args: argparse.Namespace):

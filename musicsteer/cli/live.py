@@ -32,9 +32,10 @@ def register(sub) -> None:
     live.add_argument("--record", type=Path, metavar="SESSION_DIR", help="record a replayable session")
     live.add_argument("--buffer-ms", type=float, default=60.0,
                       help="audio buffered ahead of playback: lower is more responsive, higher is safer")
-    live.add_argument("--window", type=float, default=30.0, metavar="SECONDS", help="context the model sees")
-    live.add_argument("--keep", type=float, default=10.0, metavar="SECONDS",
-                      help="context kept when the window rolls over")
+    live.add_argument("--window", type=float, metavar="SECONDS",
+                      help="context the model sees (default 30 on a GPU, 15 on the CPU, where a step reads it)")
+    live.add_argument("--keep", type=float, metavar="SECONDS",
+                      help="context kept when the window rolls over (default 10 on a GPU, 5 on the CPU)")
     live.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
     live.add_argument("--codec-method", choices=("state", "window"), default="state",
                       help="streaming codec: stateful layers (default) or a window decoded per chunk")
@@ -67,8 +68,11 @@ def run_live(args: argparse.Namespace) -> int:
     import threading
 
     from ..codec.stream import StreamingCodecSettings
+    import dataclasses
+
     from ..live.session import LiveRequest
     from ..live.session import run_live as run_session
+    from ..live.window import default_window
     from ..render import parse_assignments, parse_strengths
 
     settings, steering = sampling_settings(args), steering_settings(args)
@@ -85,8 +89,10 @@ def run_live(args: argparse.Namespace) -> int:
         schedules=parse_assignments(args.schedule, "--schedule"), steering=steering, buffer_ms=args.buffer_ms,
         osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
         mapping=args.map, midi_in=args.midi_in,
-        window_s=args.window, keep_s=args.keep, codec=codec, status=not args.no_status)
+        codec=codec, status=not args.no_status)
     model = load_from_args(args)
+    window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)
+    request = dataclasses.replace(request, window_s=window_s, keep_s=keep_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

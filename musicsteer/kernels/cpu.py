@@ -33,8 +33,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c and cpu_block.c
-SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_block.c"), SOURCE.with_name("cpu_avx2.h"))
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c, cpu_amx.c and cpu_block.c
+SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_amx.c"), SOURCE.with_name("cpu_block.c"),
+           SOURCE.with_name("cpu_avx2.h"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # x86-64-v2: the portable build; x86-64-v3: AVX2
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8
@@ -130,13 +131,23 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
     lib.ms_linear_bf16.restype = ctypes.c_int
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
-        ctypes.c_float, ctypes.c_int]
+        ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
     lib.ms_block.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8
     lib.ms_block.restype = ctypes.c_int
     lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
     lib.ms_blocks.restype = ctypes.c_int
+    lib.ms_amx.argtypes = [ctypes.c_int]
+    lib.ms_amx.restype = ctypes.c_int
     return lib
+
+
+def use_tiles(on: bool | None = None) -> bool:
+    """Whether int8 and int4 products of 16 rows or more run on AMX tiles (cpu_amx.c): where the build
+    and the kernel allow them, unless turned off; `on` turns them off or back on for this process
+    (tests compare both paths; the results are equal bit for bit)."""
+    lib = _lib or library()
+    return lib is not None and bool(lib.ms_amx(-1 if on is None else int(on)))
 
 
 def unavailable() -> str | None:
@@ -331,21 +342,28 @@ def linear_bf16(packed: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Te
 
 
 def attend(q: torch.Tensor, kv_new: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
-           v_cache: torch.Tensor, pos: int, length: int) -> torch.Tensor:
-    """One query per row and head against a float32 or bfloat16 cache (B, H, Lmax, hd), reading only
-    its first `length` positions; with `kv_new`, the new key and value are written at `pos` first
-    (rounded to nearest even for a bfloat16 cache).
+           v_cache: torch.Tensor, pos: int, length: int,
+           scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One query per row and head against a float32, bfloat16 or int8 cache (B, H, Lmax, hd), reading
+    only its first `length` positions; with `kv_new`, the new key and value are written at `pos`
+    first (rounded to nearest even for a bfloat16 cache, quantized for an int8 one, whose
+    `scales` (B, H, Lmax) for keys and values come with it: see model/kv_cache.QuantizedKVCache).
     q and the new key/value are (B, H * hd) views with a shared row stride (e.g. thirds of one
     fused projection's output). Returns (B, H * hd)."""
     B, H, max_len, hd = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(1) == 1
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16, torch.int8)
+    i8 = k_cache.dtype == torch.int8
+    assert (scales is not None) == i8, "an int8 cache needs its scales, and only it has them"
+    if i8:
+        assert all(s.shape == (B, H, max_len) and s.dtype == torch.float32 and s.is_contiguous() for s in scales)
     out = torch.empty(B, H * hd)
     k_new, v_new = kv_new if kv_new is not None else (None, None)
     rc = (_lib or library()).ms_attend(
         q.data_ptr(), k_new.data_ptr() if k_new is not None else None, v_new.data_ptr() if v_new is not None else None,
         q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), B, H, max_len, hd, pos, length,
-        hd ** -0.5, int(k_cache.dtype == torch.bfloat16))
+        hd ** -0.5, int(k_cache.dtype == torch.bfloat16), scales[0].data_ptr() if i8 else None,
+        scales[1].data_ptr() if i8 else None, int(i8))
     if rc != 0:
         raise RuntimeError(f"attention kernel refused position {pos}, length {length} for a cache of {max_len}")
     return out

@@ -32,12 +32,14 @@ typedef struct {
     const void *w[W_COUNT];             /* packed: float32 [N/16][D][16], int8 [N/16][D/4][16][4], bf16 [N/16][D/2][16][2],
                                            int4 [N/16][D/64][8][16][4] (cpu_gemv.c) */
     const float *scale[W_COUNT];        /* int8 per-output scales, int4 per output and group [N/16][D/64][16] */
-    void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32 or bfloat16 */
+    void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32, bfloat16 or int8 */
     const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
     /* Steering of the block's output (the `out` hook point), or steer_k = 0: strengths (B, K), read
      * at every call (the plan rewrites them in place), unit directions (K, D), targets (K,). */
     int steer_k, steer_mode;
     const float *steer_alpha, *steer_dirs, *steer_targets;
+    float *ks, *vs; /* an 8-bit self-attention cache's scales (B, H, max_len), when cache_i8 is set */
+    int cache_i8;
 } ms_layer;
 
 enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2, STEER_ABLATE = 3 }; /* kernels/ids.py */
@@ -168,7 +170,7 @@ static void attention(block_call *c, int slot, const attend_args *a) {
         int i = atomic_fetch_add(&c->work[slot], 1);
         if (i >= pairs) break;
         if (a->k_new) write_kv(a, i / a->heads, i % a->heads);
-        attend_head(a, i / a->heads, i % a->heads, tls.scores);
+        attend_any(a, i / a->heads, i % a->heads, tls.scores);
     }
 }
 
@@ -228,7 +230,7 @@ static void block_thread(block_call *c) {
         product(c, 0, W_QKV, 3 * d, d, tls.h, c->qkv, NULL, ACT_NONE);
         BARRIER();
         attend_args a = {c->qkv, c->qkv + d, c->qkv + 2 * d, L->kc, L->vc, c->att, 3 * d, L->heads, L->max_len,
-                         c->pos, c->len, L->hd, L->cache_bf16, scale};
+                         c->pos, c->len, L->hd, L->cache_bf16, scale, L->ks, L->vs, L->cache_i8};
         attention(c, 1, &a);
         BARRIER();
         product(c, 2, W_O, d, d, c->att, c->a, NULL, ACT_NONE);

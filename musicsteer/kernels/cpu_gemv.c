@@ -468,10 +468,15 @@ static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xs
 
 #if defined(MS_INT8_KERNELS)
 
+static int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act,
+                      int int4); /* cpu_amx.c: 16 rows or more on AMX tiles, where there are tiles */
+
 /* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
- * success, -1 where the build has neither VNNI nor AVX2, -2 for unsupported shapes. */
+ * success, -1 where the build has neither VNNI nor AVX2, -2 for unsupported shapes, -3 out of memory. */
 int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
+    const int tiles = amx_linear(w, scale, x, y, n, d, rows, act, 0);
+    if (tiles) return tiles == 1 ? 0 : tiles;
     static int8_t q[MS_MAX_ROWS * 65536];
     static float xs[MS_MAX_ROWS * 65536 / MS_GROUP];
     static int32_t xc[MS_MAX_ROWS * 65536 / MS_GROUP];
@@ -498,14 +503,19 @@ int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y,
 /* One query token per (row, head) against a key/value cache (B, H, Lmax, hd): scores, softmax
  * and the weighted sum of values in one pass over the first L positions, after writing the new
  * key and value at `pos` (when given). Only the filled part of the cache is read. q, k_new and
- * v_new are (B, H * hd) with row stride `stride`; out is (B, H * hd). */
+ * v_new are (B, H * hd) with row stride `stride`; out is (B, H * hd).
+ * An 8-bit cache (i8 set) holds int8 keys and values with one float32 scale per row, head and
+ * position in ks, vs (B, H, Lmax): symmetric, q = round(x / s) with s = max|x| / 127 over the
+ * head's hd values (model/kv_cache.py is the torch form, bit for bit). */
 typedef struct {
     const float *q, *k_new, *v_new;
-    void *kc, *vc; /* float, or bfloat16 (uint16_t) when bf16 is set */
+    void *kc, *vc; /* float, or bfloat16 (uint16_t) when bf16 is set, or int8 when i8 is set */
     float *out;
     long stride;
     int heads, max_len, pos, len, hd, bf16;
     float scale;
+    float *ks, *vs; /* the 8-bit cache's scales (B, H, Lmax) */
+    int i8;
 } attend_args;
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
@@ -524,9 +534,11 @@ static inline float from_bf16(uint16_t h) {
 }
 
 #if defined(__AVX512F__)
-/* 16 cache values (or the masked head of them) as float32, from float32 or bfloat16 storage. */
+/* 16 cache values (or the masked head of them) as float32, from float32, bfloat16 (kind 1) or int8
+ * (kind 2, before its scale) storage. */
 static inline __attribute__((always_inline)) __m512 load_cache(const int bf16, const void *base, size_t at,
                                                               __mmask16 m) {
+    if (bf16 == 2) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)base + at)));
     if (bf16) {
         __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -534,14 +546,15 @@ static inline __attribute__((always_inline)) __m512 load_cache(const int bf16, c
     return _mm512_maskz_loadu_ps(m, (const float *)base + at);
 }
 
-/* CH (chunks of 16 in a head) and BF (bfloat16 cache) are constants in the common cases, so the
- * query and the accumulators stay in registers and the loads need no branch. */
+/* CH (chunks of 16 in a head) and BF (the cache's kind: 0 float32, 1 bfloat16, 2 int8 with scales)
+ * are constants in the common cases, so the query and the accumulators stay in registers and the
+ * loads need no branch. */
 static inline __attribute__((always_inline)) void attend_head_impl(const attend_args *a, int b, int h, float *scores,
                                                                   const int CH, const int BF) {
     const int hd = a->hd, chunks = CH;
     const __mmask16 tail = (__mmask16)((1u << (hd - 16 * (chunks - 1))) - 1);
     const float *q = a->q + b * a->stride + h * hd;
-    const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
+    const size_t row = ((size_t)b * a->heads + h) * a->max_len, head = row * hd;
     __m512 qv[16];
     for (int c = 0; c < chunks; c++)
         qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(c == chunks - 1 ? tail : 0xffff, q + 16 * c),
@@ -565,6 +578,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
         u = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
         u = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
         __m128 r = _mm512_castps512_ps128(u); /* lanes: keys j, j+1, j+2, j+3 */
+        if (BF == 2) r = _mm_mul_ps(r, _mm_loadu_ps(a->ks + row + j));
         _mm_storeu_ps(scores + j, r);
         top4 = _mm_max_ps(top4, r);
     }
@@ -577,6 +591,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
         for (int c = 0; c < chunks; c++)
             s = _mm512_fmadd_ps(qv[c], load_cache(BF, a->kc, kj + 16 * c, c == chunks - 1 ? tail : 0xffff), s);
         float sj = _mm512_reduce_add_ps(s);
+        if (BF == 2) sj *= a->ks[row + j];
         scores[j] = sj;
         top = sj > top ? sj : top;
     }
@@ -597,7 +612,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
     __m512 acc[16];
     for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
     for (int j = 0; j < a->len; j++) {
-        __m512 p = _mm512_set1_ps(scores[j]);
+        __m512 p = _mm512_set1_ps(BF == 2 ? scores[j] * a->vs[row + j] : scores[j]);
         const size_t vj = head + (size_t)j * hd;
         for (int c = 0; c < chunks; c++)
             acc[c] = _mm512_fmadd_ps(p, load_cache(BF, a->vc, vj + 16 * c, c == chunks - 1 ? tail : 0xffff), acc[c]);
@@ -608,7 +623,10 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
 }
 
 static void attend_head(const attend_args *a, int b, int h, float *scores) {
-    if (a->hd == 64 && a->bf16) attend_head_impl(a, b, h, scores, 4, 1);
+    if (a->i8) {
+        if (a->hd == 64) attend_head_impl(a, b, h, scores, 4, 2);
+        else attend_head_impl(a, b, h, scores, (a->hd + 15) / 16, 2);
+    } else if (a->hd == 64 && a->bf16) attend_head_impl(a, b, h, scores, 4, 1);
     else if (a->hd == 64) attend_head_impl(a, b, h, scores, 4, 0);
     else attend_head_impl(a, b, h, scores, (a->hd + 15) / 16, a->bf16);
 }
@@ -724,13 +742,65 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
 #define MS_PATH_ATTEND "portable"
 #endif
 
+/* One head's hd values as int8 at `q` and its scale at `s`, as model/kv_cache.py quantizes them
+ * (the same float32 operations: max|x| / 127, then round half to even of x / scale). */
+static void quantize_head(const float *x, int hd, int8_t *q, float *s) {
+    float top = 0.f;
+    for (int i = 0; i < hd; i++) top = fmaxf(top, fabsf(x[i]));
+    const float scale = top / 127.0f, div = scale > 0.f ? scale : 1.0f;
+    for (int i = 0; i < hd; i++) {
+        float v = nearbyintf(x[i] / div);
+        q[i] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+    }
+    *s = scale;
+}
+
+/* One query against an 8-bit cache, in portable C (the AVX-512 build takes attend_head_impl's
+ * kind 2): scores q . k_j * ks_j, softmax, sum_j p_j vs_j v_j. */
+static __attribute__((unused)) void attend_head_i8(const attend_args *a, int b, int h, float *scores) {
+    const int hd = a->hd;
+    const float *q = a->q + b * a->stride + h * hd;
+    const size_t row = ((size_t)b * a->heads + h) * a->max_len, head = row * hd;
+    const int8_t *kc = (const int8_t *)a->kc + head, *vc = (const int8_t *)a->vc + head;
+    const float *ks = a->ks + row, *vs = a->vs + row;
+    float top = -INFINITY, total = 0.f;
+    float *o = a->out + (size_t)b * a->heads * hd + h * hd;
+    for (int j = 0; j < a->len; j++) {
+        float s = 0.f;
+        for (int i = 0; i < hd; i++) s += q[i] * (float)kc[(size_t)j * hd + i];
+        scores[j] = s * a->scale * ks[j];
+        top = scores[j] > top ? scores[j] : top;
+    }
+    for (int j = 0; j < a->len; j++) total += (scores[j] = expf(scores[j] - top));
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (int j = 0; j < a->len; j++) {
+        const float p = scores[j] * vs[j] / total;
+        for (int i = 0; i < hd; i++) o[i] += p * (float)vc[(size_t)j * hd + i];
+    }
+}
+
+/* Every cache layout: attend_head takes all three with AVX-512, the float32 and bfloat16 ones
+ * otherwise, where the 8-bit one takes the portable loop. */
+static inline void attend_any(const attend_args *a, int b, int h, float *scores) {
+#if defined(__AVX512F__)
+    attend_head(a, b, h, scores);
+#else
+    if (a->i8) attend_head_i8(a, b, h, scores);
+    else attend_head(a, b, h, scores);
+#endif
+}
+
 /* Store the new key and value of row b, head h at position `pos` (rounded to nearest even for a
- * bfloat16 cache). */
+ * bfloat16 cache, quantized with its scale for an 8-bit one). */
 static void write_kv(const attend_args *a, int b, int h) {
     const int hd = a->hd;
     const size_t at = (((size_t)b * a->heads + h) * a->max_len + a->pos) * hd;
     const float *kn = a->k_new + b * a->stride + h * hd, *vn = a->v_new + b * a->stride + h * hd;
-    if (a->bf16) {
+    if (a->i8) {
+        const size_t s = ((size_t)b * a->heads + h) * a->max_len + a->pos;
+        quantize_head(kn, hd, (int8_t *)a->kc + at, a->ks + s);
+        quantize_head(vn, hd, (int8_t *)a->vc + at, a->vs + s);
+    } else if (a->bf16) {
         for (int i = 0; i < hd; i++) {
             ((uint16_t *)a->kc)[at + i] = to_bf16(kn[i]);
             ((uint16_t *)a->vc)[at + i] = to_bf16(vn[i]);
@@ -746,25 +816,29 @@ static void attend_task(void *args, int begin, int end) {
     float stack[4096];
     float *scores = a->len <= 4096 ? stack : malloc(sizeof(float) * a->len);
     if (!scores) return;
-    for (int i = begin; i < end; i++) attend_head(a, i / a->heads, i % a->heads, scores);
+    for (int i = begin; i < end; i++) attend_any(a, i / a->heads, i % a->heads, scores);
     if (scores != stack) free(scores);
 }
 
 /* Returns 0, or -2 when `pos`/`len` do not fit the cache. The cache holds float32, or bfloat16
- * when `bf16` is set (new keys and values are rounded to nearest even when written). */
+ * when `bf16` is set (new keys and values are rounded to nearest even when written), or int8 with
+ * the scales ks, vs when `i8` is set. */
 int ms_attend(const float *q, const float *k_new, const float *v_new, long stride, void *kc, void *vc,
-              float *out, int batch, int heads, int max_len, int hd, int pos, int len, float scale, int bf16) {
+              float *out, int batch, int heads, int max_len, int hd, int pos, int len, float scale, int bf16,
+              float *ks, float *vs, int i8) {
     if (len < 1 || len > max_len || pos >= max_len || (k_new && pos < 0) || hd > 256) return -2;
-    attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, bf16, scale};
+    if (i8 && (!ks || !vs || bf16)) return -2;
+    attend_args a = {q, k_new, v_new, kc, vc, out, stride, heads, max_len, pos, len, hd, bf16, scale, ks, vs, i8};
     if (k_new)
         for (int b = 0; b < batch; b++)
             for (int h = 0; h < heads; h++) write_kv(&a, b, h);
-    size_t item = bf16 ? 2 : sizeof(float);
+    size_t item = i8 ? 1 : bf16 ? 2 : sizeof(float);
     run(attend_task, &a, batch * heads, (size_t)batch * heads * len * hd * 2 * item);
     return 0;
 }
 
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
+#include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */
 #include "cpu_block.c" /* the fused decoder block, in this translation unit */
 
 /* Which path each kernel family was compiled with, e.g. "f32=avx2 i8=avx2 i4=avx2 bf16=avx2

@@ -125,6 +125,8 @@ static void i4_task(void *args, int begin, int end) {
  * -1 where the build has neither VNNI nor AVX2, -2 for unsupported shapes. */
 int ms_linear_i4(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
+    const int tiles = amx_linear(w, scale, x, y, n, d, rows, act, 1);
+    if (tiles) return tiles == 1 ? 0 : tiles;
     static int8_t q[MS_MAX_ROWS * 65536];
     static float xs[MS_MAX_ROWS * 65536 / MS_GROUP];
     static int32_t xc[MS_MAX_ROWS * 65536 / MS_GROUP];

@@ -29,6 +29,20 @@ log = logging.getLogger("musicsteer.stream")
 
 CHUNKS = range(2, 65)  # slice sizes a time budget chooses from
 
+# The window and keep (seconds) a live session uses unless told: a GPU takes MusicGen's whole 30 s
+# context; a CPU step reads the cache it has filled, so there the window is 15 s (the live
+# anchors keep about 10 s of context) and the re-prime, a prefill of `keep`, 5 s.
+DEFAULT_WINDOW = {"cuda": (30.0, 10.0), "cpu": (15.0, 5.0)}
+
+
+def default_window(device_type: str, window_s: float | None = None, keep_s: float | None = None) -> tuple[float, float]:
+    """(window, keep) in seconds for a stream on `device_type`, where None takes the default; a window
+    given without a keep keeps a third of it, at most the default keep."""
+    window, keep = DEFAULT_WINDOW.get(device_type, DEFAULT_WINDOW["cuda"])
+    if window_s is None:
+        return window, keep if keep_s is None else keep_s
+    return window_s, min(keep, window_s / 3) if keep_s is None else keep_s
+
 
 def reprime_margin(keep: int, chunk: int) -> int:
     """Steps before the window fills at which re-priming starts: it takes keep/(chunk-1) steps."""

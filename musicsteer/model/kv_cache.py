@@ -24,12 +24,51 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` (B, H, T, hd) at positions `input_pos` (T,); return the whole cache (in its
-        storage dtype, which may be narrower than the model's: see `MusicGen.cache_dtype`)."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (B, H, T, hd) at positions `input_pos` (T,); return the cache's first `upto`
+        positions, or all of it (in its storage dtype, which may be narrower than the model's: see
+        `MusicGen.cache_dtype`)."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # (B, H, L, hd)
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        if upto is None:
+            return self.k, self.v
+        return self.k[:, :, :upto], self.v[:, :, :upto]
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dimension (one head's values at one position): x (..., hd) ->
+    (q (..., hd) int8, scale (...) float32) with scale = max|x| / 127 and q = round(x / scale), half
+    to even. The CPU kernel (kernels/cpu_gemv.c, quantize_head) does the same float32 operations."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127.0  # (...)
+    div = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / div[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class QuantizedKVCache(KVCache):
+    """An 8-bit self-attention cache: int8 keys and values with one float32 scale per row, head and
+    position (`k_scale`, `v_scale`, (B, H, L)), a quarter of float32's bytes plus 4 per head and
+    position. `update` returns the filled part dequantized to `dtype` (the reference path; the CPU
+    kernel reads the int8 form and its scales directly)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__(batch, heads, max_len, head_dim, torch.int8, device)
+        self.dtype = dtype
+        shape = (batch, heads, max_len)
+        self.register_buffer("k_scale", torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("v_scale", torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        for cache, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = quantize_heads(x)  # (B, H, T, hd), (B, H, T)
+            cache.index_copy_(2, input_pos, q)
+            scales.index_copy_(2, input_pos, s)
+        n = self.max_len if upto is None else upto
+        return (self.k[:, :, :n].to(self.dtype) * self.k_scale[:, :, :n, None].to(self.dtype),
+                self.v[:, :, :n].to(self.dtype) * self.v_scale[:, :, :n, None].to(self.dtype))
 
 
 class CrossCache(nn.Module):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import CrossCache, KVCache
+from .kv_cache import CrossCache, KVCache, QuantizedKVCache
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 HOOK_KINDS = ("attn", "cross", "out")
@@ -101,9 +101,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             assert self.cache is not None, "call setup_caches() before a cached forward"
-            k, v = self.cache.update(input_pos, k, v)  # (B, H, L, hd)
-            if kv_len is not None:  # eager: read only the filled part of the cache
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = self.cache.update(input_pos, k, v, kv_len)  # (B, H, L, hd); eager: the filled kv_len
             if k.dtype != q.dtype:  # a narrower cache (cache_dtype)
                 k, v = k.to(q.dtype), v.to(q.dtype)
             if mask is CAUSAL:  # flash / memory-efficient kernels where the device has them
@@ -198,9 +196,9 @@ class MusicGen(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.heads = nn.Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
         self.batch = 0
-        # Storage dtype of the self-attention caches (None: the model's). Reduced-precision CPU
-        # weights pair with bfloat16 caches: at a 30 s window the cache is ~0.6 GB of float32 reads
-        # per `small` step, more than its int8 weights.
+        # Storage dtype of the self-attention caches (None: the model's; torch.int8: 8-bit with
+        # scales, QuantizedKVCache). Reduced-precision CPU weights pair with bfloat16 caches: at a
+        # 30 s window the cache is ~0.6 GB of float32 reads per `small` step, more than its int8 weights.
         self.cache_dtype: torch.dtype | None = None
         # A backend's runner for the blocks of one-token cached steps (backends/cpu/fused.py), or
         # None: `takes(x, kv_len, mask)` says whether it runs a call, which then skips the loop.
@@ -256,6 +254,8 @@ class MusicGen(nn.Module):
     def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
         """A second set of self-attention caches (the stream re-primes into one while decoding on another)."""
         cfg, p = self.cfg, self.embed.weight
+        if self.cache_dtype == torch.int8:  # 8-bit keys and values with per-head, per-position scales
+            return [QuantizedKVCache(batch, cfg.heads, max_len, cfg.head_dim, p.dtype, p.device) for _ in self.blocks]
         dtype = self.cache_dtype or p.dtype
         return [KVCache(batch, cfg.heads, max_len, cfg.head_dim, dtype, p.device) for _ in self.blocks]
 

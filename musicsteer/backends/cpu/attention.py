@@ -34,8 +34,10 @@ class CpuSelfAttention(SelfAttention):
         B, T, D = x.shape
         if T == 1 and kv_len is not None and mask is None and fast_path(x):
             qkv = self.wqkv(x).reshape(B, 3 * D).contiguous()  # (B, 3D)
-            out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), self.cache.k, self.cache.v,
-                                     int(input_pos[0]), kv_len)  # (B, D)
+            cache = self.cache
+            scales = (cache.k_scale, cache.v_scale) if cache.k.dtype == torch.int8 else None
+            out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), cache.k, cache.v,
+                                     int(input_pos[0]), kv_len, scales)  # (B, D)
             return self.wo(out.view(B, 1, D))
         return super().forward(x, input_pos, kv_len, mask)
 

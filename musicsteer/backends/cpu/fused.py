@@ -55,7 +55,8 @@ class _Layer(ctypes.Structure):
                 ("norm_w", _ptr * 3), ("norm_b", _ptr * 3), ("w", _ptr * 6), ("scale", _ptr * 6),
                 ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr),
                 ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
-                ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr)]
+                ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr),
+                ("ks", _ptr), ("vs", _ptr), ("cache_i8", ctypes.c_int)]
 KINDS = {PackedLinear: KIND_F32, PackedInt8Linear: KIND_I8, PackedBf16Linear: KIND_BF16, PackedInt4Linear: KIND_I4}  # ms_layer.kind
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
@@ -137,7 +138,7 @@ class FusedBlock:
         binding, so an id is never reused while compared) and the norms' data pointers."""
         sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
         parts: list = [id(sc), id(cc), id(sc._buffers["k"]), id(sc._buffers["v"]), id(cc._buffers["k"]),
-                       id(cc._buffers["v"])]
+                       id(cc._buffers["v"]), id(sc._buffers.get("k_scale")), id(sc._buffers.get("v_scale"))]
         for m in self._linears:
             buffers = m._buffers
             parts.append(id(buffers["packed"]))
@@ -160,8 +161,11 @@ class FusedBlock:
             L.scale[i] = m._buffers["scale"].data_ptr() if self.scaled else None
         L.kc, L.vc, L.max_len = sc.k.data_ptr(), sc.v.data_ptr(), sc.max_len
         L.cache_bf16 = int(sc.k.dtype == torch.bfloat16)
+        L.cache_i8 = int(sc.k.dtype == torch.int8)
+        scales = (sc.k_scale, sc.v_scale) if L.cache_i8 else ()
+        L.ks, L.vs = (s.data_ptr() for s in scales) if scales else (None, None)
         L.tk, L.tv, L.text_max = cc.k.data_ptr(), cc.v.data_ptr(), cc.max_text
-        self._held = (sc, cc, sc.k, sc.v, cc.k, cc.v, *(m._buffers.get(n) for m in self._linears
+        self._held = (sc, cc, sc.k, sc.v, cc.k, cc.v, *scales, *(m._buffers.get(n) for m in self._linears
                                                         for n in ("packed", "scale")))
         self._key = key
 
@@ -173,7 +177,7 @@ class FusedBlock:
             return False
         k, tk = sc._buffers["k"], cc._buffers["k"]
         if not (rows <= MAX_ROWS and k.shape[0] == rows and tk.shape[0] == rows and tk.dtype == torch.float32
-                and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and tk.is_contiguous()
+                and k.dtype in (torch.float32, torch.bfloat16, torch.int8) and k.is_contiguous() and tk.is_contiguous()
                 and cc.length > 0):
             return False
         key = self._signature()

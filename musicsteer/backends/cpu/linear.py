@@ -64,6 +64,9 @@ class ChunkedLinear(nn.Module):
 # of this many: as fast as unpacking the weight for MKL at 400 rows in float32, and 4-10x faster
 # in int8, where MKL needs the weight dequantized first (one 4096 x 1024 layer, 2-core machine).
 PACKED_ROWS = 32
+# Rows per call of the int8 and int4 kernels where they run on AMX tiles (kernels/cpu_amx.c): the
+# activations' int8 form of this many rows (2 MB at 4096 inputs) stays in the caches.
+TILE_ROWS = 512
 
 
 class PackedBase(nn.Module):
@@ -92,17 +95,21 @@ class PackedBase(nn.Module):
             self._bind()
         return self._kernel(x, rows)
 
+    def _prefill_rows(self) -> int:
+        """Rows per kernel call for a prefill."""
+        return PACKED_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         rows = flat.shape[0]
         if x.dtype is torch.float32 and not torch.is_grad_enabled():
             flat = flat.contiguous()
-            if rows <= PACKED_ROWS:
+            step = self._prefill_rows()
+            if rows <= step:
                 y = self._fast(flat, rows)
             else:  # prefill: the kernel on slices of rows, with no copy of the weight to unpack
-                y = torch.cat([self._fast(flat[i : i + PACKED_ROWS], min(PACKED_ROWS, rows - i))
-                               for i in range(0, rows, PACKED_ROWS)])
+                y = torch.cat([self._fast(flat[i : i + step], min(step, rows - i)) for i in range(0, rows, step)])
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
             if self.activation == "relu":
@@ -154,6 +161,10 @@ class ScaledPackedBase(PackedBase):
         if self._scale is not self._buffers["scale"]:
             self._bind()
         return super()._fast(x, rows)
+
+    def _prefill_rows(self) -> int:
+        # on AMX tiles a call reads the weights once for all of its rows: a whole prefill at once
+        return TILE_ROWS if cpu_kernels.use_tiles() else PACKED_ROWS
 
     @property
     def weight(self) -> torch.Tensor:

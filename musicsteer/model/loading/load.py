@@ -35,9 +35,10 @@ from .common import (
 
 def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               weights: str = "full") -> LoadedModel:
+               weights: str = "full", kv_cache: str = "auto") -> LoadedModel:
     """Resolve `spec` and load decoder, text encoder and codec; `weights="int8"` stores the
-    decoder's linear weights as int8 and its self-attention caches as bfloat16 (CPU)."""
+    decoder's linear weights as int8 and its self-attention caches as bfloat16 (CPU); `kv_cache`
+    chooses the caches' storage (backends/select.KV_CACHES)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     if spec in PRESETS:
         loaded = load_preset(spec)
@@ -54,7 +55,7 @@ def load_model(spec: str, *, text_encoder: str | None = None, codec: str | None 
         loaded.codec = load_codec_dir(Path(codec), "--codec")
     check_compatible(loaded)
     try:
-        loaded.backend = prepare(loaded.decoder, device, dtype, weights)  # the one backend choice
+        loaded.backend = prepare(loaded.decoder, device, dtype, weights, kv_cache)  # the one backend choice
     except BackendError as exc:
         raise ModelLoadError(str(exc)) from None
     loaded.text.model.to(device)
