@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..kernels import cpu as cpu_kernels
 from ..kernels import steer
 from ..model.generate import generate
 from ..model.loading.load import LoadedModel
@@ -159,6 +160,8 @@ def machine_info(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        info["cpu_march"], info["cpu_kernels"] = cpu_kernels.MARCH, cpu_kernels.paths()
     return info
 
 

@@ -34,10 +34,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c, cpu_amx.c and cpu_block.c
-SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_amx.c"), SOURCE.with_name("cpu_block.c"))
-MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # e.g. x86-64-v2: the portable build, for tests
+SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_amx.c"), SOURCE.with_name("cpu_block.c"),
+           SOURCE.with_name("cpu_avx2.h"))
+MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # x86-64-v2: the portable build; x86-64-v3: AVX2
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8
+CAP_INT8_AVX2 = 16  # int8 and int4 products on AVX2 (vpmaddubsw) in a build without VNNI
 BLOCK = 16       # output channels per packed block
 GROUP = 64       # int8: inputs per activation scale
 MAX_ROWS = 8     # rows per pass over the weights
@@ -119,6 +121,7 @@ def _open() -> ctypes.CDLL | None:
         log.warning("%s; the decoder uses torch's products", _reason)
         return None
     lib.ms_caps.restype = ctypes.c_int
+    lib.ms_paths.restype = ctypes.c_char_p
     lib.ms_linear_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
     lib.ms_linear_f32.restype = None
     lib.ms_linear_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
@@ -159,7 +162,18 @@ def caps() -> int:
 
 
 def has_int8() -> bool:
-    return bool(caps() & CAP_VNNI)
+    """Whether the int8 and int4 products are compiled: AVX-512 VNNI, or AVX2 without it."""
+    return bool(caps() & (CAP_VNNI | CAP_INT8_AVX2))
+
+
+def paths() -> dict[str, str]:
+    """Which path each kernel family was compiled with: {"f32", "i8", "i4", "bf16", "attend"} ->
+    "avx512" / "vnni" / "avx512bf16", "avx2", "portable" or "none" (int8 and int4 absent); {}
+    without the library."""
+    lib = library()
+    if lib is None:
+        return {}
+    return dict(item.split("=", 1) for item in lib.ms_paths().decode().split())
 
 
 def has_bf16() -> bool:

@@ -123,7 +123,7 @@ static void product(block_call *c, int slot, int which, int n, int d, const floa
     const int blocks = n / 16, item2 = L->kind == KIND_I4 ? 1 : L->kind == KIND_I8 ? 2 : L->kind == KIND_BF16 ? 4 : 8;
     int chunk = (int)(2 * 128 * 1024 / ((size_t)d * 16 * item2)); /* item2: twice the bytes per weight */
     if (chunk < 1) chunk = 1;
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(MS_INT8_KERNELS)
     if (L->kind == KIND_I8) {
         quantize_rows(in, c->rows, d, tls.q, tls.xs, tls.xc);
         i8_args a = {L->w[which], L->scale[which], tls.q, tls.xs, tls.xc, out, res, n, d, c->rows, act};
@@ -270,7 +270,7 @@ static int check_layer(const ms_layer *L, int first, int last, int rows, int pos
     if (L->d % 16 || L->ffn % 16 || L->hd > 256 || L->hd < 1 || L->d != L->heads * L->hd) return -2;
     if (first == 0 && (len < 1 || len > L->max_len || pos < 0 || pos >= L->max_len)) return -2;
     if (first <= 1 && last >= 1 && (text_len < 1 || text_len > L->text_max)) return -2;
-#if !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
+#if !defined(MS_INT8_KERNELS)
     if (L->kind == KIND_I8 || L->kind == KIND_I4) return -1;
 #endif
     if ((L->kind == KIND_I8 || L->kind == KIND_I4) && (L->d % MS_GROUP || L->ffn % MS_GROUP)) return -2;

@@ -23,8 +23,10 @@
  *
  * Threads: OpenMP, sharing torch's team (see run()).
  *
- * Built by musicsteer/kernels/cpu.py with -O3 -march=native; without AVX-512 a portable
- * float32 loop is compiled instead and the int8 entry point reports itself absent.
+ * Built by musicsteer/kernels/cpu.py with -O3 -march=native. Each kernel family has an AVX-512
+ * path, an AVX2/FMA one (x86-64-v3: most laptops; int8 and int4 through vpmaddubsw, bfloat16 by
+ * shifting to float32; helpers in cpu_avx2.h) and a portable C loop as the last fallback, where
+ * the int8 and int4 entry points report themselves absent. ms_paths() says which was compiled.
  */
 #include <omp.h>
 #include <pthread.h>
@@ -35,6 +37,13 @@
 #include <math.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include "cpu_avx2.h" /* the x86-64-v3 paths' activations and sums */
+#endif
+/* The int8 and int4 products: AVX-512 VNNI (vpdpbusd), or AVX2 (vpmaddubsw) without it. */
+#if (defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
+#define MS_INT8_KERNELS 1
 #endif
 
 #define MS_MAX_ROWS 8
@@ -50,6 +59,9 @@ int ms_caps(void) {
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
     caps |= 8; /* bfloat16 products in hardware (the bfloat16 form has a portable loop otherwise) */
+#endif
+#if !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)) && defined(__AVX2__) && defined(__FMA__)
+    caps |= 16; /* int8 and int4 products on AVX2 (vpmaddubsw), without VNNI */
 #endif
     return caps;
 }
@@ -196,6 +208,59 @@ static void f32_task(void *args, int begin, int end) {
         F32_CASE(5, 1) F32_CASE(6, 1) F32_CASE(7, 1) F32_CASE(8, 1)
     }
 }
+#define MS_PATH_F32 "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+/* One block of 16 outputs as two halves of 8 lanes, for R rows: NH halves from H0 per pass over
+ * the block's weights (both for up to 4 rows; beyond, one half per pass, so that the accumulators
+ * stay in the 16 ymm registers), U partial sums per half and row. */
+static inline __attribute__((always_inline)) void f32_half8(const float *w, const float *x, float *y, const float *res,
+                                                            int n, int d, int act, const int R, const int U,
+                                                            const int H0, const int NH) {
+    __m256 acc[MS_MAX_ROWS][2][2];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < NH; h++)
+            for (int u = 0; u < U; u++) acc[r][h][u] = _mm256_setzero_ps();
+    const int body = d - d % U;
+    for (int i = 0; i < body; i += U)
+        for (int u = 0; u < U; u++)
+            for (int h = 0; h < NH; h++) {
+                __m256 wv = _mm256_loadu_ps(w + (size_t)(i + u) * 16 + 8 * (H0 + h));
+                for (int r = 0; r < R; r++)
+                    acc[r][h][u] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + r * d + i + u), acc[r][h][u]);
+            }
+    for (int i = body; i < d; i++)
+        for (int h = 0; h < NH; h++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)i * 16 + 8 * (H0 + h));
+            for (int r = 0; r < R; r++) acc[r][h][0] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + r * d + i), acc[r][h][0]);
+        }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < NH; h++) {
+            const size_t at = (size_t)r * n + 8 * (H0 + h);
+            __m256 s = acc[r][h][0];
+            for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[r][h][u]);
+            s = activate8(s, act);
+            if (res) s = _mm256_add_ps(s, _mm256_loadu_ps(res + at));
+            _mm256_storeu_ps(y + at, s);
+        }
+}
+
+#define F32_CASE8(R, U) \
+    case R: \
+        for (int b = begin; b < end; b++) { \
+            const float *w = a->w + (size_t)b * a->d * 16, *res = a->res ? a->res + b * 16 : NULL; \
+            if (R <= 4) f32_half8(w, a->x, a->y + b * 16, res, a->n, a->d, a->act, R, U, 0, 2); \
+            else for (int h = 0; h < 2; h++) f32_half8(w, a->x, a->y + b * 16, res, a->n, a->d, a->act, R, U, h, 1); \
+        } \
+        break;
+
+static void f32_task(void *args, int begin, int end) {
+    f32_args *a = args;
+    switch (a->rows) {
+        F32_CASE8(1, 2) F32_CASE8(2, 1) F32_CASE8(3, 1) F32_CASE8(4, 1)
+        F32_CASE8(5, 1) F32_CASE8(6, 1) F32_CASE8(7, 1) F32_CASE8(8, 1)
+    }
+}
+#define MS_PATH_F32 "avx2"
 #else
 static void f32_task(void *args, int begin, int end) {
     f32_args *a = args;
@@ -213,6 +278,7 @@ static void f32_task(void *args, int begin, int end) {
         }
     }
 }
+#define MS_PATH_F32 "portable"
 #endif
 
 /* y (rows, n) = x (rows, d) @ W.T with W packed [n/16][d][16]; rows beyond 8 go in passes. */
@@ -307,12 +373,106 @@ static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xs
             xcomp[r * groups + g] = 128 * _mm512_reduce_add_epi32(sum);
         }
 }
+#define MS_PATH_I8 "vnni"
+#elif defined(__AVX2__) && defined(__FMA__)
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER; /* the activations' scratch */
+
+/* Without VNNI: the weights' bytes back to signed (q + 128 xor 0x80 = q), then vpmaddubsw of |q|
+ * with x_q carrying q's sign (vpsignb) and vpmaddwd by ones: each pair of products is at most
+ * 2 * 127 * 127 = 32258 in magnitude, inside int16, so vpmaddubsw never saturates and the sums are
+ * exactly the VNNI path's (no offset to take back). One 16-output block is two 8-lane halves: both
+ * in one pass for up to 2 rows, one per pass beyond (the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void i8_half8(const i8_args *a, int b, const int R, const int H0,
+                                                           const int NH) {
+    const int d = a->d, groups = d / MS_GROUP;
+    const uint8_t *w = a->w + (size_t)b * d * 16;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 out[MS_MAX_ROWS][2];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < NH; h++) out[r][h] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i acc[MS_MAX_ROWS][2];
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < NH; h++) acc[r][h] = _mm256_setzero_si256();
+        const uint8_t *wg = w + (size_t)g * MS_GROUP * 16;
+        for (int q = 0; q < MS_GROUP / 4; q++) {
+            __m256i xv[MS_MAX_ROWS];
+            for (int r = 0; r < R; r++)
+                xv[r] = _mm256_set1_epi32(((const int32_t *)(a->xq + (size_t)r * d + g * MS_GROUP))[q]);
+            for (int h = 0; h < NH; h++) {
+                __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wg + q * 64 + 32 * (H0 + h))), flip);
+                __m256i mag = _mm256_abs_epi8(v);
+                for (int r = 0; r < R; r++)
+                    acc[r][h] = _mm256_add_epi32(acc[r][h],
+                                                 _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv[r], v)), ones));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < NH; h++)
+                out[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_set1_ps(a->xscale[r * groups + g]), out[r][h]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < NH; h++) {
+            const size_t at = (size_t)r * a->n + b * 16 + 8 * (H0 + h);
+            __m256 v = activate8(_mm256_mul_ps(out[r][h], _mm256_loadu_ps(a->scale + b * 16 + 8 * (H0 + h))), a->act);
+            if (a->res) v = _mm256_add_ps(v, _mm256_loadu_ps(a->res + at));
+            _mm256_storeu_ps(a->y + at, v);
+        }
+}
+
+#define I8_CASE8(R) \
+    case R: \
+        for (int b = begin; b < end; b++) { \
+            if (R <= 2) i8_half8(a, b, R, 0, 2); \
+            else { i8_half8(a, b, R, 0, 1); i8_half8(a, b, R, 1, 1); } \
+        } \
+        break;
+
+static void i8_task(void *args, int begin, int end) {
+    i8_args *a = args;
+    switch (a->rows) { I8_CASE8(1) I8_CASE8(2) I8_CASE8(3) I8_CASE8(4) I8_CASE8(5) I8_CASE8(6) I8_CASE8(7) I8_CASE8(8) }
+}
+
+/* As the AVX-512 form: per group of 64, scale = max|x| / 127, x_q = round(x / scale) (nearest even). */
+static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xscale, int32_t *xcomp) {
+    const int groups = d / MS_GROUP;
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the packs' lane interleave */
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < groups; g++) {
+            const float *xs = x + (size_t)r * d + g * MS_GROUP;
+            __m256 v[8], m = _mm256_setzero_ps();
+            for (int i = 0; i < 8; i++) {
+                v[i] = _mm256_loadu_ps(xs + 8 * i);
+                m = _mm256_max_ps(m, abs8(v[i]));
+            }
+            float top = hmax8(m);
+            float scale = top > 0.f ? top / 127.f : 1.f;
+            __m256 inv = _mm256_set1_ps(1.f / scale);
+            __m256i sum = _mm256_setzero_si256(), q[8];
+            for (int i = 0; i < 8; i++) {
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* round to nearest even */
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+                sum = _mm256_add_epi32(sum, q[i]);
+            }
+            for (int k = 0; k < 2; k++) {
+                __m256i lo = _mm256_packs_epi32(q[4 * k], q[4 * k + 1]), hi = _mm256_packs_epi32(q[4 * k + 2], q[4 * k + 3]);
+                __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order);
+                _mm256_storeu_si256((__m256i *)(xq + (size_t)r * d + g * MS_GROUP + 32 * k), bytes);
+            }
+            xscale[r * groups + g] = scale;
+            xcomp[r * groups + g] = 128 * hsum8_epi32(sum);
+        }
+}
+#define MS_PATH_I8 "avx2"
+#endif
+
+#if defined(MS_INT8_KERNELS)
 
 static int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act,
                       int int4); /* cpu_amx.c: 16 rows or more on AMX tiles, where there are tiles */
 
 /* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
- * success, -1 where the CPU or the build lacks VNNI, -2 for unsupported shapes, -3 out of memory. */
+ * success, -1 where the build has neither VNNI nor AVX2, -2 for unsupported shapes, -3 out of memory. */
 int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
     const int tiles = amx_linear(w, scale, x, y, n, d, rows, act, 0);
@@ -335,6 +495,7 @@ int ms_linear_i8(const uint8_t *w, const float *scale, const float *x, float *y,
     (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows; (void)act;
     return -1;
 }
+#define MS_PATH_I8 "none"
 #endif
 
 /* ---------------------------------------------------------------- attention, one query */
@@ -469,6 +630,95 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
     else if (a->hd == 64) attend_head_impl(a, b, h, scores, 4, 0);
     else attend_head_impl(a, b, h, scores, (a->hd + 15) / 16, a->bf16);
 }
+#define MS_PATH_ATTEND "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+/* 8 cache values as float32, from float32 or bfloat16 storage (a bfloat16 is a float32's top half). */
+static inline __attribute__((always_inline)) __m256 load_cache8(const int bf16, const void *base, size_t at) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + at))), 16));
+    return _mm256_loadu_ps((const float *)base + at);
+}
+
+static inline float cache_value(const int bf16, const void *base, size_t at) {
+    return bf16 ? from_bf16(((const uint16_t *)base)[at]) : ((const float *)base)[at];
+}
+
+/* As the AVX-512 form, eight lanes wide: CH whole chunks of 8 in a head (a constant in the common
+ * case, so the query stays in registers), the last hd % 8 values in scalar code; AVX2 has no
+ * 16-bit masked loads for a bfloat16 tail. */
+static inline __attribute__((always_inline)) void attend_head_impl8(const attend_args *a, int b, int h, float *scores,
+                                                                   const int CH, const int BF) {
+    const int hd = a->hd, rest = hd - 8 * CH;
+    const float *q = a->q + b * a->stride + h * hd;
+    const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
+    __m256 qv[32];
+    float qs[256];
+    for (int i = 0; i < hd; i++) qs[i] = q[i] * a->scale;
+    for (int c = 0; c < CH; c++) qv[c] = _mm256_loadu_ps(qs + 8 * c);
+    /* Scores four keys at a time: four lane-wise products, then one transposing reduction. */
+    __m128 top4 = _mm_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 4 <= a->len; j += 4) {
+        __m256 s[4];
+        float tail[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int t = 0; t < 4; t++) {
+            const size_t kj = head + (size_t)(j + t) * hd;
+            s[t] = _mm256_setzero_ps();
+            for (int c = 0; c < CH; c++) s[t] = _mm256_fmadd_ps(qv[c], load_cache8(BF, a->kc, kj + 8 * c), s[t]);
+            for (int i = 8 * CH; i < hd; i++) tail[t] += qs[i] * cache_value(BF, a->kc, kj + i);
+        }
+        __m128 r = hsum8x4(s[0], s[1], s[2], s[3]); /* lanes: keys j, j+1, j+2, j+3 */
+        if (rest) r = _mm_add_ps(r, _mm_loadu_ps(tail));
+        _mm_storeu_ps(scores + j, r);
+        top4 = _mm_max_ps(top4, r);
+    }
+    float t4[4];
+    _mm_storeu_ps(t4, top4);
+    float top = fmaxf(fmaxf(t4[0], t4[1]), fmaxf(t4[2], t4[3]));
+    for (; j < a->len; j++) {
+        const size_t kj = head + (size_t)j * hd;
+        __m256 s = _mm256_setzero_ps();
+        for (int c = 0; c < CH; c++) s = _mm256_fmadd_ps(qv[c], load_cache8(BF, a->kc, kj + 8 * c), s);
+        float sj = hsum8(s);
+        for (int i = 8 * CH; i < hd; i++) sj += qs[i] * cache_value(BF, a->kc, kj + i);
+        scores[j] = sj;
+        top = sj > top ? sj : top;
+    }
+    __m256 total = _mm256_setzero_ps(), m = _mm256_set1_ps(top);
+    for (j = 0; j + 8 <= a->len; j += 8) {
+        __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m));
+        _mm256_storeu_ps(scores + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    if (j < a->len) {
+        __m256i rest_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(a->len - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 e = exp_neg8(_mm256_sub_ps(_mm256_maskload_ps(scores + j, rest_mask), m));
+        e = _mm256_and_ps(e, _mm256_castsi256_ps(rest_mask));
+        _mm256_maskstore_ps(scores + j, rest_mask, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float inv = 1.0f / hsum8(total);
+    __m256 acc[32];
+    float tail[8] = {0.f};
+    for (int c = 0; c < CH; c++) acc[c] = _mm256_setzero_ps();
+    for (int j = 0; j < a->len; j++) {
+        __m256 p = _mm256_set1_ps(scores[j]);
+        const size_t vj = head + (size_t)j * hd;
+        for (int c = 0; c < CH; c++) acc[c] = _mm256_fmadd_ps(p, load_cache8(BF, a->vc, vj + 8 * c), acc[c]);
+        for (int i = 0; i < rest; i++) tail[i] += scores[j] * cache_value(BF, a->vc, vj + 8 * CH + i);
+    }
+    float *o = a->out + (size_t)b * a->heads * hd + h * hd;
+    for (int c = 0; c < CH; c++) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    for (int i = 0; i < rest; i++) o[8 * CH + i] = tail[i] * inv;
+}
+
+static void attend_head(const attend_args *a, int b, int h, float *scores) {
+    if (a->hd == 64 && a->bf16) attend_head_impl8(a, b, h, scores, 8, 1);
+    else if (a->hd == 64) attend_head_impl8(a, b, h, scores, 8, 0);
+    else attend_head_impl8(a, b, h, scores, a->hd / 8, a->bf16);
+}
+#define MS_PATH_ATTEND "avx2"
 #else
 static void attend_head(const attend_args *a, int b, int h, float *scores) {
     const int hd = a->hd;
@@ -489,6 +739,7 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
         for (int i = 0; i < hd; i++) o[i] += scores[j] / total * CACHE(a->vc, (size_t)j * hd + i);
 #undef CACHE
 }
+#define MS_PATH_ATTEND "portable"
 #endif
 
 /* One head's hd values as int8 at `q` and its scale at `s`, as model/kv_cache.py quantizes them
@@ -589,3 +840,9 @@ int ms_attend(const float *q, const float *k_new, const float *v_new, long strid
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
 #include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */
 #include "cpu_block.c" /* the fused decoder block, in this translation unit */
+
+/* Which path each kernel family was compiled with, e.g. "f32=avx2 i8=avx2 i4=avx2 bf16=avx2
+ * attend=avx2" for an x86-64-v3 build (kernels/cpu.py: paths()). */
+const char *ms_paths(void) {
+    return "f32=" MS_PATH_F32 " i8=" MS_PATH_I8 " i4=" MS_PATH_I4 " bf16=" MS_PATH_BF16 " attend=" MS_PATH_ATTEND;
+}
