@@ -58,8 +58,9 @@ class StepStats:
 
 def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
                     sampling: SamplingSettings, steering: SteeringSettings = SteeringSettings(),
-                    prompt: str = "benchmark prompt", graph: bool = False) -> np.ndarray:
-    """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active."""
+                    prompt: str = "benchmark prompt", graph: bool = False, prompts: int = 1) -> np.ndarray:
+    """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active
+    and `prompts` prompts blended at equal weights."""
     decoder = model.decoder
     device = decoder.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -82,7 +83,8 @@ def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
         sync()
         stamps.append(time.perf_counter())
         generate(decoder, model.text, prompt, frames, sampling, on_step=on_step,
-                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None, graph=graph)
+                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None, graph=graph,
+                 blend=tuple(f"{prompt}, variation {i}" for i in range(1, prompts)))
     finally:
         if steerer is not None:
             steerer.detach()
@@ -174,11 +176,12 @@ def git_commit() -> str | None:
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
                 baselines: list[str] = (), floor: bool = True, graph: bool = False, weights: str = "full",
-                rounds: int = 1) -> dict:
+                rounds: int = 1, prompts: int = 1) -> dict:
     """Time `steps` steps per concept count. With `rounds` > 1 the counts take turns, `steps / rounds`
     at a time, and the streaming bandwidth is sampled between rounds: on a shared host whose speed
     drifts over minutes, every configuration then sees the same conditions, and each round's p50
-    can be set against the floor measured beside it."""
+    can be set against the floor measured beside it. `prompts` > 1 blends that many prompts at
+    equal weights in every timed step (the morph's cost)."""
     from .baselines import (
         audiocraft_step_ms,
         step_cache_bytes,
@@ -195,7 +198,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     parts: dict[int, list[np.ndarray]] = {k: [] for k in concept_counts}
     for n in per_round:
         for k in concept_counts:
-            parts[k].append(time_generation(model, n, warmup, k, sampling, steering, graph=graph))
+            parts[k].append(time_generation(model, n, warmup, k, sampling, steering, graph=graph, prompts=prompts))
         if measure_floor:  # the host's bandwidth drifts: sample it after every round, keep the best
             bandwidths.append(stream_bandwidth())
     samples = {k: np.concatenate(p) for k, p in parts.items()}
@@ -206,6 +209,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
         "weights": weights, "cache_dtype": str(model.decoder.cache_dtype or model.decoder.embed.weight.dtype),
         "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph, "rounds": rounds,
+        "prompts": prompts,
         "results": [asdict(r) for r in results],
         "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
     }
@@ -252,6 +256,8 @@ def format_report(record: dict) -> str:
     graphed = ", CUDA graph" if record.get("cuda_graph") else ""
     if record.get("weights", "full") != "full":
         graphed = f", {record['weights']} weights, {record.get('cache_dtype', '?').replace('torch.', '')} cache" + graphed
+    if record.get("prompts", 1) > 1:
+        graphed += f", {record['prompts']} prompts blended"
     lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}{graphed}, "
              f"CFG {record['cfg']}) on {record['machine'].get('gpu', record['machine']['cpu'])}",
              f"{'concepts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'tok/s':>7} {'RTF':>6}"]

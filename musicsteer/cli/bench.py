@@ -33,6 +33,8 @@ def register(sub) -> None:
     lat.add_argument("--rounds", type=int, default=1,
                      help="take turns between the concept counts in this many rounds, sampling the bandwidth "
                           "between them (for noisy shared hosts)")
+    lat.add_argument("--prompts", type=int, default=1, metavar="N",
+                     help="blend N prompts at equal weights in every step (the cost of a prompt morph)")
     lat.add_argument("--cuda-graph", action="store_true",
                      help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_latency)
@@ -106,6 +108,8 @@ def run_latency(args: argparse.Namespace) -> int:
     if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise UsageError("--concepts, --steps, --warmup and --rounds must not be negative (--steps and --rounds "
                          "at least 1)")
+    if not 1 <= args.prompts <= 8:
+        raise UsageError(f"--prompts {args.prompts}: a step blends 1 to 8 prompts")
     if args.plot:
         require(args, "matplotlib")  # before minutes of timing, not after
     model = load_from_args(args)
@@ -116,7 +120,7 @@ def run_latency(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
     record = time_steps(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
-                        weights=args.weights, rounds=args.rounds)
+                        weights=args.weights, rounds=args.rounds, prompts=args.prompts)
     print(format_report(record))
     if args.json:
         write_json(record, args.json)
