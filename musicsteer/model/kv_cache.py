@@ -1,4 +1,9 @@
-"""Static key/value caches for self-attention and cross-attention.
+"""Threading model: the caches are read and written by the thread that runs the decoder's forward
+(the producer's). A prompt worker thread may call `CrossCache.empty` and `CrossCache.write` on
+buffers it owns (never a slot's own), and reads `shape`; `install`, `fill` and every `PromptMix`
+method run on the forward's thread, between forwards.
+
+Static key/value caches for self-attention and cross-attention.
 
 Both are allocated once, at their maximum shape, by `setup_caches`; every step
 writes into them by index. Shapes never change, so a step that uses them can be
