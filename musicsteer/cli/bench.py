@@ -1,6 +1,6 @@
-"""`musicsteer bench latency | stream | control | codec | fidelity`: parses, delegates to the bench
-package, prints the report and writes the JSON record. `latency` and `codec` need only the
-core packages (`--plot` adds matplotlib); `stream` and `control` run the live stream."""
+"""`musicsteer bench latency | stream | control | prompts | codec | fidelity`: parses, delegates to
+the bench package, prints the report and writes the JSON record. `latency` and `codec` need only
+the core packages (`--plot` adds matplotlib); `stream`, `control` and `prompts` run the live stream."""
 
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ def register(sub) -> None:
     control.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
     control.add_argument("--json", type=Path, metavar="FILE")
     control.set_defaults(run=run_control)
+
+    prompts = bsub.add_parser("prompts", help="what a prompt change costs the producer: a live session receiving "
+                                              "a new prompt over OSC (oscsend) every few seconds")
+    add_model_args(prompts)
+    prompts.add_argument("--seconds", type=float, default=30.0)
+    prompts.add_argument("--every", type=float, default=2.0, metavar="SECONDS", help="time between prompt changes")
+    prompts.add_argument("--buffer-ms", type=float, default=60.0)
+    prompts.add_argument("--json", type=Path, metavar="FILE")
+    prompts.set_defaults(run=run_prompts)
 
     codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
     add_model_args(codec)
@@ -165,6 +174,21 @@ def run_stream(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     emit(record, args.json)
     return 0
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    require(args, *STREAM, "pythonosc")
+    from ..bench.latency import write_json
+    from ..bench.prompts import format_report, run_prompt_bench
+
+    if not (args.seconds > 0 and 0 < args.every < args.seconds):
+        raise UsageError("--seconds must be positive and --every between 0 and --seconds")
+    record = run_prompt_bench(load_from_args(args), args.seconds, args.every, args.buffer_ms)
+    print(format_report(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
+    return 0 if record["clean"] else 1
 
 
 def run_control(args: argparse.Namespace) -> int:

@@ -196,6 +196,7 @@ class Producer:
                                      config.prompt_slots)
         self.prompt_worker = PromptWorker(model.text, model.decoder)
         self._prompt_changes = 0  # prompt swaps since the start (stats)
+        self.last_install_ms = 0.0  # the last prompt swap's cost on this thread
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -348,8 +349,10 @@ class Producer:
         """Swap a built prompt into its slot (O(layers) pointer swaps, or queued copies under a graph),
         hand the old buffers back to the worker, and log the change at `step` (None: the start)."""
         slot, text = built.request.slot, built.request.text
+        t0 = time.perf_counter()
         self.prompt_worker.recycle(self.model.decoder.install_memory(slot, built.buffers, built.length))
         self.engine.slot_filled(slot, text)
+        self.last_install_ms = (time.perf_counter() - t0) * 1e3
         change = built.request.tag
         if step is not None and change is not None:
             self._prompt_changes += 1
