@@ -197,6 +197,7 @@ class Producer:
         self.prompt_worker = PromptWorker(model.text, model.decoder)
         self._prompt_changes = 0  # prompt swaps since the start (stats)
         self.last_install_ms = 0.0  # the last prompt swap's cost on this thread
+        self.last_build_ms = 0.0  # what building that prompt cost (the worker's thread, or this one)
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -353,6 +354,7 @@ class Producer:
         self.prompt_worker.recycle(self.model.decoder.install_memory(slot, built.buffers, built.length))
         self.engine.slot_filled(slot, text)
         self.last_install_ms = (time.perf_counter() - t0) * 1e3
+        self.last_build_ms = built.build_ms
         change = built.request.tag
         if step is not None and change is not None:
             self._prompt_changes += 1
