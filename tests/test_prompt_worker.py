@@ -203,3 +203,22 @@ def test_osc_sets_prompt_slots_and_the_morph():
                           ("/musicsteer/prompt/9", ["a"]), ("/musicsteer/prompt/morph", [float("nan")])):
         with pytest.raises(Exception, match="string|number|unknown|finite"):
             router.handle(address, args, me)
+
+
+def test_the_mapping_files_prompts_fill_slots_2_on(tiny, tmp_path):
+    from musicsteer.errors import UsageError
+    from musicsteer.live.session import with_mapping_prompts
+
+    mapping = tmp_path / "m.toml"
+    mapping.write_text('prompts = ["ambient pads", "drum and bass"]\n\n[[cc]]\ncc = 1\nparam = "prompt/morph"\n')
+    request = LiveRequest(PROMPT, SAMPLING, null="fast", seconds=0.2, mapping=mapping, status=False)
+    assert with_mapping_prompts(request, []).prompts == ("ambient pads", "drum and bass")
+    with pytest.raises(UsageError, match="need 3 prompt slots; the session holds 2"):
+        with_mapping_prompts(dataclasses.replace(request, prompt_slots=2), [])
+    held, controls = [], ControlState([])
+    plain = dataclasses.replace(request, mapping=None, prompts=("ambient pads", "drum and bass"))
+    run_live(tiny, plain, controls=controls, on_start=held.append)
+    assert held[0].engine.prompts == [PROMPT, "ambient pads", "drum and bass", None]
+    assert held[0].model.decoder.prompt_mix.lengths[1:] == [13, 14, 0]  # bytes and EOS, at weight 0
+    assert (controls.current("prompt/3"), controls.current("prompt/4"), controls.current("prompt/morph")) == (
+        "drum and bass", None, 0.0)
