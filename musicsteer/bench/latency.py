@@ -252,6 +252,40 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     return record
 
 
+def run_prompt_costs(model: LoadedModel, steps: int, warmup: int, counts: list[int], sampling: SamplingSettings,
+                     dtype: str, weights: str = "full", rounds: int = 3, graph: bool = False) -> dict:
+    """Steps blending each number of prompts in `counts` (equal weights), taking turns in `rounds`
+    so that every count sees the same host; p50s and the overhead against the first count."""
+    rounds = max(1, min(rounds, steps))
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    parts: dict[int, list[np.ndarray]] = {n: [] for n in counts}
+    for size in per_round:
+        for n in counts:
+            parts[n].append(time_generation(model, size, warmup, 0, sampling, graph=graph, prompts=n))
+    samples = {n: np.concatenate(p) * 1e3 for n, p in parts.items()}
+    results = {str(n): {"steps": len(ms), "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+                        "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())} for n, ms in samples.items()}
+    base = results[str(counts[0])]["p50_ms"]
+    device = model.decoder.embed.weight.device
+    return {
+        "benchmark": "latency-prompts", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(device), "model": model.model_id, "dtype": dtype, "weights": weights,
+        "cfg": sampling.cfg, "warmup": warmup, "rounds": rounds, "cuda_graph": graph, "results": results,
+        "p50_over_first_pct": {k: 100.0 * (r["p50_ms"] - base) / base for k, r in results.items()},
+        "step_times_ms": {k: v.round(3).tolist() for k, v in samples.items()},
+    }
+
+
+def format_prompt_costs(record: dict) -> str:
+    lines = [f"bench latency: {record['model']} ({record['weights']} weights, {record['machine']['device']}) with "
+             f"prompts blended at equal weights, {record['rounds']} rounds taking turns",
+             f"{'prompts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50 vs first':>13}"]
+    for k, r in record["results"].items():
+        lines.append(f"{k:>8} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
+                     f"{record['p50_over_first_pct'][k]:+12.1f}%")
+    return "\n".join(lines)
+
+
 def format_report(record: dict) -> str:
     graphed = ", CUDA graph" if record.get("cuda_graph") else ""
     if record.get("weights", "full") != "full":

@@ -5,7 +5,7 @@ thread runs liblo's `oscsend` every few seconds; the producer thread calls the s
 `musicsteer bench prompts`: what a prompt change costs the producer.
 
 A live session (real-time paced, no audio device) receives a new prompt over OSC every
-`every` seconds, sent by `oscsend` (a client nobody here wrote), and the same session runs
+`every` seconds of audio, sent by `oscsend` (a client nobody here wrote), and the same session runs
 again without prompt changes. For every prompt swapped in it reports the step it was
 swapped in at and the next one against their neighbours: a step is "clean" when it is no
 longer than the p99 of the steps around it (50 before and after, the swap's own steps
@@ -15,6 +15,7 @@ cost the worker (which a step used to pay in full).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -58,10 +59,13 @@ class StepCosts(StepObserver):
             self.total[step] = split.total
 
 
-def send_prompts(port: int, every: float, stop: threading.Event, sent: list) -> None:
-    """Every `every` seconds, the next prompt to /musicsteer/prompt through oscsend."""
+def send_prompts(port: int, every: float, stop: threading.Event, sent: list, audio_s) -> None:
+    """Every `every` seconds of audio (`audio_s()`, so a host too slow for real time still gets one
+    change per `every` seconds of music), the next prompt to /musicsteer/prompt through oscsend."""
     i = 0
-    while not stop.wait(every):
+    while not stop.wait(0.01):
+        if audio_s() < (i + 1) * every:
+            continue
         text = f"{PROMPTS[i % len(PROMPTS)]} {i}"
         subprocess.run(["oscsend", "127.0.0.1", str(port), "/musicsteer/prompt", "s", text], check=True,
                        capture_output=True, timeout=10)
@@ -78,7 +82,8 @@ def run_session(model: LoadedModel, seconds: float, every: float | None, buffer_
     stop, sent = threading.Event(), []
     sender = None
     if every is not None:
-        sender = threading.Thread(target=send_prompts, args=(parts.osc.port, every, stop, sent), daemon=True)
+        audio_s = lambda: parts.producer.stats().audio_s  # noqa: E731
+        sender = threading.Thread(target=send_prompts, args=(parts.osc.port, every, stop, sent, audio_s), daemon=True)
         sender.start()
     try:
         while parts.producer.running:
@@ -115,10 +120,13 @@ def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2
     if shutil.which("oscsend") is None:
         raise UsageError("bench prompts sends through liblo's oscsend: install liblo-tools "
                          "(scripts/debian-packages.txt)")
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     plain = run_session(model, seconds, None, buffer_ms)
     changed = run_session(model, seconds, every, buffer_ms)
     costs = changed["costs"]
     swaps = judge(costs.total, costs.swaps, costs.install_ms, costs.build_ms)
+    if load:
+        load.append(os.getloadavg()[0])
 
     def summary(run: dict) -> dict:
         ms = run["costs"].total[~np.isnan(run["costs"].total)] * 1e3
@@ -131,6 +139,7 @@ def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2
         "benchmark": "prompts", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id,
         "backend": model.backend.name if model.backend is not None else None,
+        "load_average_1min": load,  # before and after: the rest of the host's demand
         "seconds": seconds, "every_s": every, "buffer_ms": buffer_ms, "slack_ms": SLACK_MS,
         "without_changes": summary(plain), "with_changes": dict(summary(changed), sent=changed["sent"]),
         "swaps": swaps, "clean": all(s["clean"] for s in swaps) and len(swaps) > 0,
@@ -140,7 +149,8 @@ def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2
 def format_report(record: dict) -> str:
     a, b = record["without_changes"], record["with_changes"]
     lines = [f"bench prompts: {record['model']} ({record['backend']}), {record['seconds']:g} s real time, a prompt "
-             f"over OSC (oscsend) every {record['every_s']:g} s, buffer {record['buffer_ms']:g} ms",
+             f"over OSC (oscsend) every {record['every_s']:g} s, buffer {record['buffer_ms']:g} ms, host load "
+             f"{'/'.join(f'{x:.1f}' for x in record['load_average_1min']) or '?'}",
              f"  without changes: step p50 {a['step_ms_p50']:.1f} ms, p99 {a['step_ms_p99']:.1f}, max "
              f"{a['step_ms_max']:.1f}; {a['underruns']} underruns",
              f"  with {b['sent']} changes:   step p50 {b['step_ms_p50']:.1f} ms, p99 {b['step_ms_p99']:.1f}, max "

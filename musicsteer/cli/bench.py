@@ -33,8 +33,9 @@ def register(sub) -> None:
     lat.add_argument("--rounds", type=int, default=1,
                      help="take turns between the concept counts in this many rounds, sampling the bandwidth "
                           "between them (for noisy shared hosts)")
-    lat.add_argument("--prompts", type=int, default=1, metavar="N",
-                     help="blend N prompts at equal weights in every step (the cost of a prompt morph)")
+    lat.add_argument("--prompts", default="1", metavar="N[,N...]",
+                     help="blend N prompts at equal weights in every step (the cost of a prompt morph); several "
+                          "counts (1,2,4) take turns in --rounds and are compared (unsteered)")
     lat.add_argument("--cuda-graph", action="store_true",
                      help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_latency)
@@ -117,7 +118,11 @@ def run_latency(args: argparse.Namespace) -> int:
     if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise UsageError("--concepts, --steps, --warmup and --rounds must not be negative (--steps and --rounds "
                          "at least 1)")
-    if not 1 <= args.prompts <= 8:
+    try:
+        prompts = [int(n) for n in args.prompts.split(",")]
+    except ValueError:
+        raise UsageError(f"--prompts {args.prompts!r}: expected numbers like 1,2,4") from None
+    if not all(1 <= n <= 8 for n in prompts):
         raise UsageError(f"--prompts {args.prompts}: a step blends 1 to 8 prompts")
     if args.plot:
         require(args, "matplotlib")  # before minutes of timing, not after
@@ -127,9 +132,19 @@ def run_latency(args: argparse.Namespace) -> int:
     if args.steps + args.warmup + 1 > model.cfg.max_positions:
         raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
+    if len(prompts) > 1:
+        from ..bench.latency import format_prompt_costs, run_prompt_costs
+
+        record = run_prompt_costs(model, args.steps, args.warmup, prompts, sampling, args.dtype, args.weights,
+                                  max(args.rounds, 3), args.cuda_graph)
+        print(format_prompt_costs(record))
+        if args.json:
+            write_json(record, args.json)
+            print(f"wrote {args.json}")
+        return 0
     record = time_steps(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
-                        weights=args.weights, rounds=args.rounds, prompts=args.prompts)
+                        weights=args.weights, rounds=args.rounds, prompts=prompts[0])
     print(format_report(record))
     if args.json:
         write_json(record, args.json)
