@@ -111,8 +111,8 @@ def test_bench_latency_blends_prompts(tmp_path, capsys):
     assert "--prompts 0" in capsys.readouterr().err
     assert main(["bench", "latency", "--model", "tiny", "--steps", "3", "--warmup", "1", "--prompts", "1,2,4",
                  "--json", str(out)]) == 0
-    record = json.loads(out.read_text())  # the counts took turns, three rounds of one step each
-    assert record["benchmark"] == "latency-prompts" and record["rounds"] == 3
+    record = json.loads(out.read_text())  # the counts took turns, step by step
+    assert record["benchmark"] == "latency-prompts" and record["interleaved"] == "per step"
     assert {k: r["steps"] for k, r in record["results"].items()} == {"1": 3, "2": 3, "4": 3}
     assert record["p50_over_first_pct"]["1"] == 0.0
     assert "p50 vs first" in capsys.readouterr().out

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ..kernels import steer
-from ..model.generate import generate
+from ..model.generate import generate, prepare
 from ..model.loading.load import LoadedModel
-from ..model.sampling import SamplingSettings
+from ..model.sampling import SamplingSettings, make_generator
+from ..model.step import DecodeStep
 from ..steering.pack import ConceptPack
 from ..steering.plan import SteeringSettings, build_steering
 
@@ -253,24 +254,45 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
 
 
 def run_prompt_costs(model: LoadedModel, steps: int, warmup: int, counts: list[int], sampling: SamplingSettings,
-                     dtype: str, weights: str = "full", rounds: int = 3, graph: bool = False) -> dict:
-    """Steps blending each number of prompts in `counts` (equal weights), taking turns in `rounds`
-    so that every count sees the same host; p50s and the overhead against the first count."""
-    rounds = max(1, min(rounds, steps))
-    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
-    parts: dict[int, list[np.ndarray]] = {n: [] for n in counts}
-    for size in per_round:
-        for n in counts:
-            parts[n].append(time_generation(model, size, warmup, 0, sampling, graph=graph, prompts=n))
-    samples = {n: np.concatenate(p) * 1e3 for n, p in parts.items()}
+                     dtype: str, weights: str = "full", graph: bool = False,
+                     prompt: str = "benchmark prompt") -> dict:
+    """Unsteered steps blending each number of prompts in `counts` at equal weights, the counts
+    taking turns step by step in one stream (the weights change per step, as a morph fader's do),
+    so that every count sees the same host and the same cache positions; p50s and the overhead
+    against the first count."""
+    decoder = model.decoder
+    device = decoder.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    most = max(counts)
+    total = warmup + steps * len(counts)
+    if total + 1 > decoder.cfg.max_positions:
+        raise ValueError(f"{total} steps exceed the model's {decoder.cfg.max_positions} positions")
+    prepare(decoder, model.text, prompt, sampling, max_len=total + 1,
+            blend=tuple(f"{prompt}, variation {i}" for i in range(1, most)))
+    step = DecodeStep(decoder, sampling.batch)
+    if graph:
+        step.capture([decoder.caches])
+    generator = make_generator(sampling.seed, device)
+    column = torch.full((decoder.cfg.codebooks,), decoder.cfg.special_token, dtype=torch.long, device=device)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    with torch.inference_mode():
+        for s in range(total):
+            n = counts[s % len(counts)]
+            decoder.set_prompt_weights([1.0] * n + [0.0] * (most - n))
+            sync()
+            t0 = time.perf_counter()
+            column, _ = step(column, s, sampling, generator, step.opening(s))
+            sync()
+            if s >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    samples = {n: np.array(t) * 1e3 for n, t in times.items()}
     results = {str(n): {"steps": len(ms), "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
                         "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())} for n, ms in samples.items()}
     base = results[str(counts[0])]["p50_ms"]
-    device = model.decoder.embed.weight.device
     return {
         "benchmark": "latency-prompts", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(device), "model": model.model_id, "dtype": dtype, "weights": weights,
-        "cfg": sampling.cfg, "warmup": warmup, "rounds": rounds, "cuda_graph": graph, "results": results,
+        "cfg": sampling.cfg, "warmup": warmup, "interleaved": "per step", "cuda_graph": graph, "results": results,
         "p50_over_first_pct": {k: 100.0 * (r["p50_ms"] - base) / base for k, r in results.items()},
         "step_times_ms": {k: v.round(3).tolist() for k, v in samples.items()},
     }
@@ -278,7 +300,7 @@ def run_prompt_costs(model: LoadedModel, steps: int, warmup: int, counts: list[i
 
 def format_prompt_costs(record: dict) -> str:
     lines = [f"bench latency: {record['model']} ({record['weights']} weights, {record['machine']['device']}) with "
-             f"prompts blended at equal weights, {record['rounds']} rounds taking turns",
+             f"prompts blended at equal weights, the counts taking turns step by step",
              f"{'prompts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50 vs first':>13}"]
     for k, r in record["results"].items():
         lines.append(f"{k:>8} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "

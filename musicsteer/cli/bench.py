@@ -35,7 +35,7 @@ def register(sub) -> None:
                           "between them (for noisy shared hosts)")
     lat.add_argument("--prompts", default="1", metavar="N[,N...]",
                      help="blend N prompts at equal weights in every step (the cost of a prompt morph); several "
-                          "counts (1,2,4) take turns in --rounds and are compared (unsteered)")
+                          "counts (1,2,4) take turns step by step and are compared (unsteered)")
     lat.add_argument("--cuda-graph", action="store_true",
                      help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_latency)
@@ -135,8 +135,11 @@ def run_latency(args: argparse.Namespace) -> int:
     if len(prompts) > 1:
         from ..bench.latency import format_prompt_costs, run_prompt_costs
 
-        record = run_prompt_costs(model, args.steps, args.warmup, prompts, sampling, args.dtype, args.weights,
-                                  max(args.rounds, 3), args.cuda_graph)
+        try:
+            record = run_prompt_costs(model, args.steps, args.warmup, prompts, sampling, args.dtype, args.weights,
+                                      args.cuda_graph)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         print(format_prompt_costs(record))
         if args.json:
             write_json(record, args.json)
