@@ -96,8 +96,11 @@ def test_live_handle_plays_takes_settings_and_stops(model, pack_dir, tmp_path):
         live.prompt("ambient pads")
         assert live.get("cfg") == 4.0 and live.get("prompt") == "ambient pads"
         start = live.stats().steps
-        while live.stats().steps < start + 20:
+        while live.stats().steps < start + 20 or live.stats().prompts_pending:  # the prompt is built off-thread
             assert live.running, live.stats().error
+            time.sleep(0.005)
+        built = live.stats().steps
+        while live.stats().steps < built + 2:  # and swapped in at the start of a step
             time.sleep(0.005)
         stats = live.stats()
         assert stats.running and stats.frames > 0 and stats.error is None

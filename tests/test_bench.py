@@ -102,3 +102,48 @@ def test_bench_stream_window_cost_predicts_windows(tmp_path, capsys):
     assert w["prefill_fit_ms"]["per_position"] >= 0 or w["prefill_fit_ms"]["per_slice"] > 0
     for p in w["predicted_per_frame"]:
         assert p["decoder_per_frame_ms"] == p["step_mean_ms"] + p["reprime_share_ms"]
+
+
+def test_bench_latency_blends_prompts(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "latency", "--model", "tiny", "--steps", "4", "--warmup", "1", "--concepts", "0",
+                 "--prompts", "4", "--no-floor", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["prompts"] == 4
+    assert "4 prompts blended" in capsys.readouterr().out
+    assert main(["bench", "latency", "--model", "tiny", "--prompts", "0"]) == 2
+    assert "--prompts 0" in capsys.readouterr().err
+    assert main(["bench", "latency", "--model", "tiny", "--steps", "3", "--warmup", "1", "--prompts", "1,2,4",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())  # the counts took turns, step by step
+    assert record["benchmark"] == "latency-prompts" and record["interleaved"] == "per step"
+    assert {k: r["steps"] for k, r in record["results"].items()} == {"1": 3, "2": 3, "4": 3}
+    assert record["p50_over_first_pct"]["1"] == 0.0
+    assert "p50 vs first" in capsys.readouterr().out
+
+
+def test_prompt_swaps_are_judged_against_their_neighbours():
+    from musicsteer.bench.prompts import judge
+
+    ms = np.full(300, 5.0)
+    ms[::10] = 8.0  # the neighbours' p99 is 8 ms
+    ms[100], ms[201] = 8.9, 9.5  # within p99 + 1 ms; the step after a swap, over it
+    swaps = judge(ms / 1e3, [(100, 98, "a"), (200, 190, "bb")], [0.2, 0.3])
+    assert [(s["step"], s["waited_steps"], s["text_bytes"], s["clean"]) for s in swaps] == [
+        (100, 2, 1, True), (200, 10, 2, False)]
+    assert swaps[0]["neighbours_p99_ms"] == 8.0 and swaps[1]["step_ms"] == 9.5
+
+
+def test_bench_prompts_sends_prompts_over_oscsend(tmp_path, capsys):
+    import shutil
+
+    import pytest
+
+    if shutil.which("oscsend") is None:
+        pytest.skip("liblo's oscsend is not installed (scripts/debian-packages.txt lists liblo-tools)")
+    out = tmp_path / "p.json"
+    main(["bench", "prompts", "--model", "tiny", "--seconds", "3", "--every", "1", "--json", str(out)])
+    record = json.loads(out.read_text())  # whether every swap was clean depends on the host's load
+    assert record["with_changes"]["sent"] >= 2 and len(record["swaps"]) >= 2
+    assert all(s["asked_at"] >= 0 and s["step"] > s["asked_at"] and s["swap_ms"] < 50 for s in record["swaps"])
+    assert record["without_changes"]["steps"] >= 150 and record["without_changes"]["error"] is None
+    assert "every swap within its neighbours' p99 + 1 ms" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,9 @@ OSC_COMMANDS = {"get", "listen", "learn", "concepts", "stats", "error", "listeni
 
 
 def test_the_table_lists_todays_parameters():
+    slots = [name for n in range(1, params.PROMPT_SLOTS + 1) for name in (f"prompt/{n}", f"prompt/{n}/weight")]
     assert [p.name for p in PARAMS] == ["prompt", "cfg", "temperature", "topk", "topp", "concept/<name>/strength",
-                                        "concept/<name>/schedule"]
+                                        "concept/<name>/schedule", *slots, "prompt/morph"]
     assert params.find("concept/cmaj/strength") == params.ParamRef(PARAMS.params[5], "concept/cmaj/strength", "cmaj")
     assert params.find("concept//strength") is None and params.find("concept/a/b/strength") is None
     assert params.find("volume") is None
@@ -65,7 +67,7 @@ def test_every_settable_osc_address_is_in_the_table():
     assert {"cfg", "temperature", "topk", "topp", "prompt", "concept/<name>/strength",
             "concept/<name>/schedule"} <= settable
     for address in sorted(settable):
-        assert params.find(address.replace("<name>", "cmaj")) is not None, \
+        assert params.find(address.replace("<name>", "cmaj").replace("<n>", "2")) is not None, \
             f"/musicsteer/{address} is not in the parameter table"
     router = OscRouter(ControlState(["cmaj"]), ["cmaj"])
     for p in PARAMS:
@@ -148,8 +150,15 @@ def engine_values(tiny, tmp_path, settings: dict):
     for path, value in settings.items():
         controls.set(path, value)
     held = []
-    request = LiveRequest(PROMPT, SamplingSettings(seed=3), null="fast", seconds=0.2, concepts=pack, status=False)
-    result = run_live(tiny, request, controls, on_start=held.append)
+
+    def built(step):  # the prompts are built off this thread: hold step 2 until they are
+        deadline = time.monotonic() + 30
+        while step == 2 and held[0].prompt_worker.pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    request = LiveRequest(PROMPT, SamplingSettings(seed=3), null="fast", seconds=0.2, concepts=pack, status=False,
+                          prompt_slots=params.PROMPT_SLOTS)
+    result = run_live(tiny, request, controls, on_start=held.append, step_hook=built)
     assert result.stats.error is None
     return held[0]
 
@@ -168,8 +177,14 @@ def test_every_entry_reaches_the_engine(tiny, tmp_path):
             assert getattr(producer.sampling, p.field) == pytest.approx(want), p.name
         elif p.target == "strength":
             assert producer.plan.strengths[producer.plan.concept("gmaj")] == pytest.approx(want)
-        elif p.target == "prompt":
-            assert producer.prompt == want
+        elif p.target == "prompt":  # `prompt` is slot 1, as is prompt/1, which was set after it
+            assert producer.engine.prompts[p.slot - 1] == (settings["prompt/1"] if p.slot == 1 else want), p.name
+        elif p.target == "weight":  # prompt/morph, taken after the slots' weights, sets slots 1 and 2
+            w = producer.engine.weights
+            if p.slot is None:
+                assert w[1] / (w[0] + w[1]) == pytest.approx(want)
+            elif p.slot > 2:
+                assert w[p.slot - 1] == 0.0
         else:
             schedule = producer.plan.schedules[producer.plan.concept("gmaj")]
             assert isinstance(schedule, Started) and schedule.schedule == ExpDecay(0.99) and schedule.start == 0

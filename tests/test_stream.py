@@ -165,19 +165,26 @@ def test_shutdown_is_clean_in_every_state(tiny, when):
 
 
 def test_controls_take_effect_at_the_next_step_and_are_logged(tiny, tmp_path):
+    """Numbers at the next step; a prompt at the start of the step after the worker built it (here
+    the producer holds step 31 until the worker is done, so that is step 32), logged there with the
+    step it was asked at."""
     controls = ControlState([])
-    sent = {}
+    producer = {}
 
     def hook(step):
         if step == 30:
             controls.set("temperature", 0.5, source="test")
             controls.set("prompt", "fast techno", source="test")
-            sent["step"] = step
+        if step == 31:
+            deadline = time.monotonic() + 30
+            while producer["p"].prompt_worker.pending and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     request = LiveRequest(PROMPT, SAMPLING, null="fast", seconds=1.0, record=tmp_path / "s", status=False)
-    run_live(tiny, request, controls=controls, step_hook=hook)
+    run_live(tiny, request, controls=controls, step_hook=hook, on_start=lambda p: producer.update(p=p))
     info, entries, tokens = load_session(tmp_path / "s")
-    assert {e["param"]: e["step"] for e in entries} == {"temperature": 31, "prompt": 31}
+    assert {e["param"]: e["step"] for e in entries} == {"temperature": 31, "prompt": 32}
+    assert [e["received_step"] for e in entries if e["param"] == "prompt"] == [30]
     assert info["complete"] and info["frames"] == 50 and tokens.shape == (4, 50)
 
 

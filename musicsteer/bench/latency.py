@@ -27,9 +27,10 @@ import torch
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels import steer
-from ..model.generate import generate
+from ..model.generate import generate, prepare
 from ..model.loading.load import LoadedModel
-from ..model.sampling import SamplingSettings
+from ..model.sampling import SamplingSettings, make_generator
+from ..model.step import DecodeStep
 from ..steering.pack import ConceptPack
 from ..steering.plan import SteeringSettings, build_steering
 
@@ -59,8 +60,9 @@ class StepStats:
 
 def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
                     sampling: SamplingSettings, steering: SteeringSettings = SteeringSettings(),
-                    prompt: str = "benchmark prompt", graph: bool = False) -> np.ndarray:
-    """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active."""
+                    prompt: str = "benchmark prompt", graph: bool = False, prompts: int = 1) -> np.ndarray:
+    """Seconds per step for `steps` timed steps after `warmup`, with `concepts` random concepts active
+    and `prompts` prompts blended at equal weights."""
     decoder = model.decoder
     device = decoder.embed.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -83,7 +85,8 @@ def time_generation(model: LoadedModel, steps: int, warmup: int, concepts: int,
         sync()
         stamps.append(time.perf_counter())
         generate(decoder, model.text, prompt, frames, sampling, on_step=on_step,
-                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None, graph=graph)
+                 before_step=(lambda s: plan.write(s, steerer)) if plan is not None else None, graph=graph,
+                 blend=tuple(f"{prompt}, variation {i}" for i in range(1, prompts)))
     finally:
         if steerer is not None:
             steerer.detach()
@@ -177,11 +180,12 @@ def git_commit() -> str | None:
 def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: list[int],
                 sampling: SamplingSettings, steering: SteeringSettings, dtype: str,
                 baselines: list[str] = (), floor: bool = True, graph: bool = False, weights: str = "full",
-                rounds: int = 1) -> dict:
+                rounds: int = 1, prompts: int = 1) -> dict:
     """Time `steps` steps per concept count. With `rounds` > 1 the counts take turns, `steps / rounds`
     at a time, and the streaming bandwidth is sampled between rounds: on a shared host whose speed
     drifts over minutes, every configuration then sees the same conditions, and each round's p50
-    can be set against the floor measured beside it."""
+    can be set against the floor measured beside it. `prompts` > 1 blends that many prompts at
+    equal weights in every timed step (the morph's cost)."""
     from .baselines import (
         audiocraft_step_ms,
         peer_precision,
@@ -199,7 +203,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     parts: dict[int, list[np.ndarray]] = {k: [] for k in concept_counts}
     for n in per_round:
         for k in concept_counts:
-            parts[k].append(time_generation(model, n, warmup, k, sampling, steering, graph=graph))
+            parts[k].append(time_generation(model, n, warmup, k, sampling, steering, graph=graph, prompts=prompts))
         if measure_floor:  # the host's bandwidth drifts: sample it after every round, keep the best
             bandwidths.append(stream_bandwidth())
     samples = {k: np.concatenate(p) for k, p in parts.items()}
@@ -210,6 +214,7 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
         "machine": machine_info(device), "model": model.model_id, "shape": asdict(model.cfg), "dtype": dtype,
         "weights": weights, "cache_dtype": str(model.decoder.cache_dtype or model.decoder.embed.weight.dtype),
         "cfg": sampling.cfg, "steering_mode": steering.mode, "warmup": warmup, "cuda_graph": graph, "rounds": rounds,
+        "prompts": prompts,
         "results": [asdict(r) for r in results],
         "step_times_ms": {str(k): (t * 1e3).round(3).tolist() for k, t in samples.items()},
     }
@@ -253,10 +258,67 @@ def run_latency(model: LoadedModel, steps: int, warmup: int, concept_counts: lis
     return record
 
 
+def run_prompt_costs(model: LoadedModel, steps: int, warmup: int, counts: list[int], sampling: SamplingSettings,
+                     dtype: str, weights: str = "full", graph: bool = False,
+                     prompt: str = "benchmark prompt") -> dict:
+    """Unsteered steps blending each number of prompts in `counts` at equal weights, the counts
+    taking turns step by step in one stream (the weights change per step, as a morph fader's do),
+    so that every count sees the same host and the same cache positions; p50s and the overhead
+    against the first count."""
+    decoder = model.decoder
+    device = decoder.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    most = max(counts)
+    total = warmup + steps * len(counts)
+    if total + 1 > decoder.cfg.max_positions:
+        raise ValueError(f"{total} steps exceed the model's {decoder.cfg.max_positions} positions")
+    prepare(decoder, model.text, prompt, sampling, max_len=total + 1,
+            blend=tuple(f"{prompt}, variation {i}" for i in range(1, most)))
+    step = DecodeStep(decoder, sampling.batch)
+    if graph:
+        step.capture([decoder.caches])
+    generator = make_generator(sampling.seed, device)
+    column = torch.full((decoder.cfg.codebooks,), decoder.cfg.special_token, dtype=torch.long, device=device)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    with torch.inference_mode():
+        for s in range(total):
+            n = counts[s % len(counts)]
+            decoder.set_prompt_weights([1.0] * n + [0.0] * (most - n))
+            sync()
+            t0 = time.perf_counter()
+            column, _ = step(column, s, sampling, generator, step.opening(s))
+            sync()
+            if s >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    samples = {n: np.array(t) * 1e3 for n, t in times.items()}
+    results = {str(n): {"steps": len(ms), "p50_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+                        "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())} for n, ms in samples.items()}
+    base = results[str(counts[0])]["p50_ms"]
+    return {
+        "benchmark": "latency-prompts", "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(device), "model": model.model_id, "dtype": dtype, "weights": weights,
+        "cfg": sampling.cfg, "warmup": warmup, "interleaved": "per step", "cuda_graph": graph, "results": results,
+        "p50_over_first_pct": {k: 100.0 * (r["p50_ms"] - base) / base for k, r in results.items()},
+        "step_times_ms": {k: v.round(3).tolist() for k, v in samples.items()},
+    }
+
+
+def format_prompt_costs(record: dict) -> str:
+    lines = [f"bench latency: {record['model']} ({record['weights']} weights, {record['machine']['device']}) with "
+             f"prompts blended at equal weights, the counts taking turns step by step",
+             f"{'prompts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50 vs first':>13}"]
+    for k, r in record["results"].items():
+        lines.append(f"{k:>8} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
+                     f"{record['p50_over_first_pct'][k]:+12.1f}%")
+    return "\n".join(lines)
+
+
 def format_report(record: dict) -> str:
     graphed = ", CUDA graph" if record.get("cuda_graph") else ""
     if record.get("weights", "full") != "full":
         graphed = f", {record['weights']} weights, {record.get('cache_dtype', '?').replace('torch.', '')} cache" + graphed
+    if record.get("prompts", 1) > 1:
+        graphed += f", {record['prompts']} prompts blended"
     lines = [f"bench latency: {record['model']} ({record['dtype']}, {record['machine']['device']}{graphed}, "
              f"CFG {record['cfg']}) on {record['machine'].get('gpu', record['machine']['cpu'])}",
              f"{'concepts':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'tok/s':>7} {'RTF':>6}"]

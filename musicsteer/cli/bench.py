@@ -1,6 +1,6 @@
-"""`musicsteer bench latency | stream | control | codec | fidelity`: parses, delegates to the bench
-package, prints the report and writes the JSON record. `latency` and `codec` need only the
-core packages (`--plot` adds matplotlib); `stream` and `control` run the live stream."""
+"""`musicsteer bench latency | stream | control | prompts | codec | fidelity`: parses, delegates to
+the bench package, prints the report and writes the JSON record. `latency` and `codec` need only
+the core packages (`--plot` adds matplotlib); `stream`, `control` and `prompts` run the live stream."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def register(sub) -> None:
     lat.add_argument("--rounds", type=int, default=1,
                      help="take turns between the concept counts in this many rounds, sampling the bandwidth "
                           "between them (for noisy shared hosts)")
+    lat.add_argument("--prompts", default="1", metavar="N[,N...]",
+                     help="blend N prompts at equal weights in every step (the cost of a prompt morph); several "
+                          "counts (1,2,4) take turns step by step and are compared (unsteered)")
     lat.add_argument("--cuda-graph", action="store_true",
                      help="replay each step as one captured CUDA graph (needs --compute cuda)")
     lat.set_defaults(run=run_latency)
@@ -75,6 +78,15 @@ def register(sub) -> None:
                          help="the stateful codec's large weights, as live takes them")
     control.add_argument("--json", type=Path, metavar="FILE")
     control.set_defaults(run=run_control)
+
+    prompts = bsub.add_parser("prompts", help="what a prompt change costs the producer: a live session receiving "
+                                              "a new prompt over OSC (oscsend) every few seconds")
+    add_model_args(prompts)
+    prompts.add_argument("--seconds", type=float, default=30.0)
+    prompts.add_argument("--every", type=float, default=2.0, metavar="SECONDS", help="time between prompt changes")
+    prompts.add_argument("--buffer-ms", type=float, default=60.0)
+    prompts.add_argument("--json", type=Path, metavar="FILE")
+    prompts.set_defaults(run=run_prompts)
 
     codec = bsub.add_parser("codec", help="streaming codec cost per frame, early and late in a stream")
     add_model_args(codec)
@@ -118,6 +130,12 @@ def run_latency(args: argparse.Namespace) -> int:
     if any(k < 0 for k in counts) or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise UsageError("--concepts, --steps, --warmup and --rounds must not be negative (--steps and --rounds "
                          "at least 1)")
+    try:
+        prompts = [int(n) for n in args.prompts.split(",")]
+    except ValueError:
+        raise UsageError(f"--prompts {args.prompts!r}: expected numbers like 1,2,4") from None
+    if not all(1 <= n <= 8 for n in prompts):
+        raise UsageError(f"--prompts {args.prompts}: a step blends 1 to 8 prompts")
     if args.plot:
         require(args, "matplotlib")  # before minutes of timing, not after
     model = load_from_args(args)
@@ -126,9 +144,22 @@ def run_latency(args: argparse.Namespace) -> int:
     if args.steps + args.warmup + 1 > model.cfg.max_positions:
         raise UsageError(f"--steps + --warmup must stay under the model's {model.cfg.max_positions} positions")
     sampling = SamplingSettings(cfg=args.cfg, seed=0)
+    if len(prompts) > 1:
+        from ..bench.latency import format_prompt_costs, run_prompt_costs
+
+        try:
+            record = run_prompt_costs(model, args.steps, args.warmup, prompts, sampling, args.dtype, args.weights,
+                                      args.cuda_graph)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        print(format_prompt_costs(record))
+        if args.json:
+            write_json(record, args.json)
+            print(f"wrote {args.json}")
+        return 0
     record = time_steps(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
-                        weights=args.weights, rounds=args.rounds)
+                        weights=args.weights, rounds=args.rounds, prompts=prompts[0])
     print(format_report(record))
     if args.json:
         write_json(record, args.json)
@@ -178,6 +209,21 @@ def run_stream(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     emit(record, args.json)
     return 0
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    require(args, *STREAM, "pythonosc")
+    from ..bench.latency import write_json
+    from ..bench.prompts import format_report, run_prompt_bench
+
+    if not (args.seconds > 0 and 0 < args.every < args.seconds):
+        raise UsageError("--seconds must be positive and --every between 0 and --seconds")
+    record = run_prompt_bench(load_from_args(args), args.seconds, args.every, args.buffer_ms)
+    print(format_report(record))
+    if args.json:
+        write_json(record, args.json)
+        print(f"wrote {args.json}")
+    return 0 if record["clean"] else 1
 
 
 def run_control(args: argparse.Namespace) -> int:

@@ -22,7 +22,10 @@ from .extras import STREAM, require
 def register(sub) -> None:
     live = sub.add_parser("live", help="play and steer MusicGen in real time")
     add_model_args(live)
-    live.add_argument("--prompt", required=True)
+    live.add_argument("--prompt", required=True, help="the text prompt (prompt slot 1)")
+    live.add_argument("--prompt-slots", type=int, default=4, metavar="N",
+                      help="prompts held at once for /musicsteer/prompt/<n> and the morph (1-8; the mapping "
+                           "file's prompts fill slots 2..)")
     out = live.add_mutually_exclusive_group()
     out.add_argument("--device", metavar="NAME", help="audio output device (default: the system's)")
     out.add_argument("--out", type=Path, metavar="FILE.wav", help="play into a WAV file in real time")
@@ -86,6 +89,8 @@ def run_live(args: argparse.Namespace) -> int:
     from ..render import parse_assignments, parse_strengths
 
     settings, steering = sampling_settings(args), steering_settings(args)
+    if not 1 <= args.prompt_slots <= 8:
+        raise UsageError(f"--prompt-slots must be 1 to 8, got {args.prompt_slots}")
     if args.seconds is not None and not args.seconds > 0:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
     try:
@@ -100,7 +105,7 @@ def run_live(args: argparse.Namespace) -> int:
         osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
         mapping=args.map, midi_in=args.midi_in, midi_api=args.midi_api, scenes=args.scenes,
         web_port=args.web, web_host=args.web_host,
-        codec=codec, status=not args.no_status)
+        codec=codec, status=not args.no_status, prompt_slots=args.prompt_slots)
     model = load_from_args(args)
     window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)
     request = dataclasses.replace(request, window_s=window_s, keep_s=keep_s)

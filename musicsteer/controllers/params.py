@@ -17,7 +17,10 @@ An entry's `target` says where its value goes, and the producer has one way to a
 each target:
   sampling   the SamplingSettings field named by `field` (smoothed, clamped numbers)
   strength   the steering strength of the concept the pattern names
-  prompt     the text prompt (re-encoded once, at the step it takes effect)
+  prompt     the text of a prompt slot (`slot`, from 1; `prompt` is slot 1): encoded off the
+             producer thread, in force from the step it is swapped in at
+  weight     the prompt slots' blend: a slot's weight (`slot`), or, for `prompt/morph` (no
+             slot), the fade from slot 1 (0) to slot 2 (1); weights are normalised to sum 1
   schedule   a schedule spec, started on the concept at the step it takes effect (an
              event: it has no current value, so OSC cannot get it)
 
@@ -34,8 +37,9 @@ from dataclasses import dataclass
 
 from ..errors import MusicsteerError
 
-TARGETS = ("sampling", "strength", "prompt", "schedule")
-NUMBER_TARGETS = ("sampling", "strength")  # the others take strings
+TARGETS = ("sampling", "strength", "prompt", "schedule", "weight")
+NUMBER_TARGETS = ("sampling", "strength", "weight")  # the others take strings
+PROMPT_SLOTS = 8  # prompt slots a session may hold (model/kv_cache.py MAX_SLOTS)
 CONCEPT_TARGETS = ("strength", "schedule")  # a pattern's: one parameter per concept
 NAME = "<name>"  # the pattern segment that stands for a concept's name
 STRENGTH_LIMIT = 100.0  # a concept strength beyond this is clamped
@@ -85,6 +89,7 @@ class Param:
     event: bool = False  # acts once when it arrives (no current value to get)
     check: Check | None = None  # strings: (path, value, concepts) -> the value to store, or ControlError
     example: str = ""  # strings: a value, for error messages that say what to write
+    slot: int | None = None  # targets prompt and weight: the prompt slot, from 1 (None: prompt/morph)
     parts: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +102,8 @@ class Param:
             raise ValueError(f"{self.name}: targets {', '.join(CONCEPT_TARGETS)} are per concept, as patterns")
         if (self.target == "sampling") != (self.field is not None):
             raise ValueError(f"{self.name}: a field is given for the sampling target, and only for it")
+        if self.slot is not None and (self.target not in ("prompt", "weight") or not 1 <= self.slot <= PROMPT_SLOTS):
+            raise ValueError(f"{self.name}: a slot 1..{PROMPT_SLOTS} is given for prompts and their weights only")
         if self.parts.count(NAME) > 1 or self.parts[0] == NAME:
             raise ValueError(f"{self.name}: a pattern has one {NAME} segment, after a fixed one")
         if self.type in (int, float):
@@ -206,8 +213,19 @@ class ParamTable:
         return p.clamp(value)
 
 
+def _prompt_slots() -> tuple[Param, ...]:
+    """prompt/<n> (a slot's text) and prompt/<n>/weight for every slot, and prompt/morph."""
+    out = []
+    for n in range(1, PROMPT_SLOTS + 1):
+        out.append(Param(f"prompt/{n}", str, "prompt", check=non_empty_text, example="ambient pads, slow", slot=n))
+        out.append(Param(f"prompt/{n}/weight", float, "weight", limits=(0.0, 100.0), knob=(0.0, 1.0),
+                         default=1.0 if n == 1 else 0.0, smoothed=True, slot=n))
+    out.append(Param("prompt/morph", float, "weight", limits=(0.0, 1.0), knob=(0.0, 1.0), default=0.0, smoothed=True))
+    return tuple(out)
+
+
 PARAMS = ParamTable((
-    Param("prompt", str, "prompt", check=non_empty_text, example="lofi hip hop, mellow rhodes piano"),
+    Param("prompt", str, "prompt", check=non_empty_text, example="lofi hip hop, mellow rhodes piano", slot=1),
     Param("cfg", float, "sampling", field="cfg", limits=(0.0, 20.0), knob=(1.0, 10.0), smoothed=True),
     Param("temperature", float, "sampling", field="temperature", limits=(1e-3, 10.0), knob=(0.1, 2.0),
           smoothed=True),
@@ -216,6 +234,7 @@ PARAMS = ParamTable((
     Param("concept/<name>/strength", float, "strength", limits=(-STRENGTH_LIMIT, STRENGTH_LIMIT), knob=(0.0, 1.0),
           default=0.0, smoothed=True),
     Param("concept/<name>/schedule", str, "schedule", event=True, check=schedule_spec, example="decay:0.99"),
+    *_prompt_slots(),
 ))
 
 

@@ -133,9 +133,9 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
-    lib.ms_block.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 8
+    lib.ms_block.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
     lib.ms_block.restype = ctypes.c_int
-    lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
+    lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
     lib.ms_blocks.restype = ctypes.c_int
     lib.ms_amx.argtypes = [ctypes.c_int]
     lib.ms_amx.restype = ctypes.c_int

@@ -17,11 +17,14 @@
  * The block is split at the steering hook points so that Python can run hooks between parts:
  *   part 0  a  = Wo · attend(Wqkv · LN_self(x))                  (self-attention, hook "attn")
  *   part 1  x1 = x + a;  c = Wo' · attend_text(Wq · LN_cross(x1)) (cross-attention, hook "cross")
+ *           attend_text: the weighted sum of the attention over each prompt slot's memory (the
+ *           slot read alone when one has weight exactly 1, the others 0)
  *   part 2  out = x1 + c + fc2 · act(fc1 · LN_mlp(x1 + c))        (MLP; hook "out" follows)
  * `ms_block(first, last)` runs parts first..last in one region. Inputs are never written.
  */
 
 enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
+#define MS_MAX_SLOTS 8 /* prompt slots (model/kv_cache.py MAX_SLOTS) */
 enum { KIND_F32 = 0, KIND_I8 = 1, KIND_BF16 = 2, KIND_I4 = 3 };
 
 /* A block's weights and caches, filled by musicsteer/backends/cpu/fused.py (ctypes mirror: keep in step). */
@@ -33,7 +36,9 @@ typedef struct {
                                            int4 [N/16][D/64][8][16][4] (cpu_gemv.c) */
     const float *scale[W_COUNT];        /* int8 per-output scales, int4 per output and group [N/16][D/64][16] */
     void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32, bfloat16 or int8 */
-    const float *tk, *tv;               /* text keys/values (B, H, text_max, hd), float32 */
+    const float *tk[MS_MAX_SLOTS], *tv[MS_MAX_SLOTS]; /* per prompt slot: text keys/values (B, H, text_max, hd),
+                                                         float32, or NULL for a slot never filled */
+    int text_slots;
     /* Steering of the block's output (the `out` hook point), or steer_k = 0: strengths (B, K), read
      * at every call (the plan rewrites them in place), unit directions (K, D), targets (K,). */
     int steer_k, steer_mode;
@@ -48,7 +53,10 @@ enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2, STEER_ABLATE = 3 }; /* ke
 /* What one call shares between its threads (for a stack of blocks: the current block's). */
 typedef struct {
     const ms_layer *L;
-    int rows, pos, len, text_len, threads, first, last;
+    int rows, pos, len, threads, first, last;
+    const int *text_lens;   /* per slot: text positions filled */
+    const float *text_w;    /* per slot: weight (normalised; 0 skips the slot) */
+    int text_single;        /* the slot read alone, or -1 for a blend */
     const float *x, *a_in, *c_in, *x1_in; /* caller's inputs for the parts it starts at */
     float *a, *x1, *c, *out;              /* results (the caller's buffers, or scratch) */
     float *qkv, *att, *u;                 /* intermediates */
@@ -58,7 +66,7 @@ typedef struct {
 /* Per-thread scratch, grown as needed: the normalised rows, a private residual, the int8 form of a
  * product's input, and attention scores. Thread-local, so concurrent callers never share it. */
 typedef struct {
-    float *h, *xp, *xs, *scores;
+    float *h, *xp, *xs, *scores, *mix;
     int8_t *q;
     int32_t *xc;
     uint32_t *xb; /* a product's input rounded to bfloat16 pairs */
@@ -70,10 +78,11 @@ static __thread thread_scratch tls;
 static int scratch_reserve(int rows, int d, int widest, int len) {
     size_t need_d = (size_t)rows * d, need_q = (size_t)rows * widest, need_s = (size_t)(len > 0 ? len : 1);
     if (need_d > tls.cap_rows_d) {
-        free(tls.h); free(tls.xp);
+        free(tls.h); free(tls.xp); free(tls.mix);
         tls.h = aligned_alloc(64, (need_d * sizeof(float) + 63) / 64 * 64);
         tls.xp = aligned_alloc(64, (need_d * sizeof(float) + 63) / 64 * 64);
-        tls.cap_rows_d = tls.h && tls.xp ? need_d : 0;
+        tls.mix = aligned_alloc(64, (need_d * sizeof(float) + 63) / 64 * 64);
+        tls.cap_rows_d = tls.h && tls.xp && tls.mix ? need_d : 0;
     }
     if (need_q > tls.cap_q) {
         free(tls.q); free(tls.xs); free(tls.xc); free(tls.xb);
@@ -174,6 +183,36 @@ static void attention(block_call *c, int slot, const attend_args *a) {
     }
 }
 
+/* Cross-attention over the prompt slots, one (row, head) pair at a time from work[slot]: the slot
+ * read alone into att, or each weighted slot into the thread's scratch and summed with its weight. */
+static void attention_text(block_call *c, int slot, float scale) {
+    const ms_layer *L = c->L;
+    const int pairs = c->rows * L->heads, hd = L->hd, d = L->d;
+    for (;;) {
+        int i = atomic_fetch_add(&c->work[slot], 1);
+        if (i >= pairs) break;
+        const int b = i / L->heads, h = i % L->heads;
+        if (c->text_single >= 0) {
+            const int p = c->text_single;
+            attend_args a = {c->qkv, NULL, NULL, (void *)L->tk[p], (void *)L->tv[p], c->att, d, L->heads,
+                             L->text_max, -1, c->text_lens[p], hd, 0, scale};
+            attend_head(&a, b, h, tls.scores);
+            continue;
+        }
+        float *o = c->att + (size_t)b * d + h * hd, *t = tls.mix + (size_t)b * d + h * hd;
+        int first = 1;
+        for (int p = 0; p < L->text_slots; p++) {
+            const float w = c->text_w[p];
+            if (w == 0.0f) continue;
+            attend_args a = {c->qkv, NULL, NULL, (void *)L->tk[p], (void *)L->tv[p], tls.mix, d, L->heads,
+                             L->text_max, -1, c->text_lens[p], hd, 0, scale};
+            attend_head(&a, b, h, tls.scores);
+            for (int j = 0; j < hd; j++) o[j] = first ? w * t[j] : o[j] + w * t[j];
+            first = 0;
+        }
+    }
+}
+
 #define BARRIER() _Pragma("omp barrier")
 
 /* The steering update of kernels/reference.py on the block's output rows, in float32:
@@ -245,9 +284,7 @@ static void block_thread(block_call *c) {
         if (lo < hi) memcpy(c->x1 + lo, tls.xp + lo, sizeof(float) * (hi - lo));
         product(c, 3, W_XQ, d, d, tls.h, c->qkv, NULL, ACT_NONE);
         BARRIER();
-        attend_args a = {c->qkv, NULL, NULL, (void *)L->tk, (void *)L->tv, c->att, d, L->heads, L->text_max,
-                         -1, c->text_len, L->hd, 0, scale};
-        attention(c, 4, &a);
+        attention_text(c, 4, scale);
         BARRIER();
         product(c, 5, W_XO, d, d, c->att, c->c, NULL, ACT_NONE);
         if (c->last == 1) return;
@@ -265,11 +302,35 @@ static void block_thread(block_call *c) {
     }
 }
 
-static int check_layer(const ms_layer *L, int first, int last, int rows, int pos, int len, int text_len) {
+/* The longest memory a call reads, or -1 when a weighted slot is empty or too long, or none is weighted. */
+static int text_reads(const ms_layer *L, const int *lens, const float *w) {
+    int longest = 0;
+    if (L->text_slots < 1 || L->text_slots > MS_MAX_SLOTS) return -1;
+    for (int p = 0; p < L->text_slots; p++) {
+        if (w[p] == 0.0f) continue;
+        if (lens[p] < 1 || lens[p] > L->text_max || !L->tk[p] || !L->tv[p]) return -1;
+        longest = lens[p] > longest ? lens[p] : longest;
+    }
+    return longest > 0 ? longest : -1;
+}
+
+/* The slot read alone: the only weighted one when its weight is exactly 1; else -1 (a blend). */
+static int text_single(int slots, const float *w) {
+    int found = -1;
+    for (int p = 0; p < slots; p++) {
+        if (w[p] == 0.0f) continue;
+        if (found >= 0) return -1;
+        found = p;
+    }
+    return found >= 0 && w[found] == 1.0f ? found : -1;
+}
+
+static int check_layer(const ms_layer *L, int first, int last, int rows, int pos, int len, const int *text_lens,
+                       const float *text_w) {
     if (first < 0 || last > 2 || first > last || rows < 1 || rows > MS_MAX_ROWS) return -2;
     if (L->d % 16 || L->ffn % 16 || L->hd > 256 || L->hd < 1 || L->d != L->heads * L->hd) return -2;
     if (first == 0 && (len < 1 || len > L->max_len || pos < 0 || pos >= L->max_len)) return -2;
-    if (first <= 1 && last >= 1 && (text_len < 1 || text_len > L->text_max)) return -2;
+    if (first <= 1 && last >= 1 && text_reads(L, text_lens, text_w) < 0) return -2;
 #if !defined(MS_INT8_KERNELS)
     if (L->kind == KIND_I8 || L->kind == KIND_I4) return -1;
 #endif
@@ -295,14 +356,18 @@ static float *call_scratch(size_t floats) {
 
 /* Run `count` blocks (parts first..last of each; a stack runs whole blocks) in one parallel region. */
 static int run_blocks(const ms_layer *const *layers, int count, int first, int last, int rows, int pos, int len,
-                      int text_len, const float *x, const float *a_in, const float *x1_in, const float *c_in,
-                      float *a, float *x1, float *c, float *out) {
-    int d = 0, ffn = 0, scores = len > text_len ? len : text_len;
+                      const int *text_lens, const float *text_w, const float *x, const float *a_in,
+                      const float *x1_in, const float *c_in, float *a, float *x1, float *c, float *out) {
+    int d = 0, ffn = 0, scores = len;
     size_t bytes = 0;
     for (int i = 0; i < count; i++) {
         const ms_layer *L = layers[i];
-        int rc = check_layer(L, first, last, rows, pos, len, text_len);
+        int rc = check_layer(L, first, last, rows, pos, len, text_lens, text_w);
         if (rc) return rc;
+        if (first <= 1 && last >= 1) {
+            const int t = text_reads(L, text_lens, text_w);
+            scores = t > scores ? t : scores;
+        }
         if (i && (L->d != d)) return -2;
         d = L->d;
         ffn = L->ffn > ffn ? L->ffn : ffn;
@@ -327,7 +392,8 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
         /* (the single's barrier: every thread sees every allocation's outcome before it starts) */
         if (!atomic_load(&failed))
             for (int i = 0; i < count; i++) {
-                block_call call = {.L = layers[i], .rows = rows, .pos = pos, .len = len, .text_len = text_len,
+                block_call call = {.L = layers[i], .rows = rows, .pos = pos, .len = len, .text_lens = text_lens,
+                                   .text_w = text_w, .text_single = text_single(layers[i]->text_slots, text_w),
                                    .threads = team, .first = first, .last = last, .a_in = a_in, .c_in = c_in,
                                    .x1_in = x1_in, .qkv = qkv, .att = att, .u = u, .work = work + 8 * i};
                 call.x = i == 0 ? x : ping[(i - 1) % 2];
@@ -343,21 +409,23 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
 }
 
 /* Parts first..last (0 self-attention, 1 cross-attention, 2 MLP) of one block for `rows` rows at
- * position `pos`, attending over `len` cached positions and `text_len` text positions.
+ * position `pos`, attending over `len` cached positions and, per prompt slot p with a non-zero
+ * weight text_w[p], text_lens[p] text positions (arrays of the layers' text_slots entries).
  * x: the block's input (parts 0 and 1); a_in, x1_in, c_in: results of earlier parts when starting
  * later (after Python hooks); outputs a (part 0), x1 and c (part 1), out (part 2), each (rows, d)
  * float32; buffers a call does not use may be NULL. Returns 0; -1 for a kind this build lacks;
  * -2 for positions outside the cache or shapes the kernels do not take; -3 when out of memory. */
-int ms_block(const ms_layer *L, int first, int last, int rows, int pos, int len, int text_len,
-             const float *x, const float *a_in, const float *x1_in, const float *c_in,
+int ms_block(const ms_layer *L, int first, int last, int rows, int pos, int len, const int *text_lens,
+             const float *text_w, const float *x, const float *a_in, const float *x1_in, const float *c_in,
              float *a, float *x1, float *c, float *out) {
-    return run_blocks(&L, 1, first, last, rows, pos, len, text_len, x, a_in, x1_in, c_in, a, x1, c, out);
+    return run_blocks(&L, 1, first, last, rows, pos, len, text_lens, text_w, x, a_in, x1_in, c_in, a, x1, c, out);
 }
 
 /* `count` whole blocks in sequence, x (rows, d) -> out (rows, d), in one parallel region: the
  * step's blocks between two hook points (one call for an unsteered step). Returns as ms_block. */
-int ms_blocks(const ms_layer *const *layers, int count, int rows, int pos, int len, int text_len,
-              const float *x, float *out) {
+int ms_blocks(const ms_layer *const *layers, int count, int rows, int pos, int len, const int *text_lens,
+              const float *text_w, const float *x, float *out) {
     if (count < 1) return -2;
-    return run_blocks(layers, count, 0, 2, rows, pos, len, text_len, x, NULL, NULL, NULL, NULL, NULL, NULL, out);
+    return run_blocks(layers, count, 0, 2, rows, pos, len, text_lens, text_w, x, NULL, NULL, NULL, NULL, NULL, NULL,
+                      out);
 }

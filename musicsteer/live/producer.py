@@ -3,11 +3,15 @@ of tokens, caches, the ring buffer and the recorder queue. Other threads call
 `pause`, `resume`, `stop` (events) and `stats` (a snapshot built from plain
 attributes); controls arrive through the control source's own thread-safe setters.
 Observers (`StepObserver`) are called on the producer thread and must not block; add
-them before `start()` (and set `timing` before it too, for `step_timed`).
+them before `start()` (and set `timing` before it too, for `step_timed`). Prompts are
+built by the prompt worker's thread (prompt_worker.py), which the producer starts and
+stops; the producer only queues texts and swaps built ones in at the start of a step.
 
 The producer: generation running ahead of playback in its own thread.
 
-Per step it takes the control changes (once), writes the steering strengths, runs
+Per step it swaps in the prompts the worker has built since the last step (each logged
+as a control change at that step, so replay installs it at the same step), takes the
+control changes (once), writes the steering strengths, runs
 the one decoder step (model/step.py) on the CFG batch, appends the token column to
 the window's history (window.py: endless streams, re-primed into a spare cache while
 decoding goes on), hands each complete frame to the streaming codec, and pushes the
@@ -33,8 +37,8 @@ from ..model.graph_step import GraphedStep
 from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings, make_generator
 from ..model.step import DecodeStep
-from ..model.text import condition_rows
 from .controls import EngineControls
+from .prompt_worker import PromptWorker
 from .ring_buffer import AudioRing
 from .window import CHUNKS, Window, choose_chunk, fits, reprime_margin
 
@@ -59,6 +63,12 @@ class StreamConfig:
     # Each step as the replay of a captured CUDA graph, one per cache set (the re-prime swaps
     # sets); None: on CUDA devices. Off CUDA, True runs the same static step eagerly (tests).
     graph: bool | None = None
+    # Prompt slots held at once (blended by the prompt weights); slots 2.. start with `prompts`.
+    prompt_slots: int = 1
+    prompts: tuple[str, ...] = ()
+    # Prompt changes built by the worker while the old prompt plays (live); False: the producer waits
+    # for each one at the step it is logged at (replay, which must install it at that step).
+    async_prompts: bool = True
 
     def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
         """(window, keep) in positions, within the model's position table."""
@@ -111,6 +121,8 @@ class StreamStats:
     reprime_chunk: int  # positions re-primed per step (chosen before the first re-prime under a budget)
     running: bool
     error: str | None
+    prompts_pending: int = 0  # prompt changes queued or being built
+    prompt_build_ms: float = 0.0  # the last prompt's encoding and building, on the worker
 
 
 class StepObserver:
@@ -179,7 +191,16 @@ class Producer:
         cfg = model.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
         self.window, self.keep = config.positions(cfg.max_positions, self.K)
-        self.engine = EngineControls(config.sampling, config.prompt, self.plan, self._condition)
+        if not 1 + len(config.prompts) <= config.prompt_slots:
+            raise ValueError(f"{1 + len(config.prompts)} prompts need as many slots; the stream holds "
+                             f"{config.prompt_slots}")
+        self.engine = EngineControls(config.sampling, config.prompt, self.plan, self._request_prompt,
+                                     model.decoder.set_prompt_weights if config.prompt_slots > 1 else None,
+                                     config.prompt_slots)
+        self.prompt_worker = PromptWorker(model.text, model.decoder)
+        self._prompt_changes = 0  # prompt swaps since the start (stats)
+        self.last_install_ms = 0.0  # the last prompt swap's cost on this thread
+        self.last_build_ms = 0.0  # what building that prompt cost (the worker's thread, or this one)
         self.codec_stream = StreamingDecoder(model.codec, self.K, config.codec)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,7 +278,8 @@ class Producer:
             realtime_factor=(1.0 / FRAME_RATE) / mean if mean > 0 else 0.0,
             ring_fill=m.fill / m.capacity, underruns=m.underruns, reprimes=self.reprimes,
             reprime_chunk=self.context.chunk if self.context is not None else self.config.reprime_chunk,
-            running=self.running, error=self.error)
+            running=self.running, error=self.error, prompts_pending=self.prompt_worker.pending,
+            prompt_build_ms=self.prompt_worker.last_build_ms)
 
     # -- the producer thread -------------------------------------------------------------------
 
@@ -280,6 +302,7 @@ class Producer:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("producer stopped")
         finally:
+            self.prompt_worker.stop()
             if self.steerer is not None:
                 self.steerer.detach()
 
@@ -295,10 +318,13 @@ class Producer:
         self.context = Window(decoder, self.window, self.keep, self.config.reprime_chunk,
                               self.config.reprime_margin(self.keep),
                               reprime_margin(self.keep, CHUNKS[0]) if budget is not None else None,
-                              steering=self._replayed if self.plan is not None else None)
+                              steering=self._replayed if self.plan is not None else None,
+                              prompts=self.config.prompt_slots)
         if self.plan is not None:
             self.plan.keep_history(self.context.retain)
-        self.engine.set_prompt(self.engine.prompt)
+        self.prompt_worker.start()
+        for slot, text in enumerate((self.config.prompt, *self.config.prompts)):  # built as live ones are
+            self._install(self.prompt_worker.build_now(slot, text), None)
         if budget is not None:  # the re-prime's cost, measured here while the spare set is free
             self._slice_cost = self.context.measure_prefill()
         self.codec_stream.warm_up()
@@ -317,19 +343,49 @@ class Producer:
         """The re-prime's steering: columns first..first+n-1 with the strengths their steps used."""
         return self.steerer.replaying(self.plan.recorded(first, n))
 
-    def _condition(self, prompt: str) -> None:
-        states, mask = self.model.text.encode(prompt)
-        self.model.decoder.set_condition(*condition_rows(states, mask, 2))
+    def _request_prompt(self, slot: int, text: str, change: ControlChange | None) -> None:
+        """A prompt slot's new text (from the controls, on this thread): to the worker; swapped in at
+        the start of a later step, or, for replay, built and swapped in now."""
+        if self.config.async_prompts:
+            self.prompt_worker.submit(slot, text, change)
+        else:
+            self._install(self.prompt_worker.build_now(slot, text, change), self.step)
+
+    def _install_ready(self, step: int) -> None:
+        """At a step boundary: every prompt built since the last step into its slot."""
+        for built in self.prompt_worker.poll():
+            self._install(built, step)
+
+    def _install(self, built, step: int | None) -> None:
+        """Swap a built prompt into its slot (O(layers) pointer swaps, or queued copies under a graph),
+        hand the old buffers back to the worker, and log the change at `step` (None: the start)."""
+        slot, text = built.request.slot, built.request.text
+        t0 = time.perf_counter()
+        self.prompt_worker.recycle(self.model.decoder.install_memory(slot, built.buffers, built.length))
+        self.engine.slot_filled(slot, text)
+        self.last_install_ms = (time.perf_counter() - t0) * 1e3
+        self.last_build_ms = built.build_ms
+        change = built.request.tag
+        if step is not None and change is not None:
+            self._prompt_changes += 1
+            log.info("prompt slot %d: %r from step %d (asked at step %d, built in %.0f ms)", slot + 1, text, step,
+                     change.received_step, built.build_ms)
+            self._log_change(change, step)
 
     def _apply_controls(self, step: int) -> None:
         if self.controls is None:
             return
         self.controls.step_now = step
         for change in self.engine.apply(self.controls.take(step), step):
-            if self.recorder is not None:
-                self.recorder.control(change.to_json(step))
-            for observer in self.observers:
-                observer.control_applied(change, step)
+            if self.engine.deferred(change):  # a prompt: logged at the step it is swapped in at
+                continue
+            self._log_change(change, step)
+
+    def _log_change(self, change: ControlChange, step: int) -> None:
+        if self.recorder is not None:
+            self.recorder.control(change.to_json(step))
+        for observer in self.observers:
+            observer.control_applied(change, step)
 
     def _wait_for_room(self) -> None:
         """Just in time: a step whose frame completes a codec chunk starts only once that chunk's
@@ -371,6 +427,7 @@ class Producer:
         self._codec_s = self._wait_s = 0.0
         for observer in observers:
             observer.step_started(s)
+        self._install_ready(s)
         self._apply_controls(s)
         if self.plan is not None:
             self.plan.write(s, self.steerer)

@@ -66,6 +66,8 @@ class LiveRequest:
     reprime_budget_ms: float | None = None  # or the slice a step's time budget allows (StreamConfig)
     codec: StreamingCodecSettings = field(default_factory=StreamingCodecSettings)
     status: bool = True
+    prompt_slots: int = 4  # prompts held at once, for prompt/<n> and the morph (live --prompt-slots)
+    prompts: tuple[str, ...] = ()  # slots 2.. at the start (else the mapping file's prompts)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
         "schedules": request.schedules, "steering": asdict(request.steering),
         "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "reprime_chunk": request.reprime_chunk,
                    "reprime_budget_ms": request.reprime_budget_ms, "codec": asdict(request.codec)},
+        "prompt_slots": request.prompt_slots, "prompts": list(request.prompts),
         "sample_rate": model.codec.sample_rate, "frame_rate": FRAME_RATE,
     }
 
@@ -197,12 +200,14 @@ def start_session(model: LoadedModel, request: LiveRequest, controls: ControlSta
     names = plan.names if plan is not None else []
     if controls is None:
         controls = ControlState(names)
+    request = with_mapping_prompts(request, names)
     seed_controls(controls, request, names)
     target, prebuffer, ring = buffer_plan(request.buffer_ms, sample_rate, request.codec.chunk, model.codec.hop)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk,
                           reprime_budget_ms=request.reprime_budget_ms, max_seconds=request.seconds,
-                          codec=request.codec, fill_target=target)
+                          codec=request.codec, fill_target=target, prompt_slots=request.prompt_slots,
+                          prompts=request.prompts)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
@@ -244,7 +249,9 @@ def seed_controls(controls: ControlState, request: LiveRequest, names: list[str]
         if param.event:
             continue
         for concept in names if param.is_pattern else [None]:
-            controls.seed(param.path(concept), starting_value(param, concept, request))
+            value = starting_value(param, concept, request)
+            if value is not None:  # (an empty prompt slot has none)
+                controls.seed(param.path(concept), value)
 
 
 def starting_value(param: params.Param, concept: str | None, request: LiveRequest):
@@ -253,10 +260,26 @@ def starting_value(param: params.Param, concept: str | None, request: LiveReques
     if param.target == "sampling":
         return getattr(request.sampling, param.field)
     if param.target == "prompt":
-        return request.prompt
-    if param.target == "strength":
-        return request.steer.get(concept, param.default)
+        texts = (request.prompt, *request.prompts)
+        return texts[param.slot - 1] if param.slot <= len(texts) else None
+    if param.target in ("strength", "weight"):
+        return request.steer.get(concept, param.default) if concept is not None else param.default
     raise ValueError(f"{param.name}: no starting value for target {param.target!r}")
+
+
+def with_mapping_prompts(request: LiveRequest, concepts: list[str]) -> LiveRequest:
+    """The request with the mapping file's prompts in slots 2.. (morph targets), unless it names its own."""
+    if request.prompts or request.mapping is None:
+        return request
+    from dataclasses import replace
+
+    from ..controllers.mapping import Mapping
+
+    prompts = Mapping.load(request.mapping, concepts).prompts
+    if 1 + len(prompts) > request.prompt_slots:
+        raise UsageError(f"{request.mapping}: {len(prompts)} prompts and --prompt need {1 + len(prompts)} "
+                         f"prompt slots; the session holds {request.prompt_slots} (--prompt-slots)")
+    return replace(request, prompts=tuple(prompts))
 
 
 def make_scenes(request: LiveRequest, controls: ControlState):
@@ -349,12 +372,14 @@ def replay(model: LoadedModel, directory: Path) -> tuple[np.ndarray, np.ndarray,
         seconds=frames / FRAME_RATE, concepts=Path(info["concepts"]) if info.get("concepts") else None,
         steer=info.get("steer", {}), schedules=info.get("schedules", {}),
         steering=SteeringSettings(**info["steering"]), window_s=stream["window_s"], keep_s=stream["keep_s"],
-        reprime_chunk=info.get("reprime_chunk", stream.get("reprime_chunk", 32)), codec=StreamingCodecSettings(**stream["codec"]), status=False)
+        reprime_chunk=info.get("reprime_chunk", stream.get("reprime_chunk", 32)), codec=StreamingCodecSettings(**stream["codec"]), status=False,
+        prompt_slots=info.get("prompt_slots", 1), prompts=tuple(info.get("prompts", ())))
     memory = MemoryRecorder()
     steering = make_steering(model, request.concepts, request.steer, request.schedules, request.steering, batch=2)
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk, max_seconds=request.seconds,
-                          codec=request.codec)
+                          codec=request.codec, prompt_slots=request.prompt_slots, prompts=request.prompts,
+                          async_prompts=False)
     ring = AudioRing(1 << 16)
     sink = PacedSink(model.codec.sample_rate, realtime=False)
     producer = Producer(model, config, ring, ScriptedControls(entries),

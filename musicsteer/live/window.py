@@ -75,19 +75,21 @@ def choose_chunk(step_ms: float, slice_ms: tuple[float, float], budget_ms: float
 
 class Window:
     def __init__(self, decoder: MusicGen, window: int, keep: int, chunk: int, margin: int,
-                 retain_margin: int | None = None, steering: Callable[[int, int], ContextManager] | None = None) -> None:
+                 retain_margin: int | None = None, steering: Callable[[int, int], ContextManager] | None = None,
+                 prompts: int = 1) -> None:
         """`window` positions at most in the cache, `keep` kept at a re-prime, `chunk` positions
         re-primed per step, starting `margin` steps before the window fills; the history holds
         enough for margins up to `retain_margin` (default `margin`; see `set_chunk`). `steering`
         (first column, n) gives a context in which a forward over those columns is steered as
-        their steps were (None: unsteered, or steering left as it is)."""
+        their steps were (None: unsteered, or steering left as it is); `prompts` slots of
+        cross-attention memory (the re-prime reads them as the step does)."""
         self.decoder = decoder
         self.steering = steering
         cfg = decoder.cfg
         self.K, self.special = cfg.codebooks, cfg.special_token
         self.window, self.keep, self.chunk, self.margin = window, keep, chunk, margin
         self.device = decoder.embed.weight.device
-        decoder.setup_caches(2, max_len=window)  # always the CFG batch: cfg may change live
+        decoder.setup_caches(2, max_len=window, prompts=prompts)  # always the CFG batch: cfg may change live
         self.spare = decoder.make_caches(2, window)
         self.positions = torch.arange(window, device=self.device)  # (window,)
         # Keep the last `keep` + a margin columns of the stream.

@@ -27,28 +27,35 @@ class Generation:
     logits: torch.Tensor | None  # (steps, K, V) float32 guided logits, when recorded
 
 
-def prepare(decoder: MusicGen, text: TextEncoder, prompt: str, settings: SamplingSettings, max_len: int) -> None:
-    """Allocate caches for the CFG batch and cache the prompt's cross-attention K/V."""
-    decoder.setup_caches(settings.batch, max_len=max_len)
-    states, mask = text.encode(prompt)
-    decoder.set_condition(*condition_rows(states, mask, settings.batch))
+def prepare(decoder: MusicGen, text: TextEncoder, prompt: str, settings: SamplingSettings, max_len: int,
+            blend: tuple[str, ...] = ()) -> None:
+    """Allocate caches for the CFG batch and cache the prompt's cross-attention K/V; with `blend`,
+    those prompts too, in slots 2.., every slot at the same weight."""
+    prompts = (prompt, *blend)
+    decoder.setup_caches(settings.batch, max_len=max_len, prompts=len(prompts))
+    for slot, p in enumerate(prompts):
+        states, mask = text.encode(p)
+        decoder.set_condition(*condition_rows(states, mask, settings.batch), slot=slot)
+    if blend:
+        decoder.set_prompt_weights([1.0] * len(prompts))
 
 
 @torch.no_grad()
 def generate(decoder: MusicGen, text: TextEncoder, prompt: str, frames: int, settings: SamplingSettings,
              *, record_logits: bool = False, before_step: Callable[[int], None] | None = None,
-             on_step: Callable[[int], None] | None = None, graph: bool = False) -> Generation:
+             on_step: Callable[[int], None] | None = None, graph: bool = False,
+             blend: tuple[str, ...] = ()) -> Generation:
     """Generate `frames` complete frames. `before_step(s)` runs before step s (steering
     writes its strengths there); `on_step(s)` after it (progress). `graph` runs each step as
     a replay of one captured CUDA graph (graph_step.py; off CUDA, the same static path eagerly);
-    attach steering before calling."""
+    attach steering before calling. `blend`: more prompts, mixed with `prompt` at equal weights."""
     cfg = decoder.cfg
     K, special = cfg.codebooks, cfg.special_token
     steps = steps_for(frames, K)
     if steps + 1 > cfg.max_positions:
         raise ValueError(f"{frames} frames need {steps + 1} positions; the model holds {cfg.max_positions}")
     device = decoder.embed.weight.device
-    prepare(decoder, text, prompt, settings, max_len=steps + 1)
+    prepare(decoder, text, prompt, settings, max_len=steps + 1, blend=blend)
 
     generator = make_generator(settings.seed, device)
     sequence = torch.full((K, steps + 1), special, dtype=torch.long, device=device)

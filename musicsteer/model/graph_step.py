@@ -12,6 +12,12 @@ each step, so new strengths need no recapture. What must not change after captur
 caches (no `setup_caches`, no `use_caches` swap), the prompt's cache length may change
 (it is masked), and the set of attached hooks (attach steering first).
 
+Prompts: the graph reads every prompt slot's cross-attention buffers, masks and weights
+where they were at capture. Capture allocates every slot and pins the cross caches, so a
+new prompt is copied into those buffers (stream-ordered before the next replay; the host
+only queues the copies) and new weights are written into the mix's weight buffer in place:
+a prompt change or a morph needs no recapture.
+
 Off CUDA the same object runs the same static path eagerly; tests use that to check that
 the static step gives the tokens of the eager, filled-part-only step.
 """
@@ -43,6 +49,9 @@ class GraphedStep:
             raise RuntimeError("CUDA graphs need the decoder on a CUDA device")
         # warm-up and capture write slot 0 of every self-attention cache: keep what is there
         saved = [(c.k[:, :, :1].clone(), c.v[:, :, :1].clone()) for c in self.decoder.caches]
+        for block in self.decoder.blocks:  # every prompt slot at a fixed address, written in place from now on
+            block.cross_attn.cache.allocate()
+            block.cross_attn.cache.pinned = True
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -61,7 +70,8 @@ class GraphedStep:
     def _addresses(self) -> tuple[int, ...]:
         """What the graph baked in: the caches' addresses (setup_caches or use_caches change them)."""
         blocks = self.decoder.blocks
-        return tuple(t.data_ptr() for b in blocks for t in (b.self_attn.cache.k, b.cross_attn.cache.k))
+        return tuple(t.data_ptr() for b in blocks
+                     for t in (b.self_attn.cache.k, *b.cross_attn.cache.keys, *b.cross_attn.cache.values))
 
     @property
     def captured(self) -> bool:

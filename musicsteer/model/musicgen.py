@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kv_cache import CrossCache, KVCache, QuantizedKVCache
+from .kv_cache import CrossCache, KVCache, PromptMix, QuantizedKVCache
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 HOOK_KINDS = ("attn", "cross", "out")
@@ -130,12 +130,34 @@ class CrossAttention(nn.Module):
         assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
         B, T, D = x.shape
         q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        if static:  # fixed shapes: all slots, padding masked out
-            out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=self.cache.mask)
-        else:
-            n = self.cache.length
-            out = F.scaled_dot_product_attention(q, self.cache.k[:, :, :n], self.cache.v[:, :, :n])
+        out = self.attend_text(q, static)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+    def attend_text(self, q: torch.Tensor, static: bool) -> torch.Tensor:
+        """Attention of `q` (B, H, T, hd) over the prompt slots, blended by the mix's weights: the
+        weighted sum of the attention over each slot's memory (a slot read alone, weight 1, is
+        exactly the single prompt's attention)."""
+        cache = self.cache
+        mix = cache.mix
+        if static:  # fixed shapes: every slot, padding masked out, weights read from the device
+            out = None
+            for p in range(mix.slots):
+                if cache.keys[p] is None:  # never filled (pinned caches allocate every slot)
+                    continue
+                o = F.scaled_dot_product_attention(q, cache.keys[p], cache.values[p], attn_mask=mix.mask[p])
+                o = o * mix.weights[p]
+                out = o if out is None else out + o
+            return out
+        single = mix.single
+        if single is not None:
+            n = mix.lengths[single]
+            return F.scaled_dot_product_attention(q, cache.keys[single][:, :, :n], cache.values[single][:, :, :n])
+        out = None
+        for p, w in mix.active:
+            n = mix.lengths[p]
+            o = F.scaled_dot_product_attention(q, cache.keys[p][:, :, :n], cache.values[p][:, :, :n]) * w
+            out = o if out is None else out + o
+        return out
 
 
 class Block(nn.Module):
@@ -196,6 +218,7 @@ class MusicGen(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.heads = nn.Linear(D, K * V, bias=False)  # codebook k's head is rows [k*V, (k+1)*V)
         self.batch = 0
+        self.prompt_mix: PromptMix | None = None  # the prompt slots' weights, from setup_caches
         # Storage dtype of the self-attention caches (None: the model's; torch.int8: 8-bit with
         # scales, QuantizedKVCache). Reduced-precision CPU weights pair with bfloat16 caches: at a
         # 30 s window the cache is ~0.6 GB of float32 reads per `small` step, more than its int8 weights.
@@ -234,9 +257,10 @@ class MusicGen(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     def setup_caches(self, batch: int, max_len: int | None = None, max_text: int = 256,
-                     self_attention: bool = True) -> None:
+                     self_attention: bool = True, prompts: int = 1) -> None:
         """Allocate the static caches once, at their maximum shape (batch 2 for CFG). Without
-        `self_attention` only the cross-attention caches exist (for uncached forwards)."""
+        `self_attention` only the cross-attention caches exist (for uncached forwards). `prompts`
+        slots of cross-attention memory are held at once (blended by `set_prompt_weights`)."""
         cfg = self.cfg
         max_len = max_len or cfg.max_positions
         if max_len > cfg.max_positions:
@@ -247,8 +271,10 @@ class MusicGen(nn.Module):
         else:
             for block in self.blocks:
                 block.self_attn.cache = None
+        self.prompt_mix = PromptMix(prompts, max_text, p.device)
         for block in self.blocks:
-            block.cross_attn.cache = CrossCache(batch, cfg.heads, max_text, cfg.head_dim, p.dtype, p.device)
+            block.cross_attn.cache = CrossCache(batch, cfg.heads, max_text, cfg.head_dim, p.dtype, p.device,
+                                                self.prompt_mix)
         self.batch = batch
 
     def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
@@ -268,16 +294,51 @@ class MusicGen(nn.Module):
         return [block.self_attn.cache for block in self.blocks]
 
     @torch.no_grad()
-    def set_condition(self, text: torch.Tensor, mask: torch.Tensor) -> None:
-        """Project the text encoder's states (B, S, text_hidden) and cache cross-attention K/V.
+    def set_condition(self, text: torch.Tensor, mask: torch.Tensor, slot: int = 0) -> None:
+        """Project the text encoder's states (B, S, text_hidden) and cache cross-attention K/V in
+        prompt slot `slot` (in place; the mix's weights stay as they are).
 
         `mask` (B, S) is 1 for real text positions; masked positions are zeroed, so a
         row of zeros with mask 0 is the unconditional (null-text) branch of CFG.
         """
-        assert text.shape[0] == self.batch, f"condition has {text.shape[0]} rows, caches hold {self.batch}"
-        states = self.text_proj(text.to(self.embed.weight.dtype)) * mask[..., None].to(self.embed.weight.dtype)
+        states = self._projected(text, mask)
+        self.prompt_mix.set_length(slot, text.shape[1])
         for block in self.blocks:
-            block.cross_attn.cache.fill(*block.cross_attn.memory(states))
+            block.cross_attn.cache.fill(*block.cross_attn.memory(states), slot=slot)
+
+    def _projected(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert text.shape[0] == self.batch, f"condition has {text.shape[0]} rows, caches hold {self.batch}"
+        if text.shape[1] > self.prompt_mix.max_text:
+            raise ValueError(f"prompt has {text.shape[1]} text tokens; the cache holds {self.prompt_mix.max_text}")
+        return self.text_proj(text.to(self.embed.weight.dtype)) * mask[..., None].to(self.embed.weight.dtype)
+
+    # A prompt built off the decoding thread (live/prompt_worker.py): `build_memory` reads only
+    # weights and writes only the buffers it is given, so it may run beside a forward on another
+    # thread; `install_memory` swaps them in, on the decoding thread, between two forwards.
+
+    @torch.no_grad()
+    def build_memory(self, text: torch.Tensor, mask: torch.Tensor, buffers: list | None = None) -> list:
+        """Every layer's cross-attention K/V of a condition (B, S, text_hidden) in slot-shaped buffer
+        pairs (`buffers`, one per layer, reused; None or a None pair: new ones). Returns the pairs."""
+        states = self._projected(text, mask)
+        out = []
+        for i, block in enumerate(self.blocks):
+            cache = block.cross_attn.cache
+            pair = buffers[i] if buffers is not None and buffers[i][0] is not None else cache.empty()
+            cache.write(pair, *block.cross_attn.memory(states))
+            out.append(pair)
+        return out
+
+    def install_memory(self, slot: int, buffers: list, length: int) -> list:
+        """Make built buffers (one pair per layer) prompt slot `slot`'s memory of `length` text
+        positions, between forwards; returns the pairs the slot held (to build the next prompt into)."""
+        old = [block.cross_attn.cache.install(slot, pair) for block, pair in zip(self.blocks, buffers, strict=True)]
+        self.prompt_mix.set_length(slot, length)
+        return old
+
+    def set_prompt_weights(self, weights) -> tuple[float, ...]:
+        """Blend the prompt slots by `weights` (one per slot, normalised); returns the weights in force."""
+        return self.prompt_mix.set_weights(weights)
 
     # -- hook points -----------------------------------------------------------
 

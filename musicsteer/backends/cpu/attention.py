@@ -48,7 +48,14 @@ class CpuCrossAttention(CrossAttention):
         if not static and T == 1 and fast_path(x):
             assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
             q = self.wq(x).reshape(B, D).contiguous()  # (B, D)
-            out = cpu_kernels.attend(q, None, self.cache.k, self.cache.v, -1, self.cache.length)  # (B, D)
+            cache, mix = self.cache, self.cache.mix
+            single = mix.single
+            if single is not None:
+                out = cpu_kernels.attend(q, None, cache.keys[single], cache.values[single], -1,
+                                         mix.lengths[single])  # (B, D)
+            else:  # the weighted sum over the prompt slots (model/musicgen.py attend_text)
+                out = sum(cpu_kernels.attend(q, None, cache.keys[p], cache.values[p], -1, mix.lengths[p]) * w
+                          for p, w in mix.active)
             return self.wo(out.view(B, 1, D))
         return super().forward(x, static)
 

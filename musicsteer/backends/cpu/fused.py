@@ -33,6 +33,7 @@ from torch import nn
 
 from ...kernels import cpu as cpu_kernels
 from ...kernels.hook import KernelHook
+from ...model.kv_cache import MAX_SLOTS
 from .attention import fast_path
 from .bf16 import PackedBf16Linear
 from .int4 import PackedInt4Linear
@@ -53,7 +54,7 @@ class _Layer(ctypes.Structure):
                 ("hd", ctypes.c_int), ("act", ctypes.c_int), ("cache_bf16", ctypes.c_int), ("max_len", ctypes.c_int),
                 ("text_max", ctypes.c_int), ("eps", ctypes.c_float),
                 ("norm_w", _ptr * 3), ("norm_b", _ptr * 3), ("w", _ptr * 6), ("scale", _ptr * 6),
-                ("kc", _ptr), ("vc", _ptr), ("tk", _ptr), ("tv", _ptr),
+                ("kc", _ptr), ("vc", _ptr), ("tk", _ptr * MAX_SLOTS), ("tv", _ptr * MAX_SLOTS), ("text_slots", ctypes.c_int),
                 ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
                 ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr),
                 ("ks", _ptr), ("vs", _ptr), ("cache_i8", ctypes.c_int)]
@@ -139,8 +140,8 @@ class FusedBlock:
         """What the binding depends on: the identities of the caches and weight buffers (held by the
         binding, so an id is never reused while compared) and the norms' data pointers."""
         sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
-        parts: list = [id(sc), id(cc), id(sc._buffers["k"]), id(sc._buffers["v"]), id(cc._buffers["k"]),
-                       id(cc._buffers["v"]), id(sc._buffers.get("k_scale")), id(sc._buffers.get("v_scale"))]
+        parts: list = [id(sc), id(cc), id(sc._buffers["k"]), id(sc._buffers["v"]), *map(id, cc.keys),
+                       *map(id, cc.values), id(sc._buffers.get("k_scale")), id(sc._buffers.get("v_scale"))]
         for m in self._linears:
             buffers = m._buffers
             parts.append(id(buffers["packed"]))
@@ -166,9 +167,13 @@ class FusedBlock:
         L.cache_i8 = int(sc.k.dtype == torch.int8)
         scales = (sc.k_scale, sc.v_scale) if L.cache_i8 else ()
         L.ks, L.vs = (s.data_ptr() for s in scales) if scales else (None, None)
-        L.tk, L.tv, L.text_max = cc.k.data_ptr(), cc.v.data_ptr(), cc.max_text
-        self._held = (sc, cc, sc.k, sc.v, cc.k, cc.v, *scales, *(m._buffers.get(n) for m in self._linears
-                                                        for n in ("packed", "scale")))
+        L.text_max, L.text_slots = cc.max_text, cc.mix.slots
+        for p in range(MAX_SLOTS):
+            present = p < cc.mix.slots and cc.keys[p] is not None
+            L.tk[p] = cc.keys[p].data_ptr() if present else None
+            L.tv[p] = cc.values[p].data_ptr() if present else None
+        self._held = (sc, cc, sc.k, sc.v, *scales, *cc.keys, *cc.values, *(m._buffers.get(n) for m in self._linears
+                                                                           for n in ("packed", "scale")))
         self._key = key
 
     def ready(self, rows: int) -> bool:
@@ -177,7 +182,7 @@ class FusedBlock:
         sc, cc = _child(self._attn, "cache"), _child(self._cross, "cache")
         if sc is None or cc is None:
             return False
-        k, tk = sc._buffers["k"], cc._buffers["k"]
+        k, tk = sc._buffers["k"], cc.keys[0]
         if not (rows <= MAX_ROWS and k.shape[0] == rows and tk.shape[0] == rows and tk.dtype == torch.float32
                 and k.dtype in (torch.float32, torch.bfloat16, torch.int8) and k.is_contiguous() and tk.is_contiguous()
                 and cc.length > 0):
@@ -203,13 +208,15 @@ class FusedBlock:
             self._steer_hook = hook  # holds the buffers the pointers point into
         return True
 
-    def text_len(self) -> int:
-        return _child(self._cross, "cache").length
+    def text_mix(self) -> tuple[int, int]:
+        """Pointers to the prompt slots' lengths (int32) and weights (float32) the C call reads."""
+        mix = _child(self._cross, "cache").mix
+        return mix.lengths_dev.data_ptr(), mix.weights.data_ptr()
 
     def _run(self, first: int, last: int, rows: int, pos: int, kv_len: int, x=None, a=None, x1=None, c=None,
              out_a=None, out_x1=None, out_c=None, out=None) -> None:
         p = [t.data_ptr() if t is not None else None for t in (x, a, x1, c, out_a, out_x1, out_c, out)]
-        rc = self._call(self.address, first, last, rows, pos, kv_len, self.text_len(), *p)
+        rc = self._call(self.address, first, last, rows, pos, kv_len, *self.text_mix(), *p)
         if rc != 0:
             raise RuntimeError(f"fused block refused parts {first}-{last} ({rc}) at position {pos}, length {kv_len}")
 
@@ -260,7 +267,7 @@ class FusedStack:
     def _flush(self, start: int, end: int, x: torch.Tensor, pos: int, kv_len: int) -> torch.Tensor:
         out = torch.empty_like(x)
         rc = self._call(self._base + start * ctypes.sizeof(ctypes.c_void_p), end - start, x.shape[0], pos, kv_len,
-                        self.fused[start].text_len(), x.data_ptr(), out.data_ptr())
+                        *self.fused[start].text_mix(), x.data_ptr(), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"fused blocks {start}-{end - 1} refused the step ({rc}) at position {pos}, "
                                f"length {kv_len}")
