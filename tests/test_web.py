@@ -44,9 +44,12 @@ def test_messages_set_parameters_through_the_control_state():
     r, cs = router()
     assert r.handle(decode('{"set": "concept/cmaj/strength", "value": 0.5}')) == []
     assert r.handle(decode('{"prompt": 0, "text": "ambient pads"}'), source="web:2") == []
+    assert r.handle(decode('{"prompt": 1, "text": "fast drums"}')) == []  # slot 1: the table's prompt/2
+    assert r.handle(decode('{"set": "prompt/morph", "value": 0.25}')) == []
     assert r.handle(decode('{"get": "cfg"}')) == [{"path": "cfg", "value": 3.0}]
     changes = {c.param: c for c in cs.take(0)}
     assert changes["concept/cmaj/strength"].value == 0.5 and changes["prompt"].value == "ambient pads"
+    assert changes["prompt/2"].value == "fast drums" and changes["prompt/morph"].value == 0.25
     assert changes["prompt"].source == "web:2"
     assert r.handle(decode('{"scene": "store", "name": "A"}')) == [{"stored": "A", "scenes": ["A"]}]
     r.handle(decode('{"set": "cfg", "value": 7}'))
@@ -84,7 +87,7 @@ def test_undecodable_messages_are_refused(data, message):
     ({"set": 3, "value": 1}, "parameter path"),
     ({"prompt": -1, "text": "x"}, "slot"),
     ({"prompt": 0, "text": ""}, "non-empty"),
-    ({"prompt": 3, "text": "x"}, "unknown parameter 'prompt/3'"),
+    ({"prompt": 8, "text": "x"}, "unknown parameter 'prompt/9'"),  # 8 slots: 0..7
     ({"scene": "recall", "name": "nope"}, "unknown scene"),
     ({"scene": "recall", "name": 5}, "scene name"),
     ({"scene": "dance", "name": "A"}, "store\" or \"recall"),

@@ -8,8 +8,8 @@ queries, and the frames sent back (docs/web.md).
 
 In (one JSON object per message):
   {"set": PATH, "value": V}                      any parameter of the table (params.py)
-  {"prompt": SLOT, "text": "..."}                slot 0 is the prompt; other slots are the
-                                                 table's prompt/<slot> once it has them
+  {"prompt": SLOT, "text": "..."}                slot 0 is the prompt (the table's prompt/1), slot
+                                                 k the table's prompt/<k+1>
   {"scene": "store", "name": N}
   {"scene": "recall", "name": N, "seconds": S}   seconds optional (the scene's own)
   {"panic": true}                                every concept's strength to 0 at once
@@ -82,7 +82,7 @@ class WebRouter:
             slot = msg["prompt"]
             if isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
                 raise WebError(f"prompt takes a slot number (0 is the prompt), got {slot!r}")
-            self._set("prompt" if slot == 0 else f"prompt/{slot}", msg.get("text"), source)
+            self._set("prompt" if slot == 0 else f"prompt/{slot + 1}", msg.get("text"), source)  # table: from 1
             return []
         if "get" in msg:
             path = self._path(msg["get"], "get")

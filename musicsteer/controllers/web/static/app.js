@@ -99,8 +99,8 @@ function textControl(p, value) {
   const go = () => {
     const text = input.value.trim();
     if (!text) return;
-    const slot = p.path === "prompt" ? 0 : (p.path.match(/^prompt\/(\d+)$/) || [])[1];
-    send(slot !== undefined ? { prompt: Number(slot), text } : { set: p.path, value: text });
+    const n = p.path === "prompt" ? 1 : (p.path.match(/^prompt\/(\d+)$/) || [])[1];  // the table's slots count from 1
+    send(n !== undefined ? { prompt: Number(n) - 1, text } : { set: p.path, value: text });
   };
   button.addEventListener("click", go);
   input.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
