@@ -118,7 +118,7 @@ def register(sub) -> None:
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    from ..bench.latency import format_report, write_json
+    from ..bench.latency import format_report
     from ..bench.latency import run_latency as time_steps
     from ..model.sampling import SamplingSettings
     from ..steering.plan import SteeringSettings
@@ -152,18 +152,12 @@ def run_latency(args: argparse.Namespace) -> int:
                                       args.cuda_graph)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        print(format_prompt_costs(record))
-        if args.json:
-            write_json(record, args.json)
-            print(f"wrote {args.json}")
+        report(format_prompt_costs(record), record, args.json)
         return 0
     record = time_steps(model, args.steps, args.warmup, counts, sampling, SteeringSettings(mode=args.steer_mode),
                         args.dtype, baselines=args.baseline, floor=not args.no_floor, graph=args.cuda_graph,
                         weights=args.weights, rounds=args.rounds, prompts=prompts[0])
-    print(format_report(record))
-    if args.json:
-        write_json(record, args.json)
-        print(f"wrote {args.json}")
+    report(format_report(record), record, args.json)
     if args.plot:
         from ..bench.latency import plot
 
@@ -172,16 +166,21 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(text: str, record: dict, path: Path | None) -> None:
+    """Print a bench's report and write its record whole to `path` (None: not written)."""
+    from ..bench.latency import write_json
+
+    print(text)
+    if path:
+        write_json(record, path)
+        print(f"wrote {path}")
+
+
 def emit(record: dict, path: Path | None) -> None:
     """Print the record (without the machine details) and write it whole to `path`."""
     import json
 
-    from ..bench.latency import write_json
-
-    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=2))
-    if path:
-        write_json(record, path)
-        print(f"wrote {path}")
+    report(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=2), record, path)
 
 
 def run_stream(args: argparse.Namespace) -> int:
@@ -213,39 +212,30 @@ def run_stream(args: argparse.Namespace) -> int:
 
 def run_prompts(args: argparse.Namespace) -> int:
     require(args, *STREAM, "pythonosc")
-    from ..bench.latency import write_json
     from ..bench.prompts import format_report, run_prompt_bench
 
     if not (args.seconds > 0 and 0 < args.every < args.seconds):
         raise UsageError("--seconds must be positive and --every between 0 and --seconds")
     record = run_prompt_bench(load_from_args(args), args.seconds, args.every, args.buffer_ms)
-    print(format_report(record))
-    if args.json:
-        write_json(record, args.json)
-        print(f"wrote {args.json}")
+    report(format_report(record), record, args.json)
     return 0 if record["clean"] else 1
 
 
 def run_control(args: argparse.Namespace) -> int:
     require(args, *STREAM, "pythonosc", "sounddevice")
     from ..bench.control import format_control, run_control_bench
-    from ..bench.latency import write_json
 
     if args.messages < 1 or not args.interval > 0 or args.codec_chunk < 1:
         raise UsageError("--messages and --codec-chunk must be >= 1 and --interval > 0")
     record = run_control_bench(load_from_args(args), args.device, args.messages, args.interval, args.buffer_ms,
                                codec_chunk=args.codec_chunk, codec_precision=args.codec_precision)
-    print(format_control(record))
-    if args.json:
-        write_json(record, args.json)
-        print(f"wrote {args.json}")
+    report(format_control(record), record, args.json)
     return 0
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
     from ..bench.fidelity import format_fidelity
     from ..bench.fidelity import run_fidelity as measure_all
-    from ..bench.latency import write_json
 
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
@@ -254,10 +244,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
                              args.kv_cache)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    print(format_fidelity(record))
-    if args.json:
-        write_json(record, args.json)
-        print(f"wrote {args.json}")
+    report(format_fidelity(record), record, args.json)
     return 0
 
 
