@@ -99,6 +99,12 @@ class JackServer:
         out = self.tool("jack_lsp", "-c", port)
         return [line.strip() for line in out.splitlines() if line.startswith(" ")]
 
+    def xruns(self) -> int:
+        """The xruns the server has logged so far ("JackEngine::XRun: client = ... was not
+        finished"). A late client can drop a period of the graph without every client being
+        told: PortAudio may see no paOutputUnderflow for it, the log always has it."""
+        return self.log_path.read_text(errors="replace").count("JackEngine::XRun")
+
     def record(self, path: Path, seconds: int, ports: list[str]) -> subprocess.Popen:
         """Start `jack_rec` recording `ports` to a 32-bit PCM WAV for `seconds`.
 
