@@ -66,3 +66,60 @@ def test_load_model_takes_the_kv_cache_option():
     assert load_model("tiny", weights="int8", kv_cache="float32").decoder.cache_dtype is None
     with pytest.raises(ModelLoadError, match="unknown KV cache format"):
         load_model("tiny", kv_cache="int3")
+
+
+needs_kernels = pytest.mark.skipif(__import__("musicsteer.kernels.cpu", fromlist=["x"]).library() is None,
+                                   reason="the CPU kernels do not build here (no C compiler)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,L,hd,T,start", [(2, 4, 40, 64, 7, 5), (1, 3, 20, 48, 3, 0), (2, 16, 100, 64, 32, 60)])
+def test_the_kernel_stores_and_dequantizes_as_the_int8_cache_does(B, H, L, hd, T, start):
+    from musicsteer.kernels import cpu
+
+    g = torch.Generator().manual_seed(B * 100 + T)
+    ref, fast = (QuantizedKVCache(B, H, L, hd, torch.float32, "cpu") for _ in range(2))
+    for call in range(2):  # the second call finds the first one's positions in the cache
+        fused = torch.randn(B, T, 3, H, hd, generator=g) * 3  # keys and values strided, as in a layer
+        _, k, v = fused.permute(2, 0, 3, 1, 4)
+        pos = (torch.arange(T) + start + call * T) % L
+        upto = int(pos.max()) + 1
+        want = ref.update(pos, k, v, upto)
+        got = cpu.kv_store_i8(k, pos, fast.k, fast.k_scale, upto), cpu.kv_store_i8(v, pos, fast.v, fast.v_scale, upto)
+        for name in ("k", "v", "k_scale", "v_scale"):
+            assert torch.equal(getattr(ref, name), getattr(fast, name)), name
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cpu.kv_store_i8(k, pos, fast.k, fast.k_scale, None) is None
+    with pytest.raises(RuntimeError, match="refused"):
+        cpu.kv_store_i8(k, pos + L, fast.k, fast.k_scale, upto)
+
+
+@needs_kernels
+def test_the_cpu_backends_prefill_into_an_int8_cache_equals_the_reference(monkeypatch):
+    from musicsteer.backends.cpu import attention
+    from musicsteer.kernels import cpu
+
+    calls = []
+    store = cpu.kv_store_i8
+    monkeypatch.setattr(cpu, "kv_store_i8", lambda *a: calls.append(a[2].shape) or store(*a))
+
+    cfg = PRESETS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    text, mask = torch.randn(2, 5, cfg.text_hidden, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    codes = torch.randint(0, cfg.vocab, (2, cfg.codebooks, 12), generator=g)
+    outs = []
+    for swap in (False, True):
+        m = MusicGen.random(cfg, seed=3)
+        m.cache_dtype = torch.int8
+        undo = attention.install(m) if swap else None
+        m.setup_caches(2, max_len=16, max_text=5)
+        m.set_condition(text, mask)
+        with torch.inference_mode():
+            first = m.prefill(codes[..., :8])  # into the empty cache, then over what it filled:
+            second = m.forward(codes[..., 8:12], torch.arange(8, 12), kv_len=12)
+        outs.append((first, second, [c.k.clone() for c in m.caches]))
+        if undo:
+            undo()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2], strict=True))
+    assert len(calls) == 2 * 2 * cfg.layers  # keys and values, each layer, both prefills: the kernel's path

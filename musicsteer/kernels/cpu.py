@@ -133,6 +133,9 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
         ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.ms_attend.restype = ctypes.c_int
+    lib.ms_kv_store_i8.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int] + [
+        ctypes.c_void_p] * 2 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+    lib.ms_kv_store_i8.restype = ctypes.c_int
     lib.ms_block.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
     lib.ms_block.restype = ctypes.c_int
     lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
@@ -339,6 +342,26 @@ def linear_bf16(packed: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Te
     if rc != 0:
         raise RuntimeError(f"bfloat16 kernel refused the call ({rc}): shape ({nb * BLOCK}, {dp * 2})")
     return y
+
+
+def kv_store_i8(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor,
+                upto: int | None) -> torch.Tensor | None:
+    """Quantize x (B, H, T, hd) float32, last dimension contiguous, into the 8-bit `cache` (B, H, L, hd)
+    and its `scales` (B, H, L) at `positions` (T,), as model/kv_cache.quantize_heads does; return the
+    cache's first `upto` positions dequantized (B, H, upto, hd) float32, or None for `upto` None."""
+    B, H, L, hd = cache.shape
+    T = x.shape[2]
+    assert x.dtype == torch.float32 and x.shape == (B, H, T, hd) and x.stride(3) == 1
+    assert cache.dtype == torch.int8 and cache.is_contiguous() and scales.is_contiguous()
+    assert scales.shape == (B, H, L) and scales.dtype == torch.float32
+    pos = positions.to(torch.int64).contiguous()
+    out = torch.empty(B, H, upto, hd) if upto is not None else None
+    rc = (_lib or library()).ms_kv_store_i8(
+        x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), pos.data_ptr(), T, cache.data_ptr(), scales.data_ptr(),
+        B, H, L, hd, out.data_ptr() if out is not None else None, upto or 0)
+    if rc != 0:
+        raise RuntimeError(f"8-bit cache store refused positions {pos.tolist()[:4]}.. or {upto} of a cache of {L}")
+    return out
 
 
 def attend(q: torch.Tensor, kv_new: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,

@@ -837,6 +837,52 @@ int ms_attend(const float *q, const float *k_new, const float *v_new, long strid
     return 0;
 }
 
+/* ---------------------------------------------------------------- an 8-bit cache, many positions */
+
+/* A prefill's keys or values (B, H, T, hd), strided (element strides sb, sh, st; the last dimension
+ * contiguous), into an 8-bit cache (B, H, L, hd) with its scales (B, H, L) at positions pos[t], each
+ * head quantized as quantize_head does; then, when `out` is given, the cache's first `upto`
+ * positions dequantized into out (B, H, upto, hd): float(q) * scale, as the torch form computes it.
+ * One call per layer instead of a dozen torch operations (model/kv_cache.py QuantizedKVCache). */
+typedef struct {
+    const float *x;
+    long sb, sh, st;
+    const int64_t *pos;
+    int8_t *cache;
+    float *scales, *out;
+    int heads, T, L, hd, upto;
+} kv_store_args;
+
+static void kv_store_task(void *args, int begin, int end) {
+    const kv_store_args *a = args;
+    for (int i = begin; i < end; i++) {
+        const int b = i / a->heads, h = i % a->heads;
+        const size_t row = (size_t)i * a->L;
+        for (int t = 0; t < a->T; t++) {
+            const size_t at = row + (size_t)a->pos[t];
+            quantize_head(a->x + b * a->sb + h * a->sh + t * a->st, a->hd, a->cache + at * a->hd, a->scales + at);
+        }
+        if (!a->out) continue;
+        float *o = a->out + (size_t)i * a->upto * a->hd;
+        for (int j = 0; j < a->upto; j++) {
+            const int8_t *q = a->cache + (row + j) * a->hd;
+            const float s = a->scales[row + j];
+            for (int d = 0; d < a->hd; d++) o[(size_t)j * a->hd + d] = (float)q[d] * s;
+        }
+    }
+}
+
+/* Returns 0, or -2 when a position or `upto` does not fit the cache. */
+int ms_kv_store_i8(const float *x, long sb, long sh, long st, const int64_t *pos, int T, int8_t *cache,
+                   float *scales, int batch, int heads, int L, int hd, float *out, int upto) {
+    if (hd < 1 || T < 0 || upto < 0 || upto > L) return -2;
+    for (int t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= L) return -2;
+    kv_store_args a = {x, sb, sh, st, pos, cache, scales, out, heads, T, L, hd, upto};
+    run(kv_store_task, &a, batch * heads, (size_t)batch * heads * (T + (out ? upto : 0)) * hd * 5);
+    return 0;
+}
+
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
 #include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */
 #include "cpu_block.c" /* the fused decoder block, in this translation unit */

@@ -102,13 +102,17 @@ class SelfAttention(nn.Module):
         else:
             assert self.cache is not None, "call setup_caches() before a cached forward"
             k, v = self.cache.update(input_pos, k, v, kv_len)  # (B, H, L, hd); eager: the filled kv_len
-            if k.dtype != q.dtype:  # a narrower cache (cache_dtype)
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            if mask is CAUSAL:  # flash / memory-efficient kernels where the device has them
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = self.attend_cache(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
+
+    @staticmethod
+    def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The queries (B, H, T, hd) over the cache's keys and values as `update` returned them."""
+        if k.dtype != q.dtype:  # a narrower cache (cache_dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if mask is CAUSAL:  # flash / memory-efficient kernels where the device has them
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class CrossAttention(nn.Module):

@@ -7,7 +7,9 @@ decoder's layers in place (`install`), so parameters, caches and state-dict keys
 
 A one-token eager step that reads the filled part of the cache (`kv_len` given, no
 mask) goes to the kernel: it writes the new keys and values into the cache and attends
-over the filled positions in one call. Everything else (prefill, the static step,
+over the filled positions in one call. A float32 prefill into an 8-bit cache stores and
+dequantizes through the kernel too (one call for keys, one for values, per layer), then
+attends as the reference does. Everything else (other prefills, the static step,
 gradients, other dtypes) takes the reference path of model/musicgen.py.
 """
 
@@ -39,7 +41,22 @@ class CpuSelfAttention(SelfAttention):
             out = cpu_kernels.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), cache.k, cache.v,
                                      int(input_pos[0]), kv_len, scales)  # (B, D)
             return self.wo(out.view(B, 1, D))
+        if T > 1 and input_pos is not None and fast_path(x) and _reads_int8(self.cache):
+            # A prefill (the prompt's, a window re-prime's slice) into an 8-bit cache: one C call per
+            # keys and values quantizes the new positions and dequantizes the filled part, bit for
+            # bit as QuantizedKVCache.update does it in a dozen torch operations.
+            q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            cache = self.cache
+            n = cache.max_len if kv_len is None else kv_len
+            k = cpu_kernels.kv_store_i8(k, input_pos, cache.k, cache.k_scale, n)
+            v = cpu_kernels.kv_store_i8(v, input_pos, cache.v, cache.v_scale, n)
+            return self.wo(self.attend_cache(q, k, v, mask).transpose(1, 2).reshape(B, T, D))
         return super().forward(x, input_pos, kv_len, mask)
+
+
+def _reads_int8(cache) -> bool:
+    """An 8-bit cache whose filled part is read as float32 (QuantizedKVCache with float32 `dtype`)."""
+    return cache is not None and cache.k.dtype == torch.int8 and getattr(cache, "dtype", None) == torch.float32
 
 
 class CpuCrossAttention(CrossAttention):
