@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from ..codec.stream import StreamingCodecSettings
 from ..errors import UsageError
 from ..live.producer import StepObserver
 from ..live.session import LiveRequest, start_session
@@ -73,11 +74,13 @@ def send_prompts(port: int, every: float, stop: threading.Event, sent: list, aud
         i += 1
 
 
-def run_session(model: LoadedModel, seconds: float, every: float | None, buffer_ms: float) -> dict:
+def run_session(model: LoadedModel, seconds: float, every: float | None, buffer_ms: float,
+                codec_precision: str = "float32", prompt_worker: str = "auto") -> dict:
     steps = int(seconds * FRAME_RATE) + model.cfg.codebooks
     costs = StepCosts(steps)
     request = LiveRequest(PROMPTS[0], SamplingSettings(seed=0), null="realtime", seconds=seconds,
-                          buffer_ms=buffer_ms, osc_port=0, status=False)
+                          buffer_ms=buffer_ms, osc_port=0, status=False,
+                          codec=StreamingCodecSettings(precision=codec_precision), prompt_worker=prompt_worker)
     parts = start_session(model, request, observers=[costs], on_start=lambda p: setattr(costs, "producer", p))
     stop, sent = threading.Event(), []
     sender = None
@@ -95,7 +98,7 @@ def run_session(model: LoadedModel, seconds: float, every: float | None, buffer_
             sender.join(15)
     st = result.stats
     return {"underruns": st.underruns, "steps": st.steps, "error": st.error, "sent": len(sent),
-            "costs": costs}
+            "costs": costs, "first_audio_s": result.first_audio_s, "worker": parts.producer.prompt_worker.kind}
 
 
 def judge(total: np.ndarray, swaps: list[tuple[int, int, str]], install_ms: list[float],
@@ -116,13 +119,14 @@ def judge(total: np.ndarray, swaps: list[tuple[int, int, str]], install_ms: list
     return out
 
 
-def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2.0, buffer_ms: float = 60.0) -> dict:
+def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2.0, buffer_ms: float = 60.0,
+                     codec_precision: str = "float32", prompt_worker: str = "auto") -> dict:
     if shutil.which("oscsend") is None:
         raise UsageError("bench prompts sends through liblo's oscsend: install liblo-tools "
                          "(scripts/debian-packages.txt)")
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
-    plain = run_session(model, seconds, None, buffer_ms)
-    changed = run_session(model, seconds, every, buffer_ms)
+    plain = run_session(model, seconds, None, buffer_ms, codec_precision, prompt_worker)
+    changed = run_session(model, seconds, every, buffer_ms, codec_precision, prompt_worker)
     costs = changed["costs"]
     swaps = judge(costs.total, costs.swaps, costs.install_ms, costs.build_ms)
     if load:
@@ -131,6 +135,7 @@ def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2
     def summary(run: dict) -> dict:
         ms = run["costs"].total[~np.isnan(run["costs"].total)] * 1e3
         return {"underruns": run["underruns"], "steps": run["steps"], "error": run["error"],
+                "first_audio_s": run["first_audio_s"],
                 "step_ms_p50": float(np.median(ms)), "step_ms_p99": float(np.percentile(ms, 99)),
                 "step_ms_max": float(ms.max())}
 
@@ -141,20 +146,26 @@ def run_prompt_bench(model: LoadedModel, seconds: float = 30.0, every: float = 2
         "backend": model.backend.name if model.backend is not None else None,
         "load_average_1min": load,  # before and after: the rest of the host's demand
         "seconds": seconds, "every_s": every, "buffer_ms": buffer_ms, "slack_ms": SLACK_MS,
+        "codec_precision": codec_precision, "prompt_worker": changed["worker"],
         "without_changes": summary(plain), "with_changes": dict(summary(changed), sent=changed["sent"]),
         "swaps": swaps, "clean": all(s["clean"] for s in swaps) and len(swaps) > 0,
     }
 
 
+def first(run: dict) -> str:
+    """When a session's first audio was in the ring, from its start."""
+    return f"{run['first_audio_s']:.2f} s" if run.get("first_audio_s") is not None else "?"
+
+
 def format_report(record: dict) -> str:
     a, b = record["without_changes"], record["with_changes"]
     lines = [f"bench prompts: {record['model']} ({record['backend']}), {record['seconds']:g} s real time, a prompt "
-             f"over OSC (oscsend) every {record['every_s']:g} s, buffer {record['buffer_ms']:g} ms, host load "
-             f"{'/'.join(f'{x:.1f}' for x in record['load_average_1min']) or '?'}",
+             f"over OSC (oscsend) every {record['every_s']:g} s, built on a {record.get('prompt_worker', '?')}, "
+             f"buffer {record['buffer_ms']:g} ms, host load {'/'.join(f'{x:.1f}' for x in record['load_average_1min']) or '?'}",
              f"  without changes: step p50 {a['step_ms_p50']:.1f} ms, p99 {a['step_ms_p99']:.1f}, max "
-             f"{a['step_ms_max']:.1f}; {a['underruns']} underruns",
+             f"{a['step_ms_max']:.1f}; {a['underruns']} underruns; first audio {first(a)}",
              f"  with {b['sent']} changes:   step p50 {b['step_ms_p50']:.1f} ms, p99 {b['step_ms_p99']:.1f}, max "
-             f"{b['step_ms_max']:.1f}; {b['underruns']} underruns"]
+             f"{b['step_ms_max']:.1f}; {b['underruns']} underruns; first audio {first(b)}"]
     for s in record["swaps"]:
         lines.append(f"  swap at step {s['step']} ({s['waited_steps']} steps after it arrived, {s['text_bytes']} "
                      f"bytes, built in {s['build_ms']:.0f} ms, the swap {s['swap_ms']:.2f} ms): {s['step_ms']:.1f} ms vs neighbours' p99 "

@@ -68,6 +68,7 @@ class LiveRequest:
     status: bool = True
     prompt_slots: int = 4  # prompts held at once, for prompt/<n> and the morph (live --prompt-slots)
     prompts: tuple[str, ...] = ()  # slots 2.. at the start (else the mapping file's prompts)
+    prompt_worker: str = "auto"  # where prompt changes are built (StreamConfig.prompt_worker)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def start_session(model: LoadedModel, request: LiveRequest, controls: ControlSta
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk,
                           reprime_budget_ms=request.reprime_budget_ms, max_seconds=request.seconds,
                           codec=request.codec, fill_target=target, prompt_slots=request.prompt_slots,
-                          prompts=request.prompts)
+                          prompts=request.prompts, prompt_worker=request.prompt_worker)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
@@ -316,10 +317,14 @@ def start_osc(request: LiveRequest, controls: ControlState, producer: Producer, 
 
 
 class MeterPublisher(StepObserver):
-    """After every step, the meters and stats to the OSC listeners, while there are any."""
+    """After every step, the meters and stats to the OSC listeners, while there are any; a change
+    that could not take effect (a refused prompt), as an error to the client that sent it."""
 
     def __init__(self, osc, meter, router) -> None:
         self.osc, self.meter, self.router = osc, meter, router
+
+    def control_refused(self, change, step: int, message: str) -> None:
+        self.osc.report_error(change.param, message)
 
     def step_done(self, step: int) -> None:
         if self.osc.listening:
