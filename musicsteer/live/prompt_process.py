@@ -141,7 +141,7 @@ class ProcessPromptWorker(PromptWorker):
         except Exception as exc:  # reported; the first request tries again
             if not self._stop:  # (a session stopped before the child was up is no error)
                 log.error("the prompt process did not start: %s", exc)
-            self._reap()
+            self._reap(wait=0.0 if self._stop else 5.0)
 
     def _run(self) -> None:
         try:
