@@ -16,7 +16,8 @@ lowest priority and with one torch thread.
 
 - The child reads the parent's weights: the text encoder and the decoder's `PromptMemory` (text
   projection, every layer's key/value projection, packed C forms included) are moved into
-  shared memory (`share_memory()`, in place) and pickled to the child, which maps them. Nothing
+  shared memory in place (`to_shared_memory`, as `share_memory()`) and pickled to the child,
+  which maps them. Nothing
   is reloaded or re-randomised, and the child runs the same code (`build_prompt`), so a memory
   built there is the bits one built on the producer's thread is (tests/test_prompt_process.py).
 - The child builds into buffer sets in shared memory (one tensor per set, its per-layer pairs
@@ -151,8 +152,10 @@ class ProcessPromptWorker(PromptWorker):
 
     def _share(self) -> None:
         if self._builder is None:
-            self.text.model.share_memory()
-            self._builder = self.decoder.memory_builder().share_memory()
+            builder = self.decoder.memory_builder()
+            for module in (self.text.model, builder):
+                module._apply(to_shared_memory)  # as Module.share_memory(), with the copy outside the GIL
+            self._builder = builder
 
     def _start_child(self) -> None:
         from torch import multiprocessing
@@ -288,6 +291,18 @@ class ProcessPromptWorker(PromptWorker):
                 child.kill()
                 child.join()
             child.close()
+
+
+def to_shared_memory(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values in a new shared-memory tensor (`t` itself if it is shared already). What
+    `Tensor.share_memory_()` does, but its copy holds the GIL (about 100 ms for T5-base's embedding
+    table: a stall of the producer), where `copy_` releases it."""
+    if t.is_shared() or t.numel() == 0 or t.device.type != "cpu":
+        return t.share_memory_()
+    storage = torch.UntypedStorage._new_shared(t.numel() * t.element_size())
+    out = torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
+    out.copy_(t)
+    return out
 
 
 def describe_exit(code: int | None) -> str:
