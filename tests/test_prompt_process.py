@@ -18,6 +18,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 
 from musicsteer.controllers.state import ControlState
+from musicsteer.errors import UsageError
 from musicsteer.live.prompt_process import ProcessPromptWorker, choose
 from musicsteer.live.prompt_worker import PromptWorker
 from musicsteer.live.recorder import load_session
@@ -71,6 +72,8 @@ def test_auto_is_the_process_on_cpu_and_the_thread_on_cuda_or_for_replay(monkeyp
     assert choose("auto", torch.device("cpu")) == "thread" and choose("process", torch.device("cpu")) == "process"
     with pytest.raises(ValueError, match="unknown prompt worker 'gpu'"):
         choose("gpu", torch.device("cpu"))
+    with pytest.raises(UsageError, match="builds on the CPU"):
+        choose("process", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("weights", ["full", "int4"])
@@ -123,8 +126,9 @@ def test_a_prompt_change_through_the_process_reaches_the_slot_and_replays(tiny, 
     keys = producer.model.decoder.blocks[0].cross_attn.cache.keys[0]
     assert keys.is_shared() and producer.model.decoder.prompt_mix.lengths[0] == 32  # 31 bytes and EOS
     assert gone(producer.prompt_worker.child_pid)
-    _, entries, recorded = load_session(tmp_path / "s")
+    info, entries, recorded = load_session(tmp_path / "s")
     assert [(e["param"], e["step"]) for e in entries if e["param"] == "prompt"] == [("prompt", 7)]
+    assert info["prompt_threads"] == 1  # the child's: replay builds on as many
     tokens, _, _ = replay(tiny, tmp_path / "s")  # built on the producer's thread this time
     assert np.array_equal(tokens, recorded)
 

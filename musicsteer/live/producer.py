@@ -73,6 +73,9 @@ class StreamConfig:
     # Where live prompt changes are built (prompt_process.py): "process" (a child process), "thread",
     # or "auto": the process on CPU devices, the thread on CUDA.
     prompt_worker: str = "auto"
+    # Torch threads the prompts are built on (None: the worker's own count); replay takes the
+    # recorded session's, so that its builds round as the live ones did.
+    prompt_threads: int | None = None
 
     def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
         """(window, keep) in positions, within the model's position table."""
@@ -206,6 +209,8 @@ class Producer:
                                      config.prompt_slots)
         kind = choose(config.prompt_worker, model.decoder.embed.weight.device, config.async_prompts)
         self.prompt_worker = make_worker(kind, model.text, model.decoder)
+        if config.prompt_threads is not None:
+            self.prompt_worker.build_threads = config.prompt_threads
         self._prompt_changes = 0  # prompt swaps since the start (stats)
         self.last_install_ms = 0.0  # the last prompt swap's cost on this thread
         self.last_build_ms = 0.0  # what building that prompt cost (the worker's thread, or this one)

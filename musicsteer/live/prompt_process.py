@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from ..errors import UsageError
 from .prompt_child import pairs
 from .prompt_worker import BuiltPrompt, PromptError, PromptRequest, PromptWorker, lower_priority
 
@@ -54,7 +55,7 @@ log = logging.getLogger("musicsteer.stream")
 KINDS = ("auto", "process", "thread")
 ENV = "MUSICSTEER_PROMPT_WORKER"  # what "auto" means, where set
 RESTARTS = 2  # children started after the first before the prompts move to the courier's thread
-START_TIMEOUT_S = 120.0  # for the child to import torch and map the weights on a loaded host
+START_TIMEOUT_S = 600.0  # for the child to import torch and transformers at nice 19 (67 s on a loaded 2-core host)
 POLL_S = 0.1  # how often the courier, waiting for a reply, checks the child and `stop`
 
 
@@ -71,11 +72,19 @@ def choose(kind: str, device: torch.device, async_prompts: bool = True) -> str:
         kind = os.environ.get(ENV, "auto") or "auto"
     if kind not in KINDS:
         raise ValueError(f"unknown prompt worker {kind!r}; use {', '.join(KINDS)}")
+    cpu = torch.device(device).type == "cpu"
+    if kind == "process" and not cpu:
+        raise UsageError("--prompt-worker process builds on the CPU; on a GPU use thread (or auto)")
     if not async_prompts:
         return "thread"
     if kind == "auto":
-        return "process" if torch.device(device).type == "cpu" else "thread"
+        return "process" if cpu else "thread"
     return kind
+
+
+def build_threads(kind: str) -> int:
+    """The torch threads prompts are built on by a worker of `kind` ("process" or "thread")."""
+    return (ProcessPromptWorker if kind == "process" else PromptWorker).threads()
 
 
 def make_worker(kind: str, text_encoder, decoder, batch: int = 2) -> PromptWorker:
@@ -84,6 +93,10 @@ def make_worker(kind: str, text_encoder, decoder, batch: int = 2) -> PromptWorke
 
 class ProcessPromptWorker(PromptWorker):
     kind = "process"
+
+    @staticmethod
+    def threads() -> int:
+        return 1  # the child's (prompt_child.py)
 
     def __init__(self, text_encoder, decoder, batch: int = 2) -> None:
         super().__init__(text_encoder, decoder, batch)
@@ -130,7 +143,11 @@ class ProcessPromptWorker(PromptWorker):
 
     @property
     def alive(self) -> bool:
-        return self._child is not None and self._child.is_alive()
+        child = self._child
+        try:
+            return child is not None and child.is_alive()
+        except ValueError:  # closed meanwhile by a stop on another thread
+            return False
 
     # -- the courier thread --------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class PromptWorker:
 
     def __init__(self, text_encoder, decoder, batch: int = 2) -> None:
         self.text, self.decoder, self.batch = text_encoder, decoder, batch
+        self.build_threads = self.threads()  # torch threads a build runs on (recorded, for replay)
         self._lock = threading.Condition()
         self._pending: dict[int, PromptRequest] = {}  # slot -> newest request not yet started
         self._built: list[BuiltPrompt] = []
@@ -138,14 +139,14 @@ class PromptWorker:
 
     def build_now(self, slot: int, text: str, tag: object = None) -> BuiltPrompt:
         """Build a prompt on the calling thread (the start of a stream, replay): the same code as the
-        worker's, into recycled buffers when there are some, on one torch thread as the worker
-        process builds (a product split over more threads rounds differently: replay must build
-        the bits the live session built)."""
+        worker's, into recycled buffers when there are some, on `build_threads` torch threads, as
+        the worker builds (a product split over more threads rounds differently: replay must build
+        the bits the live session built, and takes the count from its recording)."""
         with self._lock:
             self._serial += 1
             request = PromptRequest(self._serial, slot, text, tag)
             buffers = self._pool.pop() if self._pool else None
-        with torch.inference_mode(), one_thread():
+        with torch.inference_mode(), torch_threads(self.build_threads):
             built = build_prompt(self.text, self.decoder, self.batch, request, buffers)
         self.last_build_ms = built.build_ms
         return built
@@ -202,6 +203,11 @@ class PromptWorker:
                     self.built += 1
                     self._lock.notify_all()
 
+    @staticmethod
+    def threads() -> int:
+        """The torch threads this kind of worker builds on: the thread shares the process's."""
+        return torch.get_num_threads()
+
     def _started(self) -> None:
         """First thing on the worker's thread."""
         lower_priority()
@@ -227,14 +233,14 @@ def build_prompt(text_encoder, builder, batch: int, request: PromptRequest, buff
 
 
 @contextmanager
-def one_thread():
-    """Torch's products on one thread for the duration (the setting is the process's: only for
-    a thread that has the process's torch work to itself meanwhile, as the producer at a build_now)."""
+def torch_threads(n: int):
+    """Torch's products on `n` threads for the duration (the setting is the process's: only for a
+    thread that has the process's torch work to itself meanwhile, as the producer at a build_now)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == n:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

@@ -32,6 +32,7 @@ from ..render import write_wav
 from ..steering.build import make_steering
 from ..steering.plan import SteeringSettings
 from .producer import Producer, StepObserver, StreamConfig, StreamStats
+from .prompt_process import build_threads, choose
 from .recorder import SessionRecorder, load_session
 from .ring_buffer import AudioRing
 from .sinks import NullSink, PacedSink, WavSink
@@ -112,6 +113,7 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
         "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "reprime_chunk": request.reprime_chunk,
                    "reprime_budget_ms": request.reprime_budget_ms, "codec": asdict(request.codec)},
         "prompt_slots": request.prompt_slots, "prompts": list(request.prompts),
+        "prompt_threads": build_threads(choose(request.prompt_worker, model.decoder.embed.weight.device)),
         "sample_rate": model.codec.sample_rate, "frame_rate": FRAME_RATE,
     }
 
@@ -384,7 +386,7 @@ def replay(model: LoadedModel, directory: Path) -> tuple[np.ndarray, np.ndarray,
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk, max_seconds=request.seconds,
                           codec=request.codec, prompt_slots=request.prompt_slots, prompts=request.prompts,
-                          async_prompts=False)
+                          async_prompts=False, prompt_threads=info.get("prompt_threads"))
     ring = AudioRing(1 << 16)
     sink = PacedSink(model.codec.sample_rate, realtime=False)
     producer = Producer(model, config, ring, ScriptedControls(entries),
