@@ -337,9 +337,11 @@ class Producer:
             self.plan.keep_history(self.context.retain)
         for slot, text in enumerate((self.config.prompt, *self.config.prompts)):  # built as live ones are
             self._install(self.prompt_worker.build_now(slot, text), None)
-        # After those builds: a worker process's weights move into shared memory as it starts (on the
-        # worker's thread, while the rest of the set-up goes on), and nothing may read them meanwhile.
-        self.prompt_worker.start()
+        # A worker process starts with the first audio (_push_audio): its start (weights moved into shared
+        # memory, an interpreter importing torch) then costs the first sound nothing, and nothing reads
+        # those weights here any more. Changes asked for before then wait in its queue.
+        if not self.prompt_worker.starts_with_audio:
+            self.prompt_worker.start()
         if budget is not None:  # the re-prime's cost, measured here while the spare set is free
             self._slice_cost = self.context.measure_prefill()
         self.codec_stream.warm_up()
@@ -503,6 +505,8 @@ class Producer:
             observer.audio_block(audio)
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
+            if self.prompt_worker.starts_with_audio:
+                self.prompt_worker.start()
         self.audio_pushed += len(audio)
         if self.recorder is not None:
             self.recorder.audio(audio)

@@ -24,8 +24,8 @@ lowest priority and with one torch thread.
   views of it); the parent maps each set once. A built prompt reaches the producer as those
   views and is swapped in as a thread-built one is: one pointer swap per layer. A set the
   producer hands back (`recycle`) is the next one built into.
-- The child starts in `start` (the producer calls it once the start's prompts are built), in
-  parallel with the rest of the producer's set-up. A child that dies (a crash, a kill) fails the
+- The child starts in `start`, which the producer calls once its first audio is in the ring,
+  so that the first sound does not wait for it (nor share the CPU with it). A child that dies (a crash, a kill) fails the
   request it was building: the failure is logged and reported (`refusals`), the old prompt keeps
   playing, and the next request starts a new child; after `RESTARTS` restarts the prompts are
   built on the courier's thread instead, as the thread worker does.
@@ -93,6 +93,7 @@ def make_worker(kind: str, text_encoder, decoder, batch: int = 2) -> PromptWorke
 
 class ProcessPromptWorker(PromptWorker):
     kind = "process"
+    starts_with_audio = True
 
     @staticmethod
     def threads() -> int:

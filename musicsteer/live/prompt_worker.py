@@ -67,6 +67,7 @@ class PromptError(RuntimeError):
 
 class PromptWorker:
     kind = "thread"
+    starts_with_audio = False  # the producer starts it at its set-up (a process: with the first audio)
 
     def __init__(self, text_encoder, decoder, batch: int = 2) -> None:
         self.text, self.decoder, self.batch = text_encoder, decoder, batch
