@@ -7,6 +7,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Live sessions build prompt changes on a thread here: a worker process per session would start an
+# interpreter for each of the suite's many short sessions (tests/test_prompt_process.py asks for it).
+os.environ.setdefault("MUSICSTEER_PROMPT_WORKER", "thread")
 # Without a GPU, Triton kernels run in its interpreter (read when triton is first imported).
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -93,6 +93,7 @@ def test_a_morph_sweep_is_recorded_and_replays_to_the_same_tokens(tiny, tmp_path
     run_live(tiny, request, controls=controls, step_hook=hook, on_start=lambda p: holder.update(p=p))
     assert holder["p"].model.decoder.prompt_mix.host == (0.0, 1.0, 0.0, 0.0)  # the sweep ended on slot 2
     info, entries, recorded = load_session(tmp_path / "s")
+    assert info["prompt_threads"] == torch.get_num_threads()  # the thread worker's: replay builds on as many
     params = [e["param"] for e in entries]
     assert params.count("prompt/2") == 1 and params.count("prompt/morph") == 52
     tokens, _, _ = replay(tiny, tmp_path / "s")

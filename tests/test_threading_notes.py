@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "musicsteer"
 # backend choice, the hooks the decoder calls while controllers write strengths.
 SHARED = [
     "live/producer.py", "live/window.py", "live/controls.py", "live/session.py", "live/ring_buffer.py", "live/sinks.py",
-    "live/portaudio_sink.py", "live/recorder.py", "live/prompt_worker.py", "model/kv_cache.py",
+    "live/portaudio_sink.py", "live/recorder.py", "live/prompt_worker.py", "live/prompt_process.py", "model/kv_cache.py",
     "controllers/state.py", "controllers/osc.py", "controllers/midi.py", "controllers/params.py",
     "controllers/scenes.py", "controllers/limits.py", "controllers/web/protocol.py", "controllers/web/access.py",
     "controllers/web/server.py", "live/surface.py",

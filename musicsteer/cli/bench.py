@@ -85,6 +85,10 @@ def register(sub) -> None:
     prompts.add_argument("--seconds", type=float, default=30.0)
     prompts.add_argument("--every", type=float, default=2.0, metavar="SECONDS", help="time between prompt changes")
     prompts.add_argument("--buffer-ms", type=float, default=60.0)
+    prompts.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
+                         help="the stateful codec's large weights (as live --codec-precision)")
+    prompts.add_argument("--prompt-worker", choices=("auto", "process", "thread"), default="auto",
+                         help="where the prompts are built (as live --prompt-worker)")
     prompts.add_argument("--json", type=Path, metavar="FILE")
     prompts.set_defaults(run=run_prompts)
 
@@ -216,7 +220,8 @@ def run_prompts(args: argparse.Namespace) -> int:
 
     if not (args.seconds > 0 and 0 < args.every < args.seconds):
         raise UsageError("--seconds must be positive and --every between 0 and --seconds")
-    record = run_prompt_bench(load_from_args(args), args.seconds, args.every, args.buffer_ms)
+    record = run_prompt_bench(load_from_args(args), args.seconds, args.every, args.buffer_ms,
+                              codec_precision=args.codec_precision, prompt_worker=args.prompt_worker)
     report(format_report(record), record, args.json)
     return 0 if record["clean"] else 1
 

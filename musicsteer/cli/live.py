@@ -26,6 +26,9 @@ def register(sub) -> None:
     live.add_argument("--prompt-slots", type=int, default=4, metavar="N",
                       help="prompts held at once for /musicsteer/prompt/<n> and the morph (1-8; the mapping "
                            "file's prompts fill slots 2..)")
+    live.add_argument("--prompt-worker", choices=("auto", "process", "thread"), default="auto",
+                      help="where prompt changes are built: a child process, a thread, or auto (the process on "
+                           "the CPU, the thread on CUDA); docs/prompts.md")
     out = live.add_mutually_exclusive_group()
     out.add_argument("--device", metavar="NAME", help="audio output device (default: the system's)")
     out.add_argument("--out", type=Path, metavar="FILE.wav", help="play into a WAV file in real time")
@@ -105,7 +108,7 @@ def run_live(args: argparse.Namespace) -> int:
         osc_port=None if args.no_osc else args.osc_port, osc_host=args.osc_host, osc_smooth_ms=args.osc_smooth_ms,
         mapping=args.map, midi_in=args.midi_in, midi_api=args.midi_api, scenes=args.scenes,
         web_port=args.web, web_host=args.web_host,
-        codec=codec, status=not args.no_status, prompt_slots=args.prompt_slots)
+        codec=codec, status=not args.no_status, prompt_slots=args.prompt_slots, prompt_worker=args.prompt_worker)
     model = load_from_args(args)
     window_s, keep_s = default_window(model.decoder.embed.weight.device.type, args.window, args.keep)
     request = dataclasses.replace(request, window_s=window_s, keep_s=keep_s)

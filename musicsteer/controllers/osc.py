@@ -1,6 +1,6 @@
 """Threading model: one receive thread owns parsing and routing, so messages are handled
 in the order they arrive (a threading server would reorder them). `publish` is called
-by the producer thread and only enqueues; one sender thread sends meters to
+by the producer thread and only enqueues (as does `report_error`, a late error to a client); one sender thread sends meters and those errors to
 subscribers. Replies to queries go out from the receive thread.
 
 OSC control: a router (addresses -> control state and queries) and a UDP transport.
@@ -68,6 +68,7 @@ class OscRouter:
         self.controls, self.concepts, self.stats = controls, list(concepts), stats
         self.smooth_ms, self.learn, self.scenes, self.strengths = smooth_ms, learn, scenes, strengths
         self.subscribers: set[tuple[str, int]] = set()
+        self.senders: dict[str, tuple[str, int]] = {}  # text parameter -> who set it last (late errors)
 
     def handle(self, address: str, args: list, sender: tuple[str, int]) -> list[Reply]:
         """Apply one message; the replies go to `sender`. Raises OscError/ControlError on bad input."""
@@ -95,6 +96,7 @@ class OscRouter:
             value = args[0]
             if ref is not None and not ref.param.numeric:
                 value = self._string(address, value)
+                self.senders[path] = sender  # a prompt fails later, on the worker: the error goes here
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise OscError(f"{address} needs a number, got {type(value).__name__} {value!r}")
             replies = []
@@ -272,11 +274,22 @@ class OscServer:
         """Queue one frame of meters and stats for every subscriber (never blocks)."""
         self._outbox.put((meters, stats_args))
 
+    def report_error(self, param: str, message: str) -> None:
+        """A change to `param` that failed after its message was answered (a prompt the worker
+        refused): /musicsteer/error to the client that sent it, if one did (never blocks)."""
+        to = self.router.senders.get(param)
+        if to is not None:
+            self.errors += 1
+            self._outbox.put((to, f"/musicsteer/{param}: {message}"))
+
     def _send_loop(self) -> None:
         while True:
             item = self._outbox.get()
             if item is None or self._stop.is_set():
                 return
+            if isinstance(item[1], str):  # (client, error message)
+                self._send("/musicsteer/error", [item[1][:500]], item[0])
+                continue
             meters, stats_args = item
             for sub in list(self.router.subscribers):
                 for name, value in meters.items():

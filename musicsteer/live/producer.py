@@ -4,8 +4,9 @@ of tokens, caches, the ring buffer and the recorder queue. Other threads call
 attributes); controls arrive through the control source's own thread-safe setters.
 Observers (`StepObserver`) are called on the producer thread and must not block; add
 them before `start()` (and set `timing` before it too, for `step_timed`). Prompts are
-built by the prompt worker's thread (prompt_worker.py), which the producer starts and
-stops; the producer only queues texts and swaps built ones in at the start of a step.
+built by the prompt worker (prompt_worker.py: a thread; prompt_process.py: a child process
+with a courier thread), which the producer starts and stops; the producer only queues texts and
+swaps built ones in at the start of a step.
 
 The producer: generation running ahead of playback in its own thread.
 
@@ -38,7 +39,7 @@ from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings, make_generator
 from ..model.step import DecodeStep
 from .controls import EngineControls
-from .prompt_worker import PromptWorker
+from .prompt_process import choose, make_worker
 from .ring_buffer import AudioRing
 from .window import CHUNKS, Window, choose_chunk, fits, reprime_margin
 
@@ -69,6 +70,12 @@ class StreamConfig:
     # Prompt changes built by the worker while the old prompt plays (live); False: the producer waits
     # for each one at the step it is logged at (replay, which must install it at that step).
     async_prompts: bool = True
+    # Where live prompt changes are built (prompt_process.py): "process" (a child process), "thread",
+    # or "auto": the process on CPU devices, the thread on CUDA.
+    prompt_worker: str = "auto"
+    # Torch threads the prompts are built on (None: the worker's own count); replay takes the
+    # recorded session's, so that its builds round as the live ones did.
+    prompt_threads: int | None = None
 
     def positions(self, max_positions: int, codebooks: int) -> tuple[int, int]:
         """(window, keep) in positions, within the model's position table."""
@@ -138,6 +145,9 @@ class StepObserver:
     def control_applied(self, change: ControlChange, step: int) -> None:
         pass
 
+    def control_refused(self, change: ControlChange, step: int, message: str) -> None:
+        """A change that could not take effect (a prompt the worker refused or lost), told at `step`."""
+
     def before_decode(self, step: int) -> None:
         pass
 
@@ -197,7 +207,10 @@ class Producer:
         self.engine = EngineControls(config.sampling, config.prompt, self.plan, self._request_prompt,
                                      model.decoder.set_prompt_weights if config.prompt_slots > 1 else None,
                                      config.prompt_slots)
-        self.prompt_worker = PromptWorker(model.text, model.decoder)
+        kind = choose(config.prompt_worker, model.decoder.embed.weight.device, config.async_prompts)
+        self.prompt_worker = make_worker(kind, model.text, model.decoder)
+        if config.prompt_threads is not None:
+            self.prompt_worker.build_threads = config.prompt_threads
         self._prompt_changes = 0  # prompt swaps since the start (stats)
         self.last_install_ms = 0.0  # the last prompt swap's cost on this thread
         self.last_build_ms = 0.0  # what building that prompt cost (the worker's thread, or this one)
@@ -322,9 +335,13 @@ class Producer:
                               prompts=self.config.prompt_slots)
         if self.plan is not None:
             self.plan.keep_history(self.context.retain)
-        self.prompt_worker.start()
         for slot, text in enumerate((self.config.prompt, *self.config.prompts)):  # built as live ones are
             self._install(self.prompt_worker.build_now(slot, text), None)
+        # A worker process starts with the first audio (_push_audio): its start (weights moved into shared
+        # memory, an interpreter importing torch) then costs the first sound nothing, and nothing reads
+        # those weights here any more. Changes asked for before then wait in its queue.
+        if not self.prompt_worker.starts_with_audio:
+            self.prompt_worker.start()
         if budget is not None:  # the re-prime's cost, measured here while the spare set is free
             self._slice_cost = self.context.measure_prefill()
         self.codec_stream.warm_up()
@@ -352,9 +369,14 @@ class Producer:
             self._install(self.prompt_worker.build_now(slot, text, change), self.step)
 
     def _install_ready(self, step: int) -> None:
-        """At a step boundary: every prompt built since the last step into its slot."""
+        """At a step boundary: every prompt built since the last step into its slot, and the refused
+        ones to the observers (the old prompt plays on)."""
         for built in self.prompt_worker.poll():
             self._install(built, step)
+        for request, message in self.prompt_worker.refusals():
+            if request.tag is not None:
+                for observer in self.observers:
+                    observer.control_refused(request.tag, step, message)
 
     def _install(self, built, step: int | None) -> None:
         """Swap a built prompt into its slot (O(layers) pointer swaps, or queued copies under a graph),
@@ -483,6 +505,8 @@ class Producer:
             observer.audio_block(audio)
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
+            if self.prompt_worker.starts_with_audio:
+                self.prompt_worker.start()
         self.audio_pushed += len(audio)
         if self.recorder is not None:
             self.recorder.audio(audio)

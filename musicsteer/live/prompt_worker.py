@@ -6,7 +6,8 @@ buffers until it hands them over. The producer thread calls `submit` and `recycl
 under a short lock) and `poll` (a non-blocking take of what is built); none of them waits on the
 worker. `build_now` builds on the calling thread, with the same code: for the start of a stream
 and for replay, where the producer must install a prompt at a given step. `wait` (tests) blocks
-until the worker has built a request.
+until the worker has built a request. `ProcessPromptWorker` (prompt_process.py) is the same worker
+with its builds in a child process.
 
 The prompt worker: prompt changes off the producer thread.
 
@@ -32,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +66,17 @@ class PromptError(RuntimeError):
 
 
 class PromptWorker:
+    kind = "thread"
+    starts_with_audio = False  # the producer starts it at its set-up (a process: with the first audio)
+
     def __init__(self, text_encoder, decoder, batch: int = 2) -> None:
         self.text, self.decoder, self.batch = text_encoder, decoder, batch
+        self.build_threads = self.threads()  # torch threads a build runs on (recorded, for replay)
         self._lock = threading.Condition()
         self._pending: dict[int, PromptRequest] = {}  # slot -> newest request not yet started
         self._built: list[BuiltPrompt] = []
         self._failed: dict[int, str] = {}  # serial -> error, for `wait`
+        self._refused: list[tuple[PromptRequest, str]] = []  # failures not yet taken by `refusals`
         self._pool: list[list] = []  # buffer sets handed back, to build into
         self._serial = 0
         self._stop = False
@@ -118,6 +125,14 @@ class PromptWorker:
             built, self._built = self._built, []
         return built
 
+    def refusals(self) -> list[tuple[PromptRequest, str]]:
+        """The requests that failed since the last call, with why (never blocks)."""
+        if not self._refused:
+            return []
+        with self._lock:
+            refused, self._refused = self._refused, []
+        return refused
+
     def recycle(self, buffers: list) -> None:
         """Buffers a slot held before an install, to build the next prompt into."""
         with self._lock:
@@ -125,13 +140,17 @@ class PromptWorker:
 
     def build_now(self, slot: int, text: str, tag: object = None) -> BuiltPrompt:
         """Build a prompt on the calling thread (the start of a stream, replay): the same code as the
-        worker's, into recycled buffers when there are some."""
+        worker's, into recycled buffers when there are some, on `build_threads` torch threads, as
+        the worker builds (a product split over more threads rounds differently: replay must build
+        the bits the live session built, and takes the count from its recording)."""
         with self._lock:
             self._serial += 1
             request = PromptRequest(self._serial, slot, text, tag)
             buffers = self._pool.pop() if self._pool else None
-        with torch.inference_mode():
-            return self._build(request, buffers)
+        with torch.inference_mode(), torch_threads(self.build_threads):
+            built = build_prompt(self.text, self.decoder, self.batch, request, buffers)
+        self.last_build_ms = built.build_ms
+        return built
 
     def wait(self, serial: int, timeout: float = 120.0) -> BuiltPrompt:
         """Block until request `serial` is built by the worker; PromptError if it failed, was
@@ -154,7 +173,7 @@ class PromptWorker:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        lower_priority()
+        self._started()
         with torch.inference_mode():  # as the producer's: the buffers pass between the two
             while True:
                 with self._lock:
@@ -164,15 +183,18 @@ class PromptWorker:
                         return
                     request = min(self._pending.values(), key=lambda r: r.serial)
                     del self._pending[request.slot]
-                    buffers = self._pool.pop() if self._pool else None
                     self._busy = 1
                 try:
-                    built = self._build(request, buffers)
+                    built = self._build(request)
                 except Exception as exc:  # a bad prompt is reported, the worker goes on
+                    if self._stop:  # a build cut short by `stop`
+                        return
                     self.errors += 1
                     log.error("prompt for slot %d refused: %s", request.slot + 1, exc)
                     with self._lock:
-                        self._failed[request.serial] = f"{type(exc).__name__}: {exc}"
+                        message = f"{type(exc).__name__}: {exc}"
+                        self._failed[request.serial] = message
+                        self._refused.append((request, message))
                         self._busy = 0
                         self._lock.notify_all()
                     continue
@@ -182,15 +204,48 @@ class PromptWorker:
                     self.built += 1
                     self._lock.notify_all()
 
-    def _build(self, request: PromptRequest, buffers: list | None) -> BuiltPrompt:
-        t0 = time.perf_counter()
-        states, mask = self.text.encode(request.text)
-        text, rows = condition_rows(states, mask, self.batch)
-        pairs = self.decoder.build_memory(text, rows, buffers)
-        ms = (time.perf_counter() - t0) * 1e3
-        self.last_build_ms = ms
-        log.debug("prompt for slot %d built in %.1f ms: %r", request.slot + 1, ms, request.text)
-        return BuiltPrompt(request, pairs, text.shape[1], ms)
+    @staticmethod
+    def threads() -> int:
+        """The torch threads this kind of worker builds on: the thread shares the process's."""
+        return torch.get_num_threads()
+
+    def _started(self) -> None:
+        """First thing on the worker's thread."""
+        lower_priority()
+
+    def _build(self, request: PromptRequest) -> BuiltPrompt:
+        """Build `request` (on the worker's thread), into recycled buffers when there are some."""
+        with self._lock:
+            buffers = self._pool.pop() if self._pool else None
+        built = build_prompt(self.text, self.decoder, self.batch, request, buffers)
+        self.last_build_ms = built.build_ms
+        log.debug("prompt for slot %d built in %.1f ms: %r", request.slot + 1, built.build_ms, request.text)
+        return built
+
+
+def build_prompt(text_encoder, builder, batch: int, request: PromptRequest, buffers: list | None) -> BuiltPrompt:
+    """Encode a request's text and build its memory with `builder` (the decoder, or its
+    `PromptMemory`): the one code of every worker, thread or process, and of `build_now`."""
+    t0 = time.perf_counter()
+    states, mask = text_encoder.encode(request.text)
+    text, rows = condition_rows(states, mask, batch)
+    pairs = builder.build_memory(text, rows, buffers)
+    return BuiltPrompt(request, pairs, text.shape[1], (time.perf_counter() - t0) * 1e3)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Torch's products on `n` threads for the duration (the setting is the process's: only for a
+    thread that has the process's torch work to itself meanwhile, as the producer at a build_now)."""
+    threads = torch.get_num_threads()
+    if threads == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def lower_priority() -> None:

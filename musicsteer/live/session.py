@@ -32,6 +32,7 @@ from ..render import write_wav
 from ..steering.build import make_steering
 from ..steering.plan import SteeringSettings
 from .producer import Producer, StepObserver, StreamConfig, StreamStats
+from .prompt_process import build_threads, choose
 from .recorder import SessionRecorder, load_session
 from .ring_buffer import AudioRing
 from .sinks import NullSink, PacedSink, WavSink
@@ -68,6 +69,7 @@ class LiveRequest:
     status: bool = True
     prompt_slots: int = 4  # prompts held at once, for prompt/<n> and the morph (live --prompt-slots)
     prompts: tuple[str, ...] = ()  # slots 2.. at the start (else the mapping file's prompts)
+    prompt_worker: str = "auto"  # where prompt changes are built (StreamConfig.prompt_worker)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def session_info(model: LoadedModel, request: LiveRequest) -> dict:
         "stream": {"window_s": request.window_s, "keep_s": request.keep_s, "reprime_chunk": request.reprime_chunk,
                    "reprime_budget_ms": request.reprime_budget_ms, "codec": asdict(request.codec)},
         "prompt_slots": request.prompt_slots, "prompts": list(request.prompts),
+        "prompt_threads": build_threads(choose(request.prompt_worker, model.decoder.embed.weight.device)),
         "sample_rate": model.codec.sample_rate, "frame_rate": FRAME_RATE,
     }
 
@@ -207,7 +210,7 @@ def start_session(model: LoadedModel, request: LiveRequest, controls: ControlSta
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk,
                           reprime_budget_ms=request.reprime_budget_ms, max_seconds=request.seconds,
                           codec=request.codec, fill_target=target, prompt_slots=request.prompt_slots,
-                          prompts=request.prompts)
+                          prompts=request.prompts, prompt_worker=request.prompt_worker)
     sink = make_sink(request, sample_rate)  # fails before anything starts if the device is missing
     recorder = SessionRecorder(request.record, session_info(model, request), model.cfg.codebooks,
                                sample_rate) if request.record else None
@@ -316,10 +319,14 @@ def start_osc(request: LiveRequest, controls: ControlState, producer: Producer, 
 
 
 class MeterPublisher(StepObserver):
-    """After every step, the meters and stats to the OSC listeners, while there are any."""
+    """After every step, the meters and stats to the OSC listeners, while there are any; a change
+    that could not take effect (a refused prompt), as an error to the client that sent it."""
 
     def __init__(self, osc, meter, router) -> None:
         self.osc, self.meter, self.router = osc, meter, router
+
+    def control_refused(self, change, step: int, message: str) -> None:
+        self.osc.report_error(change.param, message)
 
     def step_done(self, step: int) -> None:
         if self.osc.listening:
@@ -379,7 +386,7 @@ def replay(model: LoadedModel, directory: Path) -> tuple[np.ndarray, np.ndarray,
     config = StreamConfig(prompt=request.prompt, sampling=request.sampling, window_s=request.window_s,
                           keep_s=request.keep_s, reprime_chunk=request.reprime_chunk, max_seconds=request.seconds,
                           codec=request.codec, prompt_slots=request.prompt_slots, prompts=request.prompts,
-                          async_prompts=False)
+                          async_prompts=False, prompt_threads=info.get("prompt_threads"))
     ring = AudioRing(1 << 16)
     sink = PacedSink(model.codec.sample_rate, realtime=False)
     producer = Producer(model, config, ring, ScriptedControls(entries),

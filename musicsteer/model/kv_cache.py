@@ -1,7 +1,7 @@
 """Threading model: the caches are read and written by the thread that runs the decoder's forward
-(the producer's). A prompt worker thread may call `CrossCache.empty` and `CrossCache.write` on
-buffers it owns (never a slot's own), and reads `shape`; `install`, `fill` and every `PromptMix`
-method run on the forward's thread, between forwards.
+(the producer's). A prompt worker (a thread, or a child process) may call `CrossCache.write` on
+buffers it owns (never a slot's own); `install`, `fill` and every `PromptMix` method run on the
+forward's thread, between forwards.
 
 Static key/value caches for self-attention and cross-attention.
 

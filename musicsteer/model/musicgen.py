@@ -115,6 +115,19 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def text_memory(wkv: nn.Module, heads: int, head_dim: int, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values of the projected text states (B, S, D) through its projection
+    `wkv`, each (B, H, S, hd): the one code every builder of a prompt's memory runs."""
+    B, S, _ = text.shape
+    k, v = wkv(text).view(B, S, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return k, v
+
+
+def project_text(text_proj: nn.Module, dtype: torch.dtype, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The text encoder's states (B, S, text_hidden) in the decoder's width, masked positions zeroed."""
+    return text_proj(text.to(dtype)) * mask[..., None].to(dtype)
+
+
 class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -126,9 +139,7 @@ class CrossAttention(nn.Module):
 
     def memory(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the projected text states (B, S, D), each (B, H, S, hd)."""
-        B, S, _ = text.shape
-        k, v = self.wkv(text).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return k, v
+        return text_memory(self.wkv, self.heads, self.head_dim, text)
 
     def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
         assert self.cache is not None and self.cache.length > 0, "call set_condition() before decoding"
@@ -314,24 +325,24 @@ class MusicGen(nn.Module):
         assert text.shape[0] == self.batch, f"condition has {text.shape[0]} rows, caches hold {self.batch}"
         if text.shape[1] > self.prompt_mix.max_text:
             raise ValueError(f"prompt has {text.shape[1]} text tokens; the cache holds {self.prompt_mix.max_text}")
-        return self.text_proj(text.to(self.embed.weight.dtype)) * mask[..., None].to(self.embed.weight.dtype)
+        return project_text(self.text_proj, self.embed.weight.dtype, text, mask)
 
-    # A prompt built off the decoding thread (live/prompt_worker.py): `build_memory` reads only
-    # weights and writes only the buffers it is given, so it may run beside a forward on another
-    # thread; `install_memory` swaps them in, on the decoding thread, between two forwards.
+    # A prompt built off the decoding thread (live/prompt_worker.py, live/prompt_process.py):
+    # `memory_builder` holds what building one reads (weights only) and writes only the buffers it
+    # is given, so it may run beside a forward on another thread or in another process (which it
+    # is sent to, its weights shared); `install_memory` swaps the result in, on the decoding
+    # thread, between two forwards.
+
+    def memory_builder(self) -> "PromptMemory":
+        """What builds prompt memories for these caches (set up by `setup_caches`), sharing this
+        decoder's modules."""
+        return PromptMemory(self)
 
     @torch.no_grad()
     def build_memory(self, text: torch.Tensor, mask: torch.Tensor, buffers: list | None = None) -> list:
         """Every layer's cross-attention K/V of a condition (B, S, text_hidden) in slot-shaped buffer
         pairs (`buffers`, one per layer, reused; None or a None pair: new ones). Returns the pairs."""
-        states = self._projected(text, mask)
-        out = []
-        for i, block in enumerate(self.blocks):
-            cache = block.cross_attn.cache
-            pair = buffers[i] if buffers is not None and buffers[i][0] is not None else cache.empty()
-            cache.write(pair, *block.cross_attn.memory(states))
-            out.append(pair)
-        return out
+        return self.memory_builder().build_memory(text, mask, buffers)
 
     def install_memory(self, slot: int, buffers: list, length: int) -> list:
         """Make built buffers (one pair per layer) prompt slot `slot`'s memory of `length` text
@@ -483,3 +494,46 @@ class MusicGen(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name == "embed.weight" else std))
         return self
+
+
+class PromptMemory(nn.Module):
+    """What building a prompt's cross-attention memory reads, and nothing more: the decoder's text
+    projection and every layer's key/value projection (its own modules, held, never copied) and the
+    shape of a prompt slot. `build_memory` is the one code that builds a memory, whether on the
+    decoding thread, a worker thread, or a worker process this is pickled to (its tensors shared,
+    live/prompt_process.py), so a memory is the same bits wherever it was built."""
+
+    def __init__(self, decoder: MusicGen) -> None:
+        super().__init__()
+        if decoder.prompt_mix is None:
+            raise ValueError("call setup_caches() before building prompt memories")
+        cfg, cache = decoder.cfg, decoder.blocks[0].cross_attn.cache
+        self.text_proj = decoder.text_proj
+        self.wkv = nn.ModuleList(block.cross_attn.wkv for block in decoder.blocks)
+        self.heads, self.head_dim, self.batch = cfg.heads, cfg.head_dim, decoder.batch
+        self.shape, self.dtype, self.device = cache.shape, cache.dtype, cache.device  # a slot's (B, H, max_text, hd)
+        self.weight_dtype = decoder.embed.weight.dtype
+
+    @property
+    def max_text(self) -> int:
+        return self.shape[2]
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pair of zeroed slot-shaped buffers."""
+        return (torch.zeros(self.shape, dtype=self.dtype, device=self.device),
+                torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+
+    @torch.no_grad()
+    def build_memory(self, text: torch.Tensor, mask: torch.Tensor, buffers: list | None = None) -> list:
+        """Every layer's keys and values of a condition (B, S, text_hidden) in slot-shaped pairs
+        (`buffers`, one per layer, reused; None or a None pair: new ones). Returns the pairs."""
+        assert text.shape[0] == self.batch, f"condition has {text.shape[0]} rows, caches hold {self.batch}"
+        if text.shape[1] > self.max_text:
+            raise ValueError(f"prompt has {text.shape[1]} text tokens; the cache holds {self.max_text}")
+        states = project_text(self.text_proj, self.weight_dtype, text, mask)
+        out = []
+        for i, wkv in enumerate(self.wkv):
+            pair = buffers[i] if buffers is not None and buffers[i][0] is not None else self.empty()
+            CrossCache.write(pair, *text_memory(wkv, self.heads, self.head_dim, states))
+            out.append(pair)
+        return out

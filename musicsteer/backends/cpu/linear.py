@@ -82,6 +82,23 @@ class PackedBase(nn.Module):
     def _bind(self) -> None:
         raise NotImplementedError
 
+    # The bound kernel is a closure over this process's addresses. `share_memory()` moves a buffer's
+    # bytes without replacing the tensor (which `_fast` would notice), so every `_apply` rebinds; a
+    # pickle (to a prompt worker process, live/prompt_process.py) leaves the binding out and the
+    # copy binds its own.
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kernel", "_bound", "_scale")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bind()
+
     def fuse_activation(self, name: str) -> None:
         """Apply `name` (gelu, gelu_tanh or relu) to the outputs: in the kernel's epilogue for a few rows,
         after MKL's product otherwise."""
