@@ -165,15 +165,30 @@ class NativeDecoder(StatefulDecoder):
         self.pending: list[torch.Tensor] = []
         self.total = 0
         self.emitted_samples = 0
-        self.partial: torch.Tensor | None = None
+        self.partial: np.ndarray | None = None
 
     def _codes(self) -> np.ndarray:
         codes = torch.stack(self.pending, dim=-1).numpy() if self.pending else np.zeros((self.codebooks, 0), np.int64)
         self.pending = []
         return codes  # (K, n)
 
-    def _decode_pending(self) -> torch.Tensor:
-        return torch.from_numpy(self.plan.push(self._codes()))[None, None]
+    def _decode_pending(self) -> np.ndarray:
+        return self.plan.push(self._codes())
 
-    def _decode_end(self) -> torch.Tensor:
-        return torch.from_numpy(self.plan.push(self._codes(), end=True))[None, None]
+    def _decode_end(self) -> np.ndarray:
+        return self.plan.push(self._codes(), end=True)
+
+    def _out(self, audio: np.ndarray, end: bool = False) -> np.ndarray | None:
+        """As StatefulDecoder's, on the plan's samples: whole frames out, the rest held."""
+        if self.partial is not None:
+            audio = np.concatenate([self.partial, audio])
+        n = audio.shape[0] if end else audio.shape[0] // self.hop * self.hop
+        self.partial = audio[n:] if n < audio.shape[0] else None
+        if n == 0:
+            return None
+        self.emitted_samples += n
+        return audio[:n]
+
+    def stage_seconds(self) -> list[tuple[str, float]]:
+        """(kind, seconds) per stage of the plan since the last call: where a decode's time goes."""
+        return self.plan.times()

@@ -104,23 +104,36 @@ typedef struct {
 #if defined(__AVX512F__)
 #define CONV_ROWS 12
 /* R time steps by NB blocks of 16 outputs from block b: R * NB accumulators, one weight load per
- * block and input, the input broadcast from memory. */
+ * block and input, the input broadcast from memory; for few rows, U partial sums over the inputs
+ * keep enough chains of FMAs in flight. */
 static inline __attribute__((always_inline)) void conv_tile(const conv_args *a, int b, int r0, const int R, const int NB) {
-    const int K = a->taps * a->c_in;
+    const int K = a->taps * a->c_in, U = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     const float *w0 = a->w + (size_t)b * K * 16;
-    __m512 acc[CONV_ROWS][2];
+    __m512 acc[CONV_ROWS][2][4];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NB; v++) acc[r][v] = _mm512_setzero_ps();
+        for (int v = 0; v < NB; v++)
+            for (int u = 0; u < U; u++) acc[r][v][u] = _mm512_setzero_ps();
     for (int j = 0; j < a->taps; j++) {
         const float *xj = a->x + (size_t)(r0 + j * a->dil) * a->ld;
         const float *wj = w0 + (size_t)j * a->c_in * 16;
-        for (int c = 0; c < a->c_in; c++) {
+        const int body = a->c_in - a->c_in % U;
+        for (int c = 0; c < body; c += U)
+            for (int u = 0; u < U; u++) {
+                __m512 wa = _mm512_loadu_ps(wj + (size_t)(c + u) * 16);
+                __m512 wb = NB > 1 ? _mm512_loadu_ps(wj + (size_t)K * 16 + (size_t)(c + u) * 16) : wa;
+                for (int r = 0; r < R; r++) {
+                    __m512 xv = _mm512_set1_ps(xj[(size_t)r * a->ld + c + u]);
+                    acc[r][0][u] = _mm512_fmadd_ps(wa, xv, acc[r][0][u]);
+                    if (NB > 1) acc[r][1][u] = _mm512_fmadd_ps(wb, xv, acc[r][1][u]);
+                }
+            }
+        for (int c = body; c < a->c_in; c++) {
             __m512 wa = _mm512_loadu_ps(wj + (size_t)c * 16);
             __m512 wb = NB > 1 ? _mm512_loadu_ps(wj + (size_t)K * 16 + (size_t)c * 16) : wa;
             for (int r = 0; r < R; r++) {
                 __m512 xv = _mm512_set1_ps(xj[(size_t)r * a->ld + c]);
-                acc[r][0] = _mm512_fmadd_ps(wa, xv, acc[r][0]);
-                if (NB > 1) acc[r][1] = _mm512_fmadd_ps(wb, xv, acc[r][1]);
+                acc[r][0][0] = _mm512_fmadd_ps(wa, xv, acc[r][0][0]);
+                if (NB > 1) acc[r][1][0] = _mm512_fmadd_ps(wb, xv, acc[r][1][0]);
             }
         }
     }
@@ -129,7 +142,9 @@ static inline __attribute__((always_inline)) void conv_tile(const conv_args *a, 
         __m512 bias = a->bias ? _mm512_loadu_ps(a->bias + o) : _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
             const size_t at = (size_t)(r0 + r) * a->n + o;
-            __m512 s = a->bias ? _mm512_add_ps(acc[r][v], bias) : acc[r][v];
+            __m512 s = acc[r][v][0];
+            for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[r][v][u]);
+            if (a->bias) s = _mm512_add_ps(s, bias);
             if (a->res) s = _mm512_add_ps(s, _mm512_loadu_ps(a->res + at));
             _mm512_storeu_ps(a->y + at, s);
         }
