@@ -239,3 +239,17 @@ def test_the_portable_and_avx2_builds_decode_the_same(tmp_path, march, path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "codec build ok" in done.stdout
+
+
+def test_bench_codec_splits_the_native_plan_by_stage(tiny):
+    from musicsteer.bench.codec import run_codec_bench
+
+    record = run_codec_bench(tiny, frames=100, chunk=2)
+    assert record["method"] == "NativeDecoder"
+    split = record["stage_ms_per_frame"]
+    assert set(split) == {"conv", "lstm", "convt", "pointwise", "convt_each", "residual_each"}
+    assert len(split["convt_each"]) == len(split["residual_each"]) == 4 and split["lstm"] > 0
+    parts = split["conv"] + split["lstm"] + split["convt"] + split["pointwise"]
+    assert 0 < parts < 2 * record["ms_per_frame_mean"]  # the plan's clocks run inside the timed pushes
+    python = run_codec_bench(tiny, frames=100, chunk=2, native=False)
+    assert python["method"] == "StatefulDecoder" and "stage_ms_per_frame" not in python

@@ -97,6 +97,8 @@ def register(sub) -> None:
     codec.add_argument("--precision", choices=("float32", "int8"), default="float32",
                        help="the large weights (LSTM, first transposed convolutions): float32 (equal to the offline "
                             "decode) or int8 (an approximation; the record says its SNR)")
+    codec.add_argument("--python", action="store_true",
+                       help="the stateful decoder's Python stages (the reference) instead of its C plan")
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_codec)
 
@@ -255,5 +257,6 @@ def run_codec(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 100")
     if args.chunk < 1:
         raise UsageError("--chunk must be at least 1")
-    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method, args.precision), args.json)
+    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method, args.precision,
+                         native=not args.python), args.json)
     return 0
