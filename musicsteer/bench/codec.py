@@ -1,6 +1,7 @@
 """`musicsteer bench codec`: the streaming decoder's cost per frame, early and late in a
-long stream of random codes, and, for a reduced precision, how far its audio is from the
-offline float32 decode. It needs neither the model's decoder nor the live stream.
+long stream of random codes, for the native plan where each stage's time goes, and, for a
+reduced precision, how far its audio is from the offline float32 decode. It needs neither the
+model's decoder nor the live stream.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ FIDELITY_FRAMES = 200  # frames decoded both ways for the SNR against the offlin
 
 
 def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "state",
-                    precision: str = "float32", native: bool = True) -> dict:
+                    precision: str = "float32", native: bool = True, threads: int = 1) -> dict:
     gen = torch.Generator().manual_seed(0)
     per_frame = []
-    settings = StreamingCodecSettings(chunk=chunk, method=method, precision=precision, native=native)
+    settings = StreamingCodecSettings(chunk=chunk, method=method, precision=precision, native=native, threads=threads)
     with torch.inference_mode():
         warm = StreamingDecoder(model.codec, model.cfg.codebooks, settings)
         for _ in range(60):  # warm the allocator and kernels, then time a fresh stream
@@ -45,7 +46,8 @@ def run_codec_bench(model: LoadedModel, frames: int, chunk: int, method: str = "
 
     record = {"benchmark": "codec", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
               "model": model.model_id, "codec": model.codec.source, "method": type(dec).__name__, "chunk": chunk,
-              "precision": precision, "lookahead_samples": dec.lookahead_samples,
+              "precision": precision, "threads": threads if type(dec).__name__ == "NativeDecoder" else None,
+              "lookahead_samples": dec.lookahead_samples,
               "latency_frames": dec.latency_frames, "frames": frames,
               "ms_per_frame_at_10": window(10), "ms_per_frame_at_end": window(frames - 50),
               "ms_per_frame_mean": float(steady.mean()),

@@ -145,11 +145,13 @@ def compile_plan(codec: Codec, codebooks: int, chunk: int, precision: str, threa
 
 class NativeDecoder(StatefulDecoder):
     """StatefulDecoder's contract (codes in frame by frame, whole frames of final audio out,
-    `flush` ends the clip), each decode one C call. `threads` caps the OpenMP team a push may use
-    (0: the calling thread's)."""
+    `flush` ends the clip), each decode one C call. `threads`: how many threads a large stage may
+    split over (0: the calling thread's OpenMP team). One is the default: on a host whose cores are
+    busy with other work, every parallel region waits for a thread the scheduler may not run, and
+    two threads cost 3x one (docs/benchmarks.md)."""
 
     def __init__(self, codec: Codec, codebooks: int, chunk: int = 1, precision: str = "float32",
-                 threads: int = 0) -> None:
+                 threads: int = 1) -> None:
         if chunk < 1:
             raise ValueError("codec chunk must be >= 1")
         if precision not in PRECISIONS:

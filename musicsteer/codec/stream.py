@@ -44,10 +44,13 @@ class StreamingCodecSettings:
     method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
     precision: str = "float32"  # "int8": the stateful decoder's large weights in int8 (an approximation)
     native: bool = True  # the stateful decoder as one C call per decode where it builds (codec/native.py)
+    threads: int = 1  # the native plan's threads (0: the OpenMP team); 1 holds up on a busy host (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
             raise ValueError("codec chunk must be >= 1 and look-ahead, context >= 0")
+        if self.threads < 0:
+            raise ValueError("codec threads must be >= 0 (0: the OpenMP team)")
         if self.method not in METHODS:
             raise ValueError(f"codec method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
@@ -65,7 +68,7 @@ def StreamingDecoder(codec: Codec, codebooks: int, settings: StreamingCodecSetti
         try:
             if settings.native:
                 try:
-                    return NativeDecoder(codec, codebooks, settings.chunk, settings.precision)
+                    return NativeDecoder(codec, codebooks, settings.chunk, settings.precision, settings.threads)
                 except NotNative as exc:
                     log.info("the codec runs its Python stateful decoder: %s", exc)
             return StatefulDecoder(codec, codebooks, settings.chunk, settings.precision)

@@ -29,7 +29,7 @@
 
 #define MS_CODEC_BOOKS 32
 #define MS_CODEC_LAYERS 4
-#define CODEC_PARALLEL_MACS (1 << 20) /* multiply-adds below which a stage runs on the calling thread */
+#define CODEC_PARALLEL_MACS (1 << 22) /* work (multiply-adds) below which a stage runs on the calling thread */
 
 enum { CS_CONV = 1, CS_CONVT = 2, CS_LSTM = 3, CS_ELU = 4, CS_OPEN = 5, CS_CLOSE = 6 };
 enum { CPAD_ZERO = 0, CPAD_REFLECT = 1, CPAD_REPLICATE = 2 };
@@ -58,6 +58,7 @@ typedef struct {
 
 typedef struct {
     int dim, bins, books, max_frames, threads, count, cap, ready, int8;
+    double parallel; /* work from which a stage splits over the team */
     const float *book[MS_CODEC_BOOKS];
     cstage *st;
     float *ping[2], *z, *lo[2];
@@ -76,8 +77,9 @@ static void *codec_alloc(size_t bytes) {
 
 /* items split over up to `threads` threads in chunks taken from a counter (a preempted vCPU holds
  * one chunk, not half the work); small work runs on the calling thread. */
-static void codec_run(int threads, ms_task task, void *args, int items, double macs) {
-    if (macs < CODEC_PARALLEL_MACS || threads > items) threads = macs < CODEC_PARALLEL_MACS ? 1 : items;
+static void codec_run(const ms_codec_plan *P, ms_task task, void *args, int items, double macs) {
+    int threads = P->threads;
+    if (macs < P->parallel || threads > items) threads = macs < P->parallel ? 1 : items;
     if (threads <= 1) { task(args, 0, items); return; }
     atomic_int next;
     atomic_init(&next, 0);
@@ -251,19 +253,20 @@ static void plain_task(void *args, int begin, int end) {
 
 /* y (rows, n) = sum over taps j of x[rows shifted by j * dil] @ W_j.T (+ bias) (+ res): a float32
  * convolution over a window of rows + (taps - 1) * dil rows, or with taps = 1 a product. */
-static void conv_rows(int threads, const cmat *M, int taps, int dil, const float *x, int ld, int rows, float *y,
+static void conv_rows(const ms_codec_plan *P, const cmat *M, int taps, int dil, const float *x, int ld, int rows, float *y,
                       const float *bias, const float *res) {
     if (rows <= 0) return;
     const int c_in = M->d / taps;
     conv_args a = {M->w, x, y, bias, res, M->n, c_in, taps, dil, ld, rows, 0, 0};
-    const double macs = (double)rows * M->n * M->d;
-    if (M->form == CW_PLAIN) { codec_run(threads, plain_task, &a, rows, macs); return; }
+    const double macs = (double)rows * M->n * M->d, bytes = 4.0 * M->n * M->d;
+    const double work = macs > bytes ? macs : bytes;
+    if (M->form == CW_PLAIN) { codec_run(P, plain_task, &a, rows, work); return; }
 #if defined(__AVX512F__)
     a.pair = (M->n / 16) % 2 == 0;
 #endif
     a.tiles = (rows + CONV_ROWS - 1) / CONV_ROWS;
     const int groups = M->n / 16 / (a.pair ? 2 : 1);
-    codec_run(threads, conv_task, &a, groups * a.tiles, macs);
+    codec_run(P, conv_task, &a, groups * a.tiles, work);
 }
 
 /* ---------------------------------------------------------------- products */
@@ -294,21 +297,22 @@ static void f32_rows_task(void *args, int begin, int end) { f32_task(args, begin
  * (the same kernels, the same activation quantization), in one parallel region per product. */
 static void codec_product(const ms_codec_plan *P, const cmat *M, const float *x, int rows, float *y, const float *res) {
     if (rows <= 0) return;
-    const double macs = (double)rows * M->n * M->d;
+    const double macs = (double)rows * M->n * M->d, bytes = (double)M->n * M->d * (M->form == CW_I8 ? 1 : 4);
+    const double work = macs > bytes ? macs : bytes;
 #if defined(MS_INT8_KERNELS)
     if (M->form == CW_I8) {
         quantize_rows(x, rows, M->d, P->q, P->xs, P->xc);
         i8_rows_args p = {{M->w, M->scale, P->q, P->xs, P->xc, y, res, M->n, M->d, 0, 0}, rows};
-        codec_run(P->threads, i8_rows_task, &p, M->n / 16, macs * 2);
+        codec_run(P, i8_rows_task, &p, M->n / 16, work);
         return;
     }
 #endif
     if (M->form == CW_F32 && rows <= 2) { /* the matrix-vector kernel: four accumulation chains per row */
         f32_args a = {M->w, x, y, res, M->n, M->d, rows, 0};
-        codec_run(P->threads, f32_rows_task, &a, M->n / 16, macs * 2);
+        codec_run(P, f32_rows_task, &a, M->n / 16, work);
         return;
     }
-    conv_rows(P->threads, M, 1, 1, x, M->d, rows, y, NULL, res);
+    conv_rows(P, M, 1, 1, x, M->d, rows, y, NULL, res);
 }
 
 /* ---------------------------------------------------------------- pointwise */
@@ -434,7 +438,7 @@ static void pad_rows(const float *src, int len, int left, int right, int mode, i
 static int conv_window(const ms_codec_plan *P, cstage *s, const float *win, int rows, float *y) {
     const int m = rows - s->span;
     if (m <= 0) return 0;
-    conv_rows(P->threads, &s->m, s->taps, s->step, win, s->c_in, m, y, s->bias, NULL);
+    conv_rows(P, &s->m, s->taps, s->step, win, s->c_in, m, y, s->bias, NULL);
     return m;
 }
 
@@ -579,7 +583,17 @@ void *ms_codec_new(int dim, int bins, int max_frames, int threads) {
     if (!P) return NULL;
     P->dim = dim, P->bins = bins, P->max_frames = max_frames;
     P->threads = threads > 0 ? threads : omp_get_max_threads();
+    P->parallel = CODEC_PARALLEL_MACS;
     return P;
+}
+
+/* The work (multiply-adds; a weight byte read counts as one) from which a stage splits over the
+ * team; returns the previous value. */
+double ms_codec_parallel(void *plan, double macs) {
+    ms_codec_plan *P = plan;
+    const double was = P->parallel;
+    if (macs > 0) P->parallel = macs;
+    return was;
 }
 
 int ms_codec_book(void *plan, const float *table) {

@@ -41,6 +41,7 @@ SIGNATURES = {
     "ms_codec_push": ([_P, _P, _I, _I, _P, _I], _I),
     "ms_codec_free": ([_P], None),
     "ms_codec_times": ([_P, _P, _P], _I),
+    "ms_codec_parallel": ([_P, ctypes.c_double], ctypes.c_double),
 }
 KINDS = {1: "conv", 2: "convt", 3: "lstm", 4: "elu", 5: "open", 6: "close"}
 _bound: ctypes.CDLL | None = None
@@ -164,6 +165,11 @@ class CodecPlan:
 
     def reset(self) -> None:
         self._lib.ms_codec_reset(self._plan)
+
+    def parallel_from(self, work: float = 0.0) -> float:
+        """The work (multiply-adds, a weight byte read counting as one) from which a stage splits over
+        the threads; with `work`, set it. Returns the value before."""
+        return self._lib.ms_codec_parallel(self._plan, work)
 
     def push(self, codes: np.ndarray, end: bool = False) -> np.ndarray:
         """Codes (books, n) int64 -> the newly final samples (a copy); with `end`, the rest of the
