@@ -23,17 +23,8 @@ import torch
 
 from ..kernels import cpu as cpu_kernels
 from .codec import Codec
-from .state import (
-    PRECISIONS,
-    NotStreamable,
-    StatefulDecoder,
-    check_codec,
-    check_lstm,
-    conv_padding,
-    reads_int8,
-    takes_int8,
-    transposed_trim,
-)
+from .layers import PRECISIONS, NotStreamable, check_codec, check_lstm, conv_padding, transposed_trim
+from .state import StatefulDecoder, reads_int8, takes_int8
 
 
 class NotNative(RuntimeError):

@@ -35,11 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .codec import Codec
-
-
-class NotStreamable(ValueError):
-    """The codec has a layer this module cannot run statefully (group norm over time,
-    chunked decode): the windowed decoder handles it."""
+from .layers import PRECISIONS, NotStreamable, check_codec, check_lstm, conv_padding, transposed_trim
 
 
 def _empty_like(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -126,26 +122,6 @@ class _Conv:
 
 def _torch_mode(mode: str) -> str:
     return "constant" if mode == "zero" else mode
-
-
-def conv_padding(module) -> tuple[int, int]:
-    """An EncodecConv1d's (left, right) padding as a stream runs it, or NotStreamable."""
-    if module.norm_type != "weight_norm" or module.conv.stride[0] != 1:
-        raise NotStreamable("only weight-normed convolutions of stride 1 stream")
-    if module.pad_mode not in ("reflect", "replicate", "constant", "zero"):  # circular wraps to the clip's end
-        raise NotStreamable(f"padding mode {module.pad_mode!r} reads the end of the clip")
-    total = int(module.padding_total)
-    right = 0 if module.causal else total // 2
-    return total - right, right
-
-
-def transposed_trim(module) -> tuple[int, int]:
-    """An EncodecConvTranspose1d's (left, right) output samples trimmed at the clip's ends, or NotStreamable."""
-    if module.norm_type != "weight_norm":
-        raise NotStreamable("only weight-normed transposed convolutions stream")
-    total = module.conv.kernel_size[0] - module.conv.stride[0]
-    right = math.ceil(total * module.trim_right_ratio) if module.causal else total // 2
-    return total - right, right
 
 
 FEW_SAMPLES = 32  # from here oneDNN's transposed convolution beats the product and fold on CPU
@@ -262,12 +238,6 @@ class _LSTM:
         return None
 
 
-def check_lstm(lstm: torch.nn.LSTM) -> None:
-    if lstm.bidirectional or lstm.proj_size or not lstm.bias or lstm.batch_first:
-        raise NotStreamable("only plain unidirectional LSTMs stream")
-
-
-PRECISIONS = ("float32", "int8")
 LARGE_WEIGHT = 1 << 20  # entries from which a transposed convolution's cost is reading its weight
 
 
@@ -418,14 +388,6 @@ def _stage(module, precision: str = "float32"):
     if isinstance(module, (torch.nn.ELU, torch.nn.Identity)):
         return _Pointwise(module)
     raise NotStreamable(f"no streaming form for {name}")
-
-
-def check_codec(codec: Codec, precision: str) -> None:
-    """NotStreamable for a codec decoded in chunks; ValueError for an unknown precision."""
-    if getattr(codec.model.config, "chunk_length", None) is not None:
-        raise NotStreamable("the codec decodes in overlapping chunks")
-    if precision not in PRECISIONS:
-        raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def _decoder_chain(codec: Codec, precision: str = "float32") -> _Chain:
