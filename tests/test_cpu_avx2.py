@@ -35,7 +35,7 @@ from musicsteer.kernels import cpu
 
 F = torch.nn.functional
 assert cpu.unavailable() is None, cpu.unavailable()
-assert cpu.paths() == {"f32": "avx2", "i8": "avx2", "i4": "avx2", "bf16": "avx2", "attend": "avx2"}, cpu.paths()
+assert cpu.paths() == {"f32": "avx2", "i8": "avx2", "i4": "avx2", "bf16": "avx2", "attend": "avx2", "codec": "avx2"}, cpu.paths()
 assert cpu.caps() == cpu.CAP_F32 | cpu.CAP_INT8_AVX2, cpu.caps()  # no AVX-512 bit in this build
 assert cpu.has_int8() and not cpu.has_bf16()
 g = torch.Generator().manual_seed(0)

@@ -21,7 +21,7 @@ SHARED = [
     "model/musicgen.py", "model/graph_step.py", "model/step.py",
     "backends/select.py", "backends/cpu/fused.py", "backends/cpu/attention.py", "backends/cuda/attention.py",
     "kernels/cpu.py", "kernels/dispatch.py", "kernels/hook.py",
-    "codec/stream.py", "codec/state.py", "bench/timeline.py", "api.py",
+    "codec/stream.py", "codec/state.py", "codec/native.py", "kernels/cpu_codec.py", "bench/timeline.py", "api.py",
 ]
 
 

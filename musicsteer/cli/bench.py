@@ -101,6 +101,9 @@ def register(sub) -> None:
     codec.add_argument("--precision", choices=("float32", "int8"), default="float32",
                        help="the large weights (LSTM, first transposed convolutions): float32 (equal to the offline "
                             "decode) or int8 (an approximation; the record says its SNR)")
+    codec.add_argument("--python", action="store_true",
+                       help="the stateful decoder's Python stages (the reference) instead of its C plan")
+    codec.add_argument("--threads", type=int, default=1, help="threads of the C plan (0: the OpenMP team)")
     codec.add_argument("--json", type=Path, metavar="FILE")
     codec.set_defaults(run=run_codec)
 
@@ -260,5 +263,8 @@ def run_codec(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 100")
     if args.chunk < 1:
         raise UsageError("--chunk must be at least 1")
-    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method, args.precision), args.json)
+    if args.threads < 0:
+        raise UsageError("--threads must be 0 (the OpenMP team) or more")
+    emit(run_codec_bench(load_from_args(args), args.frames, args.chunk, args.method, args.precision,
+                         native=not args.python, threads=args.threads), args.json)
     return 0

@@ -35,11 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .codec import Codec
-
-
-class NotStreamable(ValueError):
-    """The codec has a layer this module cannot run statefully (group norm over time,
-    chunked decode): the windowed decoder handles it."""
+from .layers import PRECISIONS, NotStreamable, check_codec, check_lstm, conv_padding, transposed_trim
 
 
 def _empty_like(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -55,16 +51,10 @@ class _Conv:
 
     def __init__(self, module) -> None:
         conv = module.conv
-        if module.norm_type != "weight_norm" or conv.stride[0] != 1:
-            raise NotStreamable("only weight-normed convolutions of stride 1 stream")
-        if module.pad_mode not in ("reflect", "replicate", "constant", "zero"):  # circular wraps to the clip's end
-            raise NotStreamable(f"padding mode {module.pad_mode!r} reads the end of the clip")
         self.module = module
         self.weight, self.bias, self.dilation = conv.weight.detach(), conv.bias.detach(), conv.dilation[0]
-        total = int(module.padding_total)
-        self.right = 0 if module.causal else total // 2
-        self.left = total - self.right
-        self.span = total  # input samples an output reads besides its own position
+        self.left, self.right = conv_padding(module)
+        self.span = self.left + self.right  # input samples an output reads besides its own position
         self.mode = module.pad_mode
         c_out, c_in, k = self.weight.shape
         self.kernel = k
@@ -135,7 +125,6 @@ def _torch_mode(mode: str) -> str:
 
 
 FEW_SAMPLES = 32  # from here oneDNN's transposed convolution beats the product and fold on CPU
-LARGE_WEIGHT = 1 << 20  # entries from which a transposed convolution's cost is reading its weight
 
 
 class _ConvTranspose:
@@ -145,18 +134,14 @@ class _ConvTranspose:
 
     def __init__(self, module, precision: str = "float32") -> None:
         conv = module.conv
-        if module.norm_type != "weight_norm":
-            raise NotStreamable("only weight-normed transposed convolutions stream")
+        self.left, self.right = transposed_trim(module)
         self.weight, self.bias = conv.weight.detach(), conv.bias.detach()  # (C_in, C_out, k), (C_out,)
         self.stride, self.kernel = conv.stride[0], conv.kernel_size[0]
         c_in, c_out, k = self.weight.shape
         self.out_channels = c_out
         matrix = self.weight.reshape(c_in, c_out * k).t().contiguous()  # (C_out * k, C_in)
-        self.reduced = matrix.numel() >= LARGE_WEIGHT and takes_int8(matrix, precision)
+        self.reduced = reads_int8(matrix, precision)
         self.product = _product(matrix, precision if self.reduced else "float32")  # x (n, C_in) -> (n, C_out * k)
-        total = self.kernel - self.stride
-        self.right = math.ceil(total * module.trim_right_ratio) if module.causal else total // 2
-        self.left = total - self.right
         self.reset()
 
     def reset(self) -> None:
@@ -210,8 +195,7 @@ class _LSTM:
 
     def __init__(self, module, precision: str = "float32") -> None:
         lstm = module.lstm
-        if lstm.bidirectional or lstm.proj_size or not lstm.bias or lstm.batch_first:
-            raise NotStreamable("only plain unidirectional LSTMs stream")
+        check_lstm(lstm)
         self.hidden = lstm.hidden_size
         self.layers = []
         for i in range(lstm.num_layers):
@@ -254,7 +238,7 @@ class _LSTM:
         return None
 
 
-PRECISIONS = ("float32", "int8")
+LARGE_WEIGHT = 1 << 20  # entries from which a transposed convolution's cost is reading its weight
 
 
 def _product(weight: torch.Tensor, precision: str = "float32"):
@@ -271,6 +255,12 @@ def _product(weight: torch.Tensor, precision: str = "float32"):
 
     return PackedInt8Linear(weight) if cpu_kernels.unavailable() is None and packed_int8_kernels() \
         else Int8Linear(weight)
+
+
+def reads_int8(matrix: torch.Tensor, precision: str) -> bool:
+    """Whether a transposed convolution's (C_out * k, C_in) matrix is read as int8 in `precision`:
+    weight-bound (over LARGE_WEIGHT entries) and of the int8 layout."""
+    return matrix.numel() >= LARGE_WEIGHT and takes_int8(matrix, precision)
 
 
 def takes_int8(weight: torch.Tensor, precision: str) -> bool:
@@ -401,12 +391,8 @@ def _stage(module, precision: str = "float32"):
 
 
 def _decoder_chain(codec: Codec, precision: str = "float32") -> _Chain:
-    model = codec.model
-    if getattr(model.config, "chunk_length", None) is not None:
-        raise NotStreamable("the codec decodes in overlapping chunks")
-    if precision not in PRECISIONS:
-        raise ValueError(f"codec precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return _Chain([_stage(m, precision) for m in model.decoder.layers])
+    check_codec(codec, precision)
+    return _Chain([_stage(m, precision) for m in codec.model.decoder.layers])
 
 
 class StatefulDecoder:
@@ -466,11 +452,16 @@ class StatefulDecoder:
         The layers are reset after it; `emitted_samples` keeps counting."""
         if self.total == 0:
             return np.zeros(0, dtype=np.float32)
-        head = [self._decode_pending()] if self.pending else []
-        out = self._out(torch.cat([*head, self.chain.flush()], dim=-1), end=True)  # the last layer is a conv
-        self.chain.reset()
+        out = self._out(self._decode_end(), end=True)
         self.total = 0
         return out if out is not None else np.zeros(0, dtype=np.float32)
+
+    def _decode_end(self) -> torch.Tensor:
+        """The pending frames' audio and the rest of the clip's (1, 1, n); the layers reset after it."""
+        head = [self._decode_pending()] if self.pending else []
+        audio = torch.cat([*head, self.chain.flush()], dim=-1)  # the last layer is a conv
+        self.chain.reset()
+        return audio
 
     @torch.no_grad()
     def _decode_pending(self) -> torch.Tensor:

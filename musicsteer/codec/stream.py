@@ -6,8 +6,10 @@ Streaming EnCodec decode for the live stream: which decoder, and the windowed on
 Two ways to turn frames of codes into audio as they arrive, both equal to an offline
 decode of the whole stream to float32 round-off (tests/test_codec_stream.py):
 
-- `state` (codec_state.py, the default): every layer keeps what it needs of the past, so
+- `state` (state.py, the default): every layer keeps what it needs of the past, so
   each frame is decoded once and its audio is emitted as soon as its last sample is final.
+  Where the CPU kernels build it runs as one C call per decode (native.py, `native=True`, the
+  default); else, or with `native=False`, as state.py's Python stages (the reference).
 - `window`: every `chunk` frames, once `lookahead` more frames exist, the codec decodes a
   fixed window of `context` frames before the chunk, the chunk and the look-ahead, and
   the chunk's audio is emitted. It runs any codec the offline decode runs, and is what
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from .codec import Codec
+from .native import NativeDecoder, NotNative
 from .state import PRECISIONS, NotStreamable, StatefulDecoder
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,14 @@ class StreamingCodecSettings:
     chunk: int = 1  # frames per decode: larger is cheaper per frame, adds latency
     method: str = "state"  # "state" (each frame decoded once) or "window" (lookahead and context apply)
     precision: str = "float32"  # "int8": the stateful decoder's large weights in int8 (an approximation)
+    native: bool = True  # the stateful decoder as one C call per decode where it builds (codec/native.py)
+    threads: int = 1  # the native plan's threads (0: the OpenMP team); 1 holds up on a busy host (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:
             raise ValueError("codec chunk must be >= 1 and look-ahead, context >= 0")
+        if self.threads < 0:
+            raise ValueError("codec threads must be >= 0 (0: the OpenMP team)")
         if self.method not in METHODS:
             raise ValueError(f"codec method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
@@ -59,6 +66,11 @@ def StreamingDecoder(codec: Codec, codebooks: int, settings: StreamingCodecSetti
     """The streaming decoder `settings` ask for: stateful where the codec allows it, else windowed."""
     if settings.method == "state":
         try:
+            if settings.native:
+                try:
+                    return NativeDecoder(codec, codebooks, settings.chunk, settings.precision, settings.threads)
+                except NotNative as exc:
+                    log.info("the codec runs its Python stateful decoder: %s", exc)
             return StatefulDecoder(codec, codebooks, settings.chunk, settings.precision)
         except NotStreamable as exc:
             if settings.precision != "float32":

@@ -33,9 +33,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c, cpu_amx.c and cpu_block.c
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes cpu_reduced.c, cpu_amx.c, cpu_block.c and cpu_codec.c
 SOURCES = (SOURCE, SOURCE.with_name("cpu_reduced.c"), SOURCE.with_name("cpu_amx.c"), SOURCE.with_name("cpu_block.c"),
-           SOURCE.with_name("cpu_avx2.h"))
+           SOURCE.with_name("cpu_codec.c"), SOURCE.with_name("cpu_codec_math.c"), SOURCE.with_name("cpu_avx2.h"))
 MARCH = os.environ.get("MUSICSTEER_CPU_MARCH", "native")  # x86-64-v2: the portable build; x86-64-v3: AVX2
 FLAGS = ["-O3", f"-march={MARCH}", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", "-fopenmp"]
 CAP_F32, CAP_AVX512, CAP_VNNI, CAP_BF16 = 1, 2, 4, 8

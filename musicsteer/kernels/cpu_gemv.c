@@ -886,9 +886,10 @@ int ms_kv_store_i8(const float *x, long sb, long sh, long st, const int64_t *pos
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
 #include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */
 #include "cpu_block.c" /* the fused decoder block, in this translation unit */
+#include "cpu_codec.c" /* the stateful codec decoder as one plan */
 
 /* Which path each kernel family was compiled with, e.g. "f32=avx2 i8=avx2 i4=avx2 bf16=avx2
- * attend=avx2" for an x86-64-v3 build (kernels/cpu.py: paths()). */
+ * attend=avx2 codec=avx2" for an x86-64-v3 build (kernels/cpu.py: paths()). */
 const char *ms_paths(void) {
-    return "f32=" MS_PATH_F32 " i8=" MS_PATH_I8 " i4=" MS_PATH_I4 " bf16=" MS_PATH_BF16 " attend=" MS_PATH_ATTEND;
+    return "f32=" MS_PATH_F32 " i8=" MS_PATH_I8 " i4=" MS_PATH_I4 " bf16=" MS_PATH_BF16 " attend=" MS_PATH_ATTEND " codec=" CONV_PATH;
 }
