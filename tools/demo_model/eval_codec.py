@@ -27,22 +27,31 @@ MIN_MIDI, MAX_MIDI = 36, 95  # C2 (65 Hz) .. B6 (1976 Hz)
 
 
 def evaluate(codec, held: codec_data.Clips, limit: int | None = None, originals: bool = True,
-             model: str = "tiny", min_midi: int = MIN_MIDI, max_midi: int = MAX_MIDI) -> dict:
+             model: str = "tiny", min_midi: int = MIN_MIDI, max_midi: int = MAX_MIDI,
+             quantized: bool = True) -> dict:
     """Pitch-class accuracy after the round trip (and on the originals) on up to `limit`
-    held-out notes clips within the MIDI range."""
+    held-out notes clips within the MIDI range; `quantized=False` skips the quantizer
+    (decoder of the encoder's output: the reconstruction-first phase)."""
     import numpy as np
+    import torch
 
     from musicsteer.probes.pitch import PITCH_CLASSES, pitch_of
 
     started = time.perf_counter()
     chosen = [i for i, row in enumerate(held.rows)
-              if row.family == "notes" and min_midi <= codec_data.clip_pitch(row) <= max_midi][:limit]
+              if row.family == "notes" and min_midi <= codec_data.clip_pitch(row) <= max_midi]
+    if limit and len(chosen) > limit:  # spread over the list (sorted by label), not its first labels
+        chosen = [chosen[round(j * len(chosen) / limit)] for j in range(limit)]
     results = []
     for i in chosen:
         row = held.rows[i]
         audio = held.audio[i].astype(np.float32) / 32768.0
-        codes = codec.encode(audio, int(codec.model.config.num_quantizers))
-        decoded = codec.decode(codes)[:audio.shape[0]]
+        if quantized:
+            decoded = codec.decode(codec.encode(audio, int(codec.model.config.num_quantizers)))
+        else:
+            with torch.no_grad():
+                decoded = codec.model.decoder(codec.model.encoder(torch.from_numpy(audio)[None, None]))[0, 0].numpy()
+        decoded = decoded[:audio.shape[0]]
         truth = PITCH_CLASSES.index(row.label)
         item = {"clip": row.clip, "midi": codec_data.clip_pitch(row), "label": row.label,
                 "roundtrip": pitch_of(decoded, codec.sample_rate, model).name}
@@ -51,7 +60,7 @@ def evaluate(codec, held: codec_data.Clips, limit: int | None = None, originals:
         item["ok"] = item["roundtrip"] == PITCH_CLASSES[truth]
         results.append(item)
     n = len(results)
-    out = {"clips": results, "n": n, "crepe": model, "midi_range": [min_midi, max_midi],
+    out = {"clips": results, "n": n, "crepe": model, "midi_range": [min_midi, max_midi], "quantized": quantized,
            "roundtrip_accuracy": sum(r["ok"] for r in results) / max(1, n),
            "seconds": round(time.perf_counter() - started, 1)}
     if originals:

@@ -263,11 +263,11 @@ def train(run: Run, stop_after: int | None = None, eval_every: int = 0, eval_cli
         if step % r.ckpt_every == 0 or step == end:
             run.save(model, opt, step)
         if eval_every and step % eval_every == 0:
-            run.log(evaluate_now(model, held, step, eval_clips, quiet))
+            run.log(evaluate_now(model, held, step, eval_clips, step > r.ae_steps, quiet))
     return step
 
 
-def evaluate_now(model, held: codec_data.Clips, step: int, clips: int, quiet: bool) -> dict:
+def evaluate_now(model, held: codec_data.Clips, step: int, clips: int, quantized: bool, quiet: bool) -> dict:
     import eval_codec
 
     from musicsteer.codec.codec import Codec
@@ -275,7 +275,8 @@ def evaluate_now(model, held: codec_data.Clips, step: int, clips: int, quiet: bo
     was = model.training
     model.eval()
     copy = export_model(model)
-    result = eval_codec.evaluate(Codec(copy, "checkpoint"), held, limit=clips, originals=False)
+    result = eval_codec.evaluate(Codec(copy, "checkpoint"), held, limit=clips, originals=False,
+                                 quantized=quantized)
     model.train(was)
     record = {"step": step, "eval": {k: v for k, v in result.items() if k != "clips"}}
     if not quiet:
@@ -288,7 +289,8 @@ def export_model(model):
     model loaded with the state (deepcopy of weight-normed modules breaks the original)."""
     from transformers import EncodecModel
 
-    out = EncodecModel(model.config)
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the run's RNG alone
+        out = EncodecModel(model.config)
     out.load_state_dict(model.state_dict())
     out.eval()
     for book in codec_vq.codebooks(out):
