@@ -49,6 +49,7 @@ class Recipe:
     filters: int = 8
     hidden: int = 64  # latent and codebook width
     lstm_layers: int = 1
+    smooth_upsampling: bool = False  # start each transposed convolution as a linear interpolator
     codebook_size: int = 2048
     codebooks: int = 4
     # data
@@ -66,6 +67,7 @@ class Recipe:
     # losses
     wave_weight: float = 1.0
     fft_sizes: tuple[int, ...] = (2048, 1024, 512, 256, 128, 64)
+    log_floor: float = 1e-4  # added to window-normalised magnitudes before the log (-80 dB)
     commit_weight: float = 0.25
     # quantizer
     ema_decay: float = 0.99
@@ -92,7 +94,11 @@ class Recipe:
             if key not in {f.name for f in dataclasses.fields(self)} or key == "data":
                 raise SystemExit(f"--set {pair}: unknown recipe key {key!r}")
             current = getattr(self, key)
-            if isinstance(current, tuple):
+            if isinstance(current, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise SystemExit(f"--set {pair}: {key} is true or false")
+                changes[key] = value.lower() in ("true", "1")
+            elif isinstance(current, tuple):
                 changes[key] = tuple(type(current[0])(v) for v in value.split(","))
             else:
                 changes[key] = type(current)(value)
@@ -115,7 +121,37 @@ def build_model(r: Recipe):
     from transformers import EncodecModel
 
     torch.manual_seed(r.seed)
-    return EncodecModel(encodec_config(r))
+    model = EncodecModel(encodec_config(r))
+    if r.smooth_upsampling:
+        smooth_upsamplers(model, step_generator(r, 0, 5))
+    return model
+
+
+@torch.no_grad()
+def smooth_upsamplers(model, gen: torch.Generator) -> None:
+    """Each transposed convolution of the decoder (kernel 2 * stride) starts as linear
+    interpolation in time times a random channel mixing: W[i, o, t] = P[i, o] * h[t], with
+    h the triangle whose shifted copies sum to one. A random kernel repeats one shape at
+    every input sample, a buzz at the input's rate (400 Hz and 50 Hz here) that an
+    untrained decoder plays whatever the input; an interpolator has none."""
+    from transformers.models.encodec.modeling_encodec import EncodecConvTranspose1d
+
+    for module in model.decoder.modules():
+        if not isinstance(module, EncodecConvTranspose1d):
+            continue
+        conv = module.conv
+        c_in, c_out, k = conv.weight.shape
+        s = conv.stride[0]
+        if k != 2 * s:
+            continue
+        t = torch.arange(k, dtype=torch.float32)
+        h = torch.where(t < s, (t + 0.5) / s, (2 * s - t - 0.5) / s)  # h[t] + h[t + s] = 1
+        mix = torch.randn((c_in, c_out), generator=gen) * math.sqrt(2.0 / c_in)
+        weight = mix[:, :, None] * h[None, None, :]  # (C_in, C_out, k)
+        wn = conv.parametrizations.weight
+        wn.original1.copy_(weight)
+        wn.original0.copy_(torch.linalg.vector_norm(weight, dim=(1, 2), keepdim=True))
+        conv.bias.zero_()
 
 
 def learning_rate(r: Recipe, step: int) -> float:
@@ -130,7 +166,7 @@ def learning_rate(r: Recipe, step: int) -> float:
 _WINDOWS: dict[int, torch.Tensor] = {}
 
 
-def spectral_loss(y: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+def spectral_loss(y: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...], floor: float = 1e-4) -> torch.Tensor:
     """Mean over FFT sizes of log-magnitude L1 plus spectral convergence; y, x (B, S)."""
     total = y.new_zeros(())
     for n in sizes:
@@ -139,7 +175,7 @@ def spectral_loss(y: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> t
         window = _WINDOWS[n]
         Y = torch.stft(y, n, n // 4, window=window, return_complex=True).abs() / window.sum()  # (B, bins, frames)
         X = torch.stft(x, n, n // 4, window=window, return_complex=True).abs() / window.sum()
-        log_l1 = (torch.log(Y + 1e-4) - torch.log(X + 1e-4)).abs().mean()
+        log_l1 = (torch.log(Y + floor) - torch.log(X + floor)).abs().mean()
         convergence = torch.linalg.norm(Y - X) / torch.linalg.norm(X).clamp_min(1e-6)
         total = total + log_l1 + convergence
     return total / len(sizes)
@@ -171,7 +207,7 @@ def train_step(model, opt, clips: codec_data.Clips, r: Recipe, step: int) -> dic
                                                  step_generator(r, step, 3))
     y = model.decoder(z)[..., :crop]  # (B, 1, S)
     wave = F.l1_loss(y, x)
-    spec = spectral_loss(y[:, 0], x[:, 0], r.fft_sizes)
+    spec = spectral_loss(y[:, 0], x[:, 0], r.fft_sizes, r.log_floor)
     loss = r.wave_weight * wave + spec + r.commit_weight * commit
     opt.zero_grad(set_to_none=True)
     loss.backward()
