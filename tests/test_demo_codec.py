@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(shutil.which("fluidsynth") is None,
 
 TINY = train_codec.Recipe(
     filters=2, hidden=8, codebook_size=16, batch=2, crop_s=0.1, steps=5, ae_steps=2, warmup=2,
-    fft_sizes=(256, 64), kmeans_batches=4, kmeans_iters=3, log_every=1, ckpt_every=1,
+    fft_sizes=(256, 64), kmeans_batches=4, kmeans_iters=3, log_every=1, ckpt_every=1, smooth_upsampling=True,
     data=codec_data.DataSpec(programs=(0,), per_label=1))
 
 
@@ -116,3 +116,22 @@ def test_the_exported_codec_loads_as_codec_dir_and_streams_as_it_decodes(tmp_pat
     streamed = np.concatenate(parts + [dec.flush()])
     assert streamed.shape == offline.shape == (50 * 640,)
     assert np.abs(streamed - offline).max() <= 1e-5 * max(1e-3, np.abs(offline).max())
+
+
+def test_smooth_upsamplers_start_as_interpolators():
+    """A constant input comes out of every transposed convolution constant (no buzz at its
+    input rate), and the random ones do not do that."""
+    from transformers.models.encodec.modeling_encodec import EncodecConvTranspose1d
+
+    for smooth in (True, False):
+        model = train_codec.build_model(dataclasses.replace(TINY, smooth_upsampling=smooth))
+        ups = [m for m in model.decoder.modules() if isinstance(m, EncodecConvTranspose1d)]
+        assert [m.conv.stride[0] for m in ups] == [8, 5, 4, 4]
+        for m in ups:
+            x = torch.ones(1, m.conv.in_channels, 12)
+            with torch.no_grad():
+                y = torch.nn.functional.conv_transpose1d(x, m.conv.weight, None, m.conv.stride)  # (1, C_out, samples)
+            s = m.conv.stride[0]
+            inner = y[..., s:-s]  # away from the ends, where fewer kernels overlap
+            flat = (inner - inner.mean(-1, keepdim=True)).abs().max() <= 1e-5 * inner.abs().max()
+            assert bool(flat) == smooth
