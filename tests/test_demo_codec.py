@@ -95,9 +95,14 @@ def test_the_exported_codec_loads_as_codec_dir_and_streams_as_it_decodes(tmp_pat
     run = train_codec.Run(tmp_path / "real", dataclasses.replace(TINY, filters=8, hidden=64, codebook_size=2048,
                                                                 steps=3, ae_steps=1, kmeans_batches=2), data_dir)
     train_codec.train(run, quiet=True)
-    out = train_codec.export(run, tmp_path / "codec")
+    out = train_codec.export(run, tmp_path / "codec", half=True)  # as the demo codec is committed
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     codec = load_unprepared("tiny", codec=str(out)).codec
+    assert next(codec.model.parameters()).dtype == torch.float32
     assert (codec.sample_rate, codec.hop, codec.codebook_size) == (32000, 640, 2048)
     _, held = codec_data.split(data_dir)
     audio = held.audio[0, :32000].astype(np.float32) / 32768.0

@@ -334,16 +334,19 @@ def export_model(model):
     return out
 
 
-def export(run: Run, out_dir: Path) -> Path:
+def export(run: Run, out_dir: Path, half: bool = False) -> Path:
+    """Write the checkpoint's codec with `save_pretrained`; `half` stores float16 (half the
+    bytes; the loaders read it back as float32)."""
     torch.set_num_threads(1)
     model, _, step = run.restore()
     if step <= run.recipe.ae_steps:
         raise SystemExit(f"{run.folder}: step {step} is before the quantizer's phase ({run.recipe.ae_steps}); "
                          "nothing to export yet")
-    export_model(model).save_pretrained(out_dir)
+    out = export_model(model)
+    (out.half() if half else out).save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(
-        {"step": step, "recipe": dataclasses.asdict(run.recipe), "trainer": "tools/demo_model/train_codec.py"},
-        indent=1) + "\n")
+        {"step": step, "dtype": "float16" if half else "float32", "recipe": dataclasses.asdict(run.recipe),
+         "trainer": "tools/demo_model/train_codec.py"}, indent=1) + "\n")
     return out_dir
 
 
@@ -355,13 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None, help="train this many more steps, then stop")
     p.add_argument("--eval-every", type=int, default=0, help="CREPE on held-out clips every N steps (0: never)")
     p.add_argument("--export", type=Path, default=None, metavar="DIR", help="write the checkpoint's codec and exit")
+    p.add_argument("--half", action="store_true", help="--export: store float16 weights (half the bytes)")
     args = p.parse_args(argv)
     recipe = Recipe().with_overrides(args.set) if args.set else None
     if recipe is None and not (args.run / "recipe.json").exists():
         recipe = Recipe()
     run = Run(args.run, recipe, args.data)
     if args.export is not None:
-        print(f"wrote {export(run, args.export)}")
+        print(f"wrote {export(run, args.export, args.half)}")
         return 0
     step = train(run, args.stop_after, args.eval_every)
     print(f"{run.folder}: at step {step} of {run.recipe.steps}")
