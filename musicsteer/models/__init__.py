@@ -1,0 +1,1 @@
+"""Weights trained by this project (tools/), shipped as package data."""
