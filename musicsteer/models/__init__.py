@@ -1,1 +1,0 @@
-"""Weights trained by this project (tools/), shipped as package data."""
