@@ -61,10 +61,13 @@ def main(conn) -> None:
                 sets[set_id] = pairs(fresh)
             try:
                 built = build_prompt(text_encoder, builder, batch, request, sets[set_id])
+                reply = ("built", request.serial, set_id, fresh, built.length, built.build_ms)
             except Exception as exc:  # refused (too long, ...): said, and the child goes on
-                conn.send(("failed", request.serial, f"{type(exc).__name__}: {exc}", set_id, fresh))
-                continue
-            conn.send(("built", request.serial, set_id, fresh, built.length, built.build_ms))
+                reply = ("failed", request.serial, f"{type(exc).__name__}: {exc}", set_id, fresh)
+            try:
+                conn.send(reply)
+            except OSError:  # the parent stopped (or died) while this prompt was building: nothing to tell
+                return
 
 
 def allocate(builder):
