@@ -233,14 +233,17 @@ def test_late_producer_underruns_are_counted_and_playback_carries_on(jack, tmp_p
     assert stats.underruns >= 1 and stats.underruns == len(gaps)
     # ~300 ms stall minus what the ring held (4096 frames = 128 ms) plus the refill.
     assert 0.1 * SR < sum(gaps) < 0.3 * SR
-    # The counted silence is the recorded one, frame for frame.
-    assert stats.underrun_frames == sum(gaps)
+    # The counted silence is the recorded one, frame for frame, but for one JACK period: a callback
+    # the scheduler runs late while the ring is empty leaves the graph to play a period of its own
+    # silence, with no sample lost (seen once in CI, with no xrun in the server's log).
+    late = sum(gaps) - stats.underrun_frames
+    assert late in (0, PERIOD), (stats, gaps)
     # The DAC times on either side of the stall are as far apart as the recorded silence,
     # within their jitter (the JACK frame clock is read when the callback runs: ~1 ms).
     ends = np.cumsum([b - a for a, b in runs])  # signal frames played by the end of each run
     k = int(np.flatnonzero(ends == 50 * BLOCK)[0])  # the producer paused before this frame
     dt = sink.output_time(50 * BLOCK) - sink.output_time(50 * BLOCK - 1)
-    assert abs(dt * SR - 1 - gaps[k]) <= 64
+    assert abs(dt * SR - 1 - gaps[k]) <= 64 + late
     assert stats.frames_played == len(audio)
     m = ring.metrics()
     assert (m.underruns, m.underrun_frames) == (stats.underruns, stats.underrun_frames)
