@@ -6,8 +6,6 @@ exit status 2). `register(subparsers)` adds the `midi` command to the main parse
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -45,25 +43,10 @@ def register(subparsers) -> None:
     learn.set_defaults(run=run_learn)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """libjack prints its failed connection attempts on fd 2; our error says it in one line.
-    Used before any thread of ours starts."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _input_ports() -> list[str]:
-    from ..controllers.midi import list_input_ports
+    from ..controllers.midi import list_input_ports, quiet_stderr
 
-    with _quiet_stderr():
+    with quiet_stderr():
         return list_input_ports()
 
 
