@@ -54,7 +54,7 @@ def test_repo_id_resolves_from_the_local_cache_only(musicgen_dirs, tmp_path, mon
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("huge", r"unknown model 'huge': not a preset \(tiny, small, medium, large\)"),
+    ("huge", r"unknown model 'huge': not demo or a preset \(tiny, small, medium, large\)"),
     ("/no/such/dir", r"no such directory"),
 ])
 def test_unknown_names(spec, message):

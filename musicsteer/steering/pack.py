@@ -98,7 +98,9 @@ class ConceptPack:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from ..models import embedded_pack
+
+        directory = embedded_pack(directory) or Path(directory)  # `--concepts demo`: the shipped pack
         meta_file, tensor_file = directory / "concepts.json", directory / "directions.safetensors"
         for f in (meta_file, tensor_file):
             if not f.exists():

@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: beside the run, data/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (new runs)")
     p.add_argument("--stop-after", type=int, default=None, help="train this many more steps, then stop")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="train up to this step, then stop (the shipped codec is step 8,250 of the 16,000-step run)")
     p.add_argument("--eval-every", type=int, default=0, help="CREPE on held-out clips every N steps (0: never)")
     p.add_argument("--export", type=Path, default=None, metavar="DIR", help="write the checkpoint's codec and exit")
     p.add_argument("--half", action="store_true", help="--export: store float16 weights (half the bytes)")
@@ -367,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         print(f"wrote {export(run, args.export, args.half)}")
         return 0
-    step = train(run, args.stop_after, args.eval_every)
+    stop_after = args.stop_after
+    if args.stop_at is not None:
+        done = torch.load(run.folder / "ckpt.pt", weights_only=False)["step"] if (run.folder / "ckpt.pt").exists() else 0
+        if done > args.stop_at:
+            raise SystemExit(f"{run.folder} is at step {done}, past --stop-at {args.stop_at}; use a fresh --run folder")
+        stop_after = args.stop_at - done
+    step = train(run, stop_after, args.eval_every)
     print(f"{run.folder}: at step {step} of {run.recipe.steps}")
     return 0
 

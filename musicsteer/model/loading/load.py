@@ -21,6 +21,7 @@ from ...errors import ModelLoadError
 from ..config import PRESETS, ModelConfig
 from ..musicgen import MusicGen
 from ..text import ByteTokenizer, TextEncoder
+from ...models import embedded_model
 from .audiocraft import load_audiocraft_dir
 from .common import (
     LoadedModel,
@@ -110,18 +111,22 @@ def check_compatible(loaded: LoadedModel) -> None:
 # -- resolving the name -----------------------------------------------------------
 
 def resolve_path(spec: str) -> Path:
-    """A directory, or a repo id's snapshot in the local Hugging Face cache."""
+    """A shipped model's directory (`demo`), a directory, or a repo id's snapshot in the local
+    Hugging Face cache."""
+    shipped = embedded_model(spec)
+    if shipped is not None:
+        return shipped
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model {spec!r} is a file; --model takes a directory, a preset "
-                                 f"({', '.join(PRESETS)}) or a Hugging Face repo id")
+            raise ModelLoadError(f"model {spec!r} is a file; --model takes demo, a preset "
+                                 f"({', '.join(PRESETS)}), a directory or a Hugging Face repo id")
         return path
     cached = hf_cache_snapshot(spec)
     if cached is not None:
         return cached
     raise ModelLoadError(
-        f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), no such directory, "
+        f"unknown model {spec!r}: not demo or a preset ({', '.join(PRESETS)}), no such directory, "
         f"and no snapshot of that repo id in the Hugging Face cache ({hf_cache_dir()})")
 
 
