@@ -282,6 +282,8 @@ def test_cli_eval_with_pitch_and_program_writes_json(features, pack, tmp_path, c
     (["--targets", "H"], "not a concept"),
     (["--schedule", "crossfade:G:4"], "--crossfade"),
     (["--strengths", "0,x"], "expected numbers"),
+    (["--strengths", "0,nan"], "finite"),
+    (["--segments", "0"], "only apply with --pitch"),
 ])
 def test_cli_eval_refuses_bad_options_in_one_line(features, pack, capsys, extra, message):
     rc = main(["probes", "eval", "--model", "tiny", "--features", str(features), "--concepts", str(pack),

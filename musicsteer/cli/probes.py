@@ -4,6 +4,7 @@ probes package (datasets, extraction, training, evaluation)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import UsageError
@@ -178,6 +179,8 @@ def run_eval(args: argparse.Namespace) -> int:
         strengths = [float(s) for s in args.strengths.split(",")]
     except ValueError:
         raise UsageError(f"--strengths {args.strengths!r}: expected numbers like 0,0.3,0.6") from None
+    if not all(math.isfinite(s) for s in strengths):
+        raise UsageError(f"--strengths {args.strengths!r}: strengths must be finite")
     if args.program_probe != (args.prompt_program is not None):
         raise UsageError("--program-probe and --prompt-program N go together (N: the GM program the prompt names)")
     if args.pitch:

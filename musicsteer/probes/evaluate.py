@@ -162,6 +162,8 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
     sweep, extra = build_cases(family, names, options.targets, options.schedule, options.crossfades,
                                options.together)
     pitch_classes = note_pitch_classes(family, list(fam.labels), names) if options.pitch else None
+    if pitch_classes is not None and options.targets is None:
+        sweep.sort(key=lambda c: pitch_classes[c.targets[0]])  # C .. B, not the store's order
     layer = best_layer(pack, family, names)
     X = store.layer(layer, fam.rows)
     classifier = OneHotRidge(X, fam.label_ids, len(fam.labels))
