@@ -72,13 +72,18 @@ def test_a_c_then_g_reads_c_falling_and_g_rising_by_segment():
 
     audio = np.concatenate([tone(72, 0.5), tone(79, 0.5)])
     shares = class_shares(frame_classes(audio, RATE), segments=4)
-    verdict = Verdict(label=0, fires=np.zeros(12, bool), pitch=shares)
+    fires = np.zeros((4, 12), bool)
+    fires[:2, 0] = fires[2:, 7] = True  # the detectors on each quarter: C, C, G, G
+    verdict = Verdict(label=0, fires=np.zeros(12, bool), pitch=shares, segment_labels=np.array([0, 0, 7, 3]),
+                      segment_fires=fires)
     names = [f"notes-{p}" for p in theory.PITCH_CLASSES]
     out = summarise(("notes-C", "notes-G"), [verdict], names, {n: i for i, n in enumerate(names)}, None)
     c, g = np.array(out["pitch_segments"]["notes-C"]), np.array(out["pitch_segments"]["notes-G"])
     assert c[0] > 0.9 and c[3] < 0.1 and g[0] < 0.1 and g[3] > 0.9
     assert np.all(np.diff(c) <= 0.05) and np.all(np.diff(g) >= -0.05)
     assert min(out["pitch_any_segments"]) > 0.9 and out["pitch_any"] > 0.9
+    assert out["detected_segments"] == {"notes-C": [1, 1, 0, 0], "notes-G": [0, 0, 1, 1]}
+    assert out["accuracy_segments"] == {"notes-C": [1, 1, 0, 0], "notes-G": [0, 0, 1, 0]}
 
 
 def test_silence_has_no_share_and_no_voiced_frames():
@@ -166,13 +171,15 @@ def test_eval_with_every_judge_and_case(tiny, features, pack, alphas):
     assert record["targets"] == ["notes-C", "notes-G"] and record["pitch"]["crepe"] == "tiny"
     for row in record["table"]:
         assert set(row["per_concept_pitch"]) == {"notes-C", "notes-G"} and len(row["pitch_segments"]) == 2
+        assert len(row["detected_segments"]) == len(row["accuracy_segments"]) == 2
         assert all(0.0 <= row[k] <= 1.0 for k in ("accuracy", "detected", "pitch", "voiced", "program"))
     probe = record["program_probe"]
     assert probe["program"] == 40 and probe["programs"] == [0, 40] and probe["chance"] == 0.5
     assert [c["kind"] for c in record["cases"]] == ["crossfade", "together"]
     for case in record["cases"]:
         assert [r["strength"] for r in case["table"]] == [-3.0, 0.0, 3.0]
-        assert all(len(r["pitch_segments"][n]) == 2 and "pitch_any" in r for r in case["table"] for n in case["targets"])
+        assert all(len(r["pitch_segments"][n]) == len(r["detected_segments"][n]) == 2 and "pitch_any" in r
+                   for r in case["table"] for n in case["targets"])
     # the unsteered generations are judged once, for every target and case
     zero = record["table"][1]
     assert all(case["table"][1]["voiced"] == zero["voiced"] for case in record["cases"])
@@ -183,7 +190,7 @@ def test_eval_with_every_judge_and_case(tiny, features, pack, alphas):
     assert all((a >= 0).all() for a in positive) and any((a > 0).any() for a in positive)
     text = format_eval(record)
     for words in ("pitch", "voiced", "program", "CREPE share toward each target", "crossfade notes-C -> notes-G",
-                  "together notes-C + notes-E", "1/2"):
+                  "together notes-C + notes-E", "1/2", "per time segment (2 of the clip): detected"):
         assert words in text
 
 
@@ -240,6 +247,20 @@ def test_pitch_needs_the_notes_family():
     assert note_pitch_classes("notes", ["C", "A"], ["notes-C", "notes-A"]) == {"notes-C": 0, "notes-A": 9}
 
 
+def test_the_program_probe_tells_the_stores_programs_apart(features):
+    """On the tiny model's features of piano and violin notes: the probe's held-out accuracy is
+    recorded, and it classifies the store's own clips by their program."""
+    from musicsteer.probes.features import load_features
+
+    store = load_features(features)
+    probe = evaluate.ProgramProbe(store, layer=1, program=40, seed=0)
+    described = probe.describe(1)
+    assert described["programs"] == [0, 40] and described["program"] == 40 and 0 <= described["held_out_accuracy"] <= 1
+    X = store.layer(1, np.arange(len(store.program)))
+    predicted = np.array([probe.predict(x[None]) for x in X])
+    assert (predicted == store.program).mean() > 0.9
+
+
 def test_the_program_probe_needs_two_programs(features, pack, tiny, tmp_path):
     import shutil
 
@@ -277,13 +298,14 @@ def test_cli_eval_with_pitch_and_program_writes_json(features, pack, tmp_path, c
 @pytest.mark.parametrize("extra, message", [
     (["--program-probe"], "go together"),
     (["--prompt-program", "0"], "go together"),
-    (["--crepe", "full"], "only apply with --pitch"),
+    (["--crepe", "full"], "only applies with --pitch"),
     (["--crossfade", "C"], "takes 2"),
     (["--targets", "H"], "not a concept"),
     (["--schedule", "crossfade:G:4"], "--crossfade"),
     (["--strengths", "0,x"], "expected numbers"),
     (["--strengths", "0,nan"], "finite"),
-    (["--segments", "0"], "only apply with --pitch"),
+    (["--segments", "0"], "at least 1"),
+    (["--segments", "11"], "use 1 to 10"),
 ])
 def test_cli_eval_refuses_bad_options_in_one_line(features, pack, capsys, extra, message):
     rc = main(["probes", "eval", "--model", "tiny", "--features", str(features), "--concepts", str(pack),

@@ -82,7 +82,9 @@ def register(sub) -> None:
                     help="also steer toward several concepts at once, each at the strength; repeatable")
     ev.add_argument("--pitch", action="store_true", help="notes: judge the audio's pitch class with CREPE")
     ev.add_argument("--crepe", default="tiny", choices=("tiny", "full"), help="CREPE's model for --pitch")
-    ev.add_argument("--segments", type=int, default=4, help="time segments for --pitch's shares (default 4)")
+    ev.add_argument("--segments", type=int, default=4,
+                    help="time segments the rates are also given for: CREPE's shares, and the probes on each "
+                         "segment's pooled states (default 4)")
     ev.add_argument("--program-probe", action="store_true",
                     help="text-adherence stand-in: the share of generations a probe on the GM program classifies "
                          "as --prompt-program")
@@ -187,8 +189,8 @@ def run_eval(args: argparse.Namespace) -> int:
         from ..probes.pitch import import_torchcrepe
 
         import_torchcrepe()  # a missing torchcrepe is one line now, not after the first generation
-    elif args.crepe != "tiny" or args.segments != 4:
-        raise UsageError("--crepe and --segments only apply with --pitch")
+    elif args.crepe != "tiny":
+        raise UsageError("--crepe only applies with --pitch")
     if args.segments < 1:
         raise UsageError(f"--segments must be at least 1 (got {args.segments})")
     options = EvalOptions(rows=args.rows, targets=tuple(args.targets.split(",")) if args.targets else None,

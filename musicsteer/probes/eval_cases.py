@@ -30,6 +30,8 @@ class Verdict:
     program: str | None = None  # the program probe's class (None: no program probe)
     pitch: object | None = None  # pitch.ClassShares (None: no CREPE judge)
     clap: float | None = None  # CLAP text-audio cosine (None: no CLAP model)
+    segment_labels: np.ndarray | None = None  # (S,) the multiclass probe on each time segment's pooled states
+    segment_fires: np.ndarray | None = None  # (S, C) the detectors on each segment's pooled states
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ def summarise(case_targets: tuple[str, ...], verdicts: list[Verdict], names: lis
            "detected": {n: float(np.mean([bool(v.fires[k]) for v in verdicts])) for n, k in zip(case_targets, ks)}}
     if len(ks) > 1:
         out["accuracy_any"] = float(np.mean([v.label in ks for v in verdicts]))
+    if verdicts[0].segment_fires is not None:
+        out["accuracy_segments"] = {n: np.mean([v.segment_labels == k for v in verdicts], axis=0).tolist()
+                                    for n, k in zip(case_targets, ks)}
+        out["detected_segments"] = {n: np.mean([v.segment_fires[:, k] for v in verdicts], axis=0).tolist()
+                                    for n, k in zip(case_targets, ks)}
     if pitch_classes is not None:
         pcs = [pitch_classes[n] for n in case_targets]
         out["pitch"] = {n: float(np.mean([v.pitch.shares[pc] for v in verdicts])) for n, pc in zip(case_targets, pcs)}
@@ -142,6 +149,11 @@ def sweep_row(strength: float, per_case: dict[str, dict]) -> dict:
     row["accuracy"] = float(np.mean(list(row["per_concept"].values())))
     row["detected"] = float(np.mean(list(row["per_concept_detected"].values())))
     first = next(iter(per_case.values()))
+    if "detected_segments" in first:
+        row["accuracy_segments"] = np.mean([s for r in per_case.values() for s in r["accuracy_segments"].values()],
+                                           axis=0).tolist()
+        row["detected_segments"] = np.mean([s for r in per_case.values() for s in r["detected_segments"].values()],
+                                           axis=0).tolist()
     if "pitch" in first:
         row["per_concept_pitch"] = per("pitch")
         row["pitch"] = float(np.mean(list(row["per_concept_pitch"].values())))

@@ -1,6 +1,6 @@
 """`probes eval`'s record as text tables: the per-target sweep (probe rates, CREPE's shares,
-the program probe, CLAP), CREPE's share toward each target and per time segment, and one
-table per crossfade or concept group. It reads the record `run_generation_eval` returns
+the program probe, CLAP), CREPE's share toward each target, the rates per time segment, and
+one table per crossfade or concept group. It reads the record `run_generation_eval` returns
 and nothing else."""
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def format_eval(record: dict) -> str:
         lines.append(f"{row['strength']:9.3f}" + "".join(f" {row[key]:9.3f}" for key, _ in columns))
     if pitch:
         lines += _pitch_tables(record)
+    if "detected_segments" in record["table"][0]:
+        lines += _segments("detected (the target's detector on each segment's pooled states, mean over targets)",
+                           record["table"], "detected_segments")
     for case in record.get("cases", []):
         lines += _case_table(case, family, pitch is not None)
     lines.append(record["clap_note"])
@@ -44,26 +47,33 @@ def format_eval(record: dict) -> str:
 def _pitch_tables(record: dict) -> list[str]:
     family, table = record["family"], record["table"]
     targets = list(table[0]["per_concept_pitch"])
-    segments = len(table[0]["pitch_segments"])
     lines = ["CREPE share toward each target (strength 0: the unsteered share, each target's baseline)",
              f"{'strength':>9}" + "".join(f" {_short(n, family):>6}" for n in targets)]
     for row in table:
         lines.append(f"{row['strength']:9.3f}" + "".join(f" {row['per_concept_pitch'][n]:6.3f}" for n in targets))
-    lines.append(f"CREPE share toward the target per time segment ({segments} of the clip, mean over targets)")
-    lines.append(f"{'strength':>9}" + "".join(f" {f'{i + 1}/{segments}':>6}" for i in range(segments)))
+    return lines + _segments("CREPE share toward the target (mean over targets)", table, "pitch_segments")
+
+
+def _segments(title: str, table: list[dict], key: str) -> list[str]:
+    segments = len(table[0][key])
+    lines = [f"per time segment ({segments} of the clip): {title}",
+             f"{'strength':>9}" + "".join(f" {f'{i + 1}/{segments}':>6}" for i in range(segments))]
     for row in table:
-        lines.append(f"{row['strength']:9.3f}" + "".join(f" {v:6.3f}" for v in row["pitch_segments"]))
+        lines.append(f"{row['strength']:9.3f}" + "".join(f" {v:6.3f}" for v in row[key]))
     return lines
 
 
 def _case_table(case: dict, family: str, pitch: bool) -> list[str]:
     targets = case["targets"]
-    lines = [f"{case['case']}: per target, accuracy / detected"
-             + ("; CREPE share over the clip and per time segment" if pitch else "")]
+    segmented = "detected_segments" in case["table"][0]
+    lines = [f"{case['case']}: per target, accuracy / detected" + (" [per time segment]" if segmented else "")
+             + ("; CREPE share over the clip [per time segment]" if pitch else "")]
     for row in case["table"]:
         cells = []
         for n in targets:
             cell = f"{_short(n, family)} {row['accuracy'][n]:.2f}/{row['detected'][n]:.2f}"
+            if segmented:
+                cell += " [" + " ".join(f"{v:.2f}" for v in row["detected_segments"][n]) + "]"
             if pitch:
                 cell += f" share {row['pitch'][n]:.3f} [" + " ".join(f"{v:.2f}" for v in row["pitch_segments"][n]) + "]"
             cells.append(cell)

@@ -105,7 +105,7 @@ class EvalOptions:
     crossfades: tuple[str, ...] = ()  # "A,B": A fades out while B fades in, over the clip
     together: tuple[str, ...] = ()  # "A,B[,...]": steered at once, each at the strength
     pitch: str | None = None  # CREPE's model (tiny | full) judging pitch classes; None: no pitch judge
-    segments: int = 4  # time segments the pitch shares are also given for
+    segments: int = 4  # time segments the rates are also given for (probes on each segment's pooled states)
     program: int | None = None  # the GM program the prompt names: the program probe's target; None: no probe
 
 
@@ -174,6 +174,8 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
                                text=meta["conditioning"].get("prompt") is not None,
                                delay=meta.get("layout", "delay") == "delay", point=meta.get("point", "out"))
     frames = max(int(duration * 50), 8)
+    if not 1 <= options.segments <= frames:
+        raise ProbeError(f"{options.segments} time segments in a clip of {frames} frames; use 1 to {frames}")
     sampling = SamplingSettings(seed=seed)
     steering = SteeringSettings(gate=gate, seed=seed, gate_per=gate_per, point=settings.point,  # steer where extracted
                                 rows=options.rows)
@@ -186,13 +188,16 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
         audio = model.codec.decode(codes)
         recoded = model.codec.encode(audio, model.cfg.codebooks)
         states = hidden_states(model, layout(recoded, model.cfg.special_token, settings.delay)[None], settings)
-        pooled = states[layer, 0, 1:].float().mean(0).cpu().numpy()[None]  # (1, D)
+        sequence = states[layer, 0, 1:].float().cpu().numpy()  # (T, D), the conditional row
+        pooled = np.concatenate([sequence.mean(0)[None], [part.mean(0) for part in  # (1 + S, D): clip, segments
+                                                          np.array_split(sequence, options.segments)]])
+        labels, fires = classifier.predict(pooled), detectors.fires(pooled)  # (1 + S,), (1 + S, C)
         return Verdict(
-            int(classifier.predict(pooled)[0]), detectors.fires(pooled)[0],
-            programs.predict(pooled) if programs is not None else None,
+            int(labels[0]), fires[0], programs.predict(pooled[:1]) if programs is not None else None,
             class_shares(frame_classes(audio, model.codec.sample_rate, options.pitch), options.segments)
             if options.pitch else None,
-            clap.score(prompt, audio, model.codec.sample_rate) if clap is not None else None)
+            clap.score(prompt, audio, model.codec.sample_rate) if clap is not None else None,
+            labels[1:], fires[1:])
 
     def generations(strength: float, case) -> list[Verdict]:
         """`per_concept` judged generations of `case` at `strength` (None: unsteered), seeds paired."""
