@@ -4,6 +4,7 @@ probes package (datasets, extraction, training, evaluation)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import UsageError
@@ -67,7 +68,27 @@ def register(sub) -> None:
     ev.add_argument("--features", type=Path, required=True, metavar="DIR", help="the training features")
     ev.add_argument("--concepts", type=Path, required=True, metavar="PACK")
     ev.add_argument("--family", required=True)
-    ev.add_argument("--strengths", default="0,0.15,0.3,0.6", metavar="S[,S...]")
+    ev.add_argument("--strengths", default="0,0.15,0.3,0.6", metavar="S[,S...]",
+                    help="steering strengths; 0 is the unsteered baseline, a negative one steers along the flipped "
+                         "direction (write --strengths=-0.3,0,0.3 when the list starts with a minus)")
+    ev.add_argument("--targets", metavar="L[,L...]", help="steer toward these labels only (default: every concept "
+                                                            "of the family)")
+    ev.add_argument("--rows", default="both", choices=("both", "cond"), help="the CFG rows steered")
+    ev.add_argument("--schedule", metavar="SPEC", help="multiply the targets' strengths by a schedule over the clip "
+                                                        "(decay:0.98, linear-up:2s, ...; docs/steering.md)")
+    ev.add_argument("--crossfade", action="append", default=[], metavar="A,B",
+                    help="also steer from A to B over the clip (A fades out, B in); repeatable")
+    ev.add_argument("--together", action="append", default=[], metavar="A,B[,...]",
+                    help="also steer toward several concepts at once, each at the strength; repeatable")
+    ev.add_argument("--pitch", action="store_true", help="notes: judge the audio's pitch class with CREPE")
+    ev.add_argument("--crepe", default="tiny", choices=("tiny", "full"), help="CREPE's model for --pitch")
+    ev.add_argument("--segments", type=int, default=4,
+                    help="time segments the rates are also given for: CREPE's shares, and the probes on each "
+                         "segment's pooled states (default 4)")
+    ev.add_argument("--program-probe", action="store_true",
+                    help="text-adherence stand-in: the share of generations a probe on the GM program classifies "
+                         "as --prompt-program")
+    ev.add_argument("--prompt-program", type=int, metavar="N", help="the GM program the prompt names (0-127)")
     ev.add_argument("--per-concept", type=int, default=4, help="generations per concept and strength")
     ev.add_argument("--duration", type=float, default=4.0, metavar="SECONDS")
     ev.add_argument("--prompt", default="music")
@@ -151,16 +172,34 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    require(args, *(("scipy",) if args.pitch else ()))
     from ..bench.latency import write_json
-    from ..probes.evaluate import format_eval, run_generation_eval
+    from ..probes.eval_report import format_eval
+    from ..probes.evaluate import EvalOptions, run_generation_eval
 
     try:
         strengths = [float(s) for s in args.strengths.split(",")]
     except ValueError:
         raise UsageError(f"--strengths {args.strengths!r}: expected numbers like 0,0.3,0.6") from None
+    if not all(math.isfinite(s) for s in strengths):
+        raise UsageError(f"--strengths {args.strengths!r}: strengths must be finite")
+    if args.program_probe != (args.prompt_program is not None):
+        raise UsageError("--program-probe and --prompt-program N go together (N: the GM program the prompt names)")
+    if args.pitch:
+        from ..probes.pitch import import_torchcrepe
+
+        import_torchcrepe()  # a missing torchcrepe is one line now, not after the first generation
+    elif args.crepe != "tiny":
+        raise UsageError("--crepe only applies with --pitch")
+    if args.segments < 1:
+        raise UsageError(f"--segments must be at least 1 (got {args.segments})")
+    options = EvalOptions(rows=args.rows, targets=tuple(args.targets.split(",")) if args.targets else None,
+                          schedule=args.schedule, crossfades=tuple(args.crossfade), together=tuple(args.together),
+                          pitch=args.crepe if args.pitch else None, segments=args.segments,
+                          program=args.prompt_program)
     record = run_generation_eval(load_from_args(args), args.features, args.concepts, args.family, strengths,
                                  args.per_concept, args.duration, args.prompt, args.gate, args.seed,
-                                 gate_per=args.gate_per)
+                                 gate_per=args.gate_per, options=options)
     print(format_eval(record))
     if args.json:
         write_json(record, args.json)

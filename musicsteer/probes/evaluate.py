@@ -1,44 +1,51 @@
-"""`musicsteer probes eval`: MusicRFM's "probe accuracy on generations".
+"""`musicsteer probes eval`: MusicRFM's "probe accuracy on generations" (its Table 2),
+with outside judges beside the probes.
 
 A multiclass probe for one family is fitted on the training features at the family's
 best layer (the pack's multiclass evaluation, else the concepts' best mean score),
 and beside it one class-balanced one-vs-rest detector per concept. Then, for each
-strength and each concept of the family, the model generates clips steered toward
-that concept (strength 0: unsteered); each clip is decoded to audio, re-encoded by
-EnCodec, run through the decoder exactly as the training clips were (the feature
-store's conditioning and layout), pooled, and judged with steering detached (the
-hooks would otherwise add the last step's strengths to the features judged).
+strength and each steering case (eval_cases.py: toward each concept of the family, and
+any crossfades and concept groups asked for; strength 0: unsteered), the model generates
+clips; each clip is decoded to audio, re-encoded by EnCodec, run through the decoder
+exactly as the training clips were (the feature store's conditioning and layout),
+pooled, and judged with steering detached (the hooks would otherwise add the last
+step's strengths to the features judged).
 
-Two rates per strength: `accuracy`, the fraction of generations the multiclass probe
-classifies as the concept they were steered toward (MusicRFM's figure; at strength 0
-it is 1/C by construction, since every clip gets exactly one label), and `detected`,
+Two probe rates per strength: `accuracy`, the fraction of generations the multiclass
+probe classifies as the concept they were steered toward (MusicRFM's figure; at strength
+0 it is 1/C by construction, since every clip gets exactly one label), and `detected`,
 the fraction for which the target concept's own detector fires. At strength 0 the
 detected rate is the unsteered baseline toward each target, which a steered row is
 compared with. The gate is drawn per layer and concept (MusicRFM's code) unless told.
 
-A CLAP text-adherence column needs a CLAP model in the local Hugging Face cache;
-without one the column is absent and the record says why.
+Outside judges, each optional: CREPE's pitch class of the audio for the notes family
+(`pitch`: the share of voiced frames at the target's pitch class, per time segment too,
+and `voiced`, the share of voiced frames), a program probe on the GM program as a
+text-adherence stand-in (`program`: the share classified as the program the prompt
+names), and CLAP's text adherence when a CLAP model is in the local Hugging Face cache
+(without one the column is absent and the record says why).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..model.generate import generate
-from ..model.loading.load import LoadedModel, hf_cache_snapshot
+from ..model.loading.load import LoadedModel
 from ..model.sampling import SamplingSettings
-from ..steering.plan import SteeringSettings, build_steering
-from .common import ProbeError
-from .extract import ExtractSettings, hidden_states, layout
-from .features import concept_name, families_of, load_features
 from ..steering.pack import ConceptPack
-
-CLAP_REPOS = ("laion/larger_clap_music", "laion/clap-htsat-unfused")
-
+from ..steering.plan import SteeringSettings, build_steering
+from .clap import clap_scorer
+from .common import ProbeError
+from .eval_cases import Verdict, build_cases, install, summarise, sweep_row
+from .extract import ExtractSettings, hidden_states, layout
+from .features import FeatureStore, concept_name, families_of, load_features
+from .pitch import PITCH_CLASSES, class_shares, frame_classes
 
 class OneHotRidge:
     """Multiclass ridge on one-hot targets (closed form), predicting the argmax."""
@@ -89,46 +96,59 @@ def best_layer(pack: ConceptPack, family: str, names: list[str]) -> int:
     return int(np.argmax(np.mean([pack[n].scores.numpy() for n in names], axis=0)))
 
 
-class ClapScorer:
-    """Text adherence: cosine of CLAP's text and audio embeddings (audio resampled to 48 kHz)."""
-
-    def __init__(self, directory: Path, source: str) -> None:
-        from transformers import ClapModel, ClapProcessor
-
-        self.model = ClapModel.from_pretrained(directory, local_files_only=True).eval()
-        self.processor = ClapProcessor.from_pretrained(directory, local_files_only=True)
-        self.source = source
-
-    @torch.inference_mode()
-    def score(self, text: str, audio: np.ndarray, sample_rate: int) -> float:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        rate = self.processor.feature_extractor.sampling_rate
-        g = gcd(rate, sample_rate)
-        audio = resample_poly(audio, rate // g, sample_rate // g).astype(np.float32)
-        inputs = self.processor(text=[text], audio=[audio], sampling_rate=rate, return_tensors="pt", padding=True)
-        t = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        a = self.model.get_audio_features(input_features=inputs["input_features"],
-                                          is_longer=inputs.get("is_longer"))
-        t, a = (getattr(x, "pooler_output", x) for x in (t, a))  # tensors, or outputs holding them
-        return float(torch.nn.functional.cosine_similarity(t, a).item())
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `probes eval` steers and which outside judges it runs, beyond the probe protocol."""
+    rows: str = "both"  # the CFG rows steered: both, or the conditional one (SteeringSettings.rows)
+    targets: tuple[str, ...] | None = None  # the concepts steered one at a time (None: all of the family's)
+    schedule: str | None = None  # a schedule spec multiplying the targets' strengths (steering/schedules.py)
+    crossfades: tuple[str, ...] = ()  # "A,B": A fades out while B fades in, over the clip
+    together: tuple[str, ...] = ()  # "A,B[,...]": steered at once, each at the strength
+    pitch: str | None = None  # CREPE's model (tiny | full) judging pitch classes; None: no pitch judge
+    segments: int = 4  # time segments the rates are also given for (probes on each segment's pooled states)
+    program: int | None = None  # the GM program the prompt names: the program probe's target; None: no probe
 
 
-def clap_scorer() -> tuple[ClapScorer | None, str]:
-    """The CLAP model in the local cache, or why there is none."""
-    for repo in CLAP_REPOS:
-        snapshot = hf_cache_snapshot(repo)
-        if snapshot is not None:
-            return ClapScorer(snapshot, repo), f"CLAP text adherence with {repo} (Hugging Face cache)"
-    return None, ("no CLAP column: no CLAP model (" + ", ".join(CLAP_REPOS) +
-                  ") in the local Hugging Face cache, and none can be downloaded here")
+class ProgramProbe:
+    """The text-adherence stand-in: a multiclass ridge on the GM program of every training clip
+    (the feature store's `program` column), at the evaluated layer."""
+
+    def __init__(self, store: FeatureStore, layer: int, program: int, seed: int) -> None:
+        rows = np.flatnonzero(store.program != "")
+        self.programs = sorted(set(store.program[rows]), key=lambda p: (len(p), p))
+        if len(self.programs) < 2:
+            raise ProbeError(f"{store.directory} holds clips of {len(self.programs)} program(s); a program probe "
+                             "needs at least two")
+        if str(program) not in self.programs:
+            raise ProbeError(f"--prompt-program {program}: the feature store has no clips of program {program} "
+                             f"(it has {', '.join(self.programs)})")
+        self.target = str(program)
+        ids = np.array([self.programs.index(p) for p in store.program[rows]])
+        X = store.layer(layer, rows)
+        held = np.random.default_rng(seed).random(len(rows)) < 0.2  # a held-out fifth, for the record
+        probe = OneHotRidge(X[~held], ids[~held], len(self.programs))
+        self.held_out = float((probe.predict(X[held]) == ids[held]).mean()) if held.any() else None
+        self.ridge = OneHotRidge(X, ids, len(self.programs))
+
+    def predict(self, pooled: np.ndarray) -> str:
+        return self.programs[int(self.ridge.predict(pooled)[0])]
+
+    def describe(self, layer: int) -> dict:
+        return {"program": int(self.target), "layer": layer, "programs": [int(p) for p in self.programs],
+                "held_out_accuracy": self.held_out, "chance": 1.0 / len(self.programs)}
+
+
+def note_pitch_classes(family: str, labels: list[str], names: list[str]) -> dict[str, int]:
+    """Each notes concept's pitch class; the CREPE judge reads pitch classes, so only `notes` fits."""
+    if family != "notes" or any(label not in PITCH_CLASSES for label in labels):
+        raise ProbeError(f"--pitch judges the notes family (its labels are pitch classes); family {family!r} has "
+                         f"labels {', '.join(labels[:6])}{'...' if len(labels) > 6 else ''}")
+    return {n: PITCH_CLASSES.index(label) for n, label in zip(names, labels)}
 
 
 def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, family: str, strengths: list[float],
                         per_concept: int, duration: float, prompt: str, gate: float, seed: int,
-                        gate_per: str = "layer") -> dict:
+                        gate_per: str = "layer", options: EvalOptions = EvalOptions()) -> dict:
     store = load_features(features)
     pack = ConceptPack.load(pack_dir)
     pack.check_fits(model.cfg)
@@ -139,76 +159,95 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
     missing = [n for n in names if n not in pack.concepts]
     if missing:
         raise ProbeError(f"the pack has no concept {missing[0]!r} for family {family!r}")
+    sweep, extra = build_cases(family, names, options.targets, options.schedule, options.crossfades,
+                               options.together)
+    pitch_classes = note_pitch_classes(family, list(fam.labels), names) if options.pitch else None
+    if pitch_classes is not None and options.targets is None:
+        sweep.sort(key=lambda c: pitch_classes[c.targets[0]])  # C .. B, not the store's order
     layer = best_layer(pack, family, names)
     X = store.layer(layer, fam.rows)
     classifier = OneHotRidge(X, fam.label_ids, len(fam.labels))
     detectors = BalancedRidge(X, fam.label_ids, len(fam.labels))
+    programs = ProgramProbe(store, layer, options.program, seed) if options.program is not None else None
     meta = store.meta
     settings = ExtractSettings(prompt=meta["conditioning"].get("prompt") or "",
                                text=meta["conditioning"].get("prompt") is not None,
                                delay=meta.get("layout", "delay") == "delay", point=meta.get("point", "out"))
     frames = max(int(duration * 50), 8)
+    if not 1 <= options.segments <= frames:
+        raise ProbeError(f"{options.segments} time segments in a clip of {frames} frames; use 1 to {frames}")
     sampling = SamplingSettings(seed=seed)
-    steering = SteeringSettings(gate=gate, seed=seed, gate_per=gate_per, point=settings.point)  # steer where extracted
+    steering = SteeringSettings(gate=gate, seed=seed, gate_per=gate_per, point=settings.point,  # steer where extracted
+                                rows=options.rows)
     steerer, plan = build_steering(model.decoder, pack, steering, sampling.batch, names)
-
     clap, clap_note = clap_scorer()
-    clap_scores: list[float] = []
 
-    def judge(codes: torch.Tensor) -> tuple[int, np.ndarray]:
-        """(multiclass label, which detectors fire) of one generation; steering is detached here."""
+    def judge(codes: torch.Tensor) -> Verdict:
+        """The judges' verdict on one generation; steering is detached here."""
         assert not steerer.attached
         audio = model.codec.decode(codes)
-        if clap is not None:
-            clap_scores.append(clap.score(prompt, audio, model.codec.sample_rate))
         recoded = model.codec.encode(audio, model.cfg.codebooks)
         states = hidden_states(model, layout(recoded, model.cfg.special_token, settings.delay)[None], settings)
-        pooled = states[layer, 0, 1:].float().mean(0).cpu().numpy()[None]  # (1, D)
-        return int(classifier.predict(pooled)[0]), detectors.fires(pooled)[0]
+        sequence = states[layer, 0, 1:].float().cpu().numpy()  # (T, D), the conditional row
+        pooled = np.concatenate([sequence.mean(0)[None], [part.mean(0) for part in  # (1 + S, D): clip, segments
+                                                          np.array_split(sequence, options.segments)]])
+        labels, fires = classifier.predict(pooled), detectors.fires(pooled)  # (1 + S,), (1 + S, C)
+        return Verdict(
+            int(labels[0]), fires[0], programs.predict(pooled[:1]) if programs is not None else None,
+            class_shares(frame_classes(audio, model.codec.sample_rate, options.pitch), options.segments)
+            if options.pitch else None,
+            clap.score(prompt, audio, model.codec.sample_rate) if clap is not None else None,
+            labels[1:], fires[1:])
 
-    def generations(strength: float, name: str | None) -> list[torch.Tensor]:
-        """`per_concept` generations steered toward `name` at `strength` (None: unsteered)."""
-        if name is None:
-            return [generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i)).codes
+    def generations(strength: float, case) -> list[Verdict]:
+        """`per_concept` judged generations of `case` at `strength` (None: unsteered), seeds paired."""
+        if case is None:
+            return [judge(generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i)).codes)
                     for i in range(per_concept)]
-        for n in names:
-            plan.set_strength(n, strength if n == name else 0.0)
+        install(plan, case, strength, frames)
         with steerer:
-            return [generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i),
-                             before_step=lambda s: plan.write(s, steerer)).codes for i in range(per_concept)]
+            codes = [generate(model.decoder, model.text, prompt, frames, SamplingSettings(seed=seed + i),
+                              before_step=lambda s: plan.write(s, steerer)).codes for i in range(per_concept)]
+        return [judge(c) for c in codes]
 
     t0 = time.monotonic()
-    table = []
+    target = programs.target if programs is not None else None
+    table, case_rows = [], {c.name: [] for c in extra}
     for strength in strengths:
-        clap_scores.clear()
-        unsteered = [judge(c) for c in generations(0.0, None)] if strength == 0.0 else None
-        per_concept_acc, per_concept_det = {}, {}
-        for k, name in enumerate(names):
-            verdicts = unsteered if unsteered is not None else [judge(c) for c in generations(strength, name)]
-            per_concept_acc[name] = sum(label == k for label, _ in verdicts) / per_concept
-            per_concept_det[name] = sum(bool(fired[k]) for _, fired in verdicts) / per_concept
-        row = {"strength": strength, "accuracy": float(np.mean(list(per_concept_acc.values()))),
-               "detected": float(np.mean(list(per_concept_det.values()))),
-               "per_concept": per_concept_acc, "per_concept_detected": per_concept_det}
-        if clap is not None:
-            row["clap"] = float(np.mean(clap_scores))
-        table.append(row)
+        unsteered = generations(0.0, None) if strength == 0.0 else None
+        per_case = {c.name: summarise(c.targets, generations(strength, c) if unsteered is None else unsteered, names,
+                                      pitch_classes, target)
+                    for c in sweep}
+        table.append(sweep_row(strength, per_case))
+        for c in extra:
+            verdicts = generations(strength, c) if unsteered is None else unsteered
+            case_rows[c.name].append({"strength": strength,
+                                      **summarise(c.targets, verdicts, names, pitch_classes, target)})
     return {"evaluation": "generation", "family": family, "layer": layer, "labels": list(fam.labels),
             "chance": 1.0 / len(fam.labels), "per_concept": per_concept, "duration_s": frames / 50,
-            "gate": gate, "gate_per": gate_per, "prompt": prompt, "table": table, "clap": clap.source if clap else None,
-            "clap_note": clap_note,
+            "gate": gate, "gate_per": gate_per, "rows": options.rows, "prompt": prompt,
+            "targets": [c.targets[0] for c in sweep], "schedule": options.schedule or "constant",
+            "table": table, "cases": [{"case": c.name, "kind": c.kind, "targets": list(c.targets),
+                                       "table": case_rows[c.name]} for c in extra],
+            "pitch": {"crepe": options.pitch, "periodicity_above": 0.5, "hop_ms": 10.0, "segments": options.segments,
+                      "chance": 1.0 / 12} if options.pitch else None,
+            "program_probe": programs.describe(layer) if programs is not None else None,
+            "clap": clap.source if clap else None, "clap_note": clap_note,
             "held_out": pack.meta.get("evaluation", {}).get(family), "seconds": time.monotonic() - t0}
 
 
-def format_eval(record: dict) -> str:
-    lines = [f"probe accuracy on generations: family {record['family']} (layer {record['layer']}, "
-             f"{len(record['labels'])} labels, chance {record['chance']:.3f}, {record['per_concept']} clips per cell)",
-             f"gate {record['gate']:g} per {record.get('gate_per', 'step')}; accuracy: classified as the target "
-             "(1/C at strength 0 by construction); detected: the target's detector fires (at 0: the unsteered "
-             "baseline)",
-             f"{'strength':>9} {'accuracy':>9} {'detected':>9}" + (f" {'CLAP':>7}" if record["clap"] else "")]
-    for row in record["table"]:
-        lines.append(f"{row['strength']:9.3f} {row['accuracy']:9.3f} {row['detected']:9.3f}" +
-                     (f" {row['clap']:7.3f}" if "clap" in row else ""))
-    lines.append(record["clap_note"])
-    return "\n".join(lines)
+def steering_pitch_table(model: LoadedModel, features: Path, pack_dir: Path, strengths: list[float],
+                         targets: list[str] | None = None, *, per_concept: int = 4, duration: float = 4.0,
+                         prompt: str = "music", rows: str = "both", gate: float = 0.3, gate_per: str = "layer",
+                         crepe: str = "tiny", seed: int = 0) -> dict:
+    """CREPE's share of voiced frames at each target note, per strength, on any model and notes
+    pack: {"strengths": [...], "chance": 1/12, "share": {concept: [share per strength]},
+    "voiced": [share of voiced frames per strength], "record": the full `probes eval` record}.
+    A strength of 0 gives the unsteered share toward each target (the baseline); a negative one
+    steers along the flipped direction. `targets` are labels (C) or concept names (notes-C)."""
+    record = run_generation_eval(model, features, pack_dir, "notes", strengths, per_concept, duration, prompt, gate,
+                                 seed, gate_per, EvalOptions(rows=rows, targets=tuple(targets) if targets else None,
+                                                             pitch=crepe))
+    return {"strengths": [row["strength"] for row in record["table"]], "chance": 1.0 / 12,
+            "share": {n: [row["per_concept_pitch"][n] for row in record["table"]] for n in record["targets"]},
+            "voiced": [row["voiced"] for row in record["table"]], "record": record}

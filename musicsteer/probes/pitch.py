@@ -6,7 +6,12 @@ and no torchaudio build may match the installed torch (2.13 CPU here: torchaudio
 fails to load). This module imports torchcrepe with a stand-in `torchaudio` module when
 the real one cannot be imported; the stand-in's `load` raises, and nothing here reads
 files through it: audio is handed over as arrays, resampled to CREPE's 16 kHz here
-(scipy), so torchcrepe never resamples either.
+(scipy), so torchcrepe never resamples either. The stand-in leaves `sys.modules` once
+torchcrepe holds it (transformers, imported later, probes for torchaudio by its spec).
+
+Two readings: `pitch_of`, one clip's pitch (the median of its voiced frames), and
+`class_shares`, the share of voiced frames at each pitch class, per time segment (how
+`probes eval --pitch` judges steered generations).
 
 It knows nothing of codecs or models: audio in, pitch out.
 """
@@ -44,11 +49,15 @@ def import_torchcrepe():
         import torchcrepe
     except ImportError as exc:
         raise PitchJudgeError(f"the pitch judge needs torchcrepe (scripts/setup.sh installs it): {exc}") from None
+    finally:
+        stand_in = sys.modules.get("torchaudio")
+        if stand_in is not None and getattr(stand_in, "__spec__", None) is None:  # ours: torchcrepe keeps it
+            del sys.modules["torchaudio"]
     return torchcrepe
 
 
 def _torchaudio_stand_in() -> types.ModuleType:
-    module = types.ModuleType("torchaudio")
+    module = types.ModuleType("torchaudio")  # no __spec__: how import_torchcrepe tells it apart
     module.__doc__ = "musicsteer's stand-in: torchcrepe imports torchaudio only to read files"
 
     def load(*_args, **_kwargs):
@@ -104,3 +113,37 @@ def pitch_of(audio: np.ndarray, sample_rate: int, model: str = "tiny", threshold
         return PitchReading(None, None, 0.0)
     midi = float(np.median(69.0 + 12.0 * np.log2(freq[voiced] / 440.0)))
     return PitchReading(int(round(midi)) % 12, midi, float(voiced.mean()))
+
+
+@dataclass(frozen=True)
+class ClassShares:
+    """CREPE's reading of one clip, frame by frame (10 ms hop)."""
+    voiced: float  # share of all frames that are voiced
+    shares: np.ndarray  # (12,) share of the voiced frames at each pitch class (zeros when none is voiced)
+    segments: np.ndarray  # (S, 12) the same within each of S equal time segments
+    segment_voiced: np.ndarray  # (S,) share of voiced frames within each segment
+
+
+def frame_classes(audio: np.ndarray, sample_rate: int, model: str = "tiny", threshold: float = 0.5) -> np.ndarray:
+    """Per 10 ms frame, the pitch class CREPE hears (0 = C .. 11 = B), -1 where the frame's
+    periodicity is not above `threshold` (unvoiced), as an int array."""
+    freq, periodicity = frame_pitches(audio, sample_rate, model)
+    voiced = (periodicity > threshold) & (freq > 0)
+    midi = 69.0 + 12.0 * np.log2(np.where(voiced, freq, 440.0) / 440.0)
+    return np.where(voiced, np.rint(midi).astype(np.int64) % 12, -1)
+
+
+def class_shares(classes: np.ndarray, segments: int = 1) -> ClassShares:
+    """Shares of the voiced frames at each pitch class, over the clip and over `segments`
+    equal time segments (np.array_split: the first ones a frame longer when it does not divide)."""
+    if segments < 1:
+        raise PitchJudgeError(f"segments must be at least 1, got {segments}")
+
+    def count(part: np.ndarray) -> tuple[np.ndarray, float]:
+        voiced = part[part >= 0]
+        counts = np.bincount(voiced, minlength=12).astype(np.float64)  # (12,)
+        return counts / max(len(voiced), 1), len(voiced) / max(len(part), 1)
+
+    shares, voiced = count(classes)
+    parts = [count(part) for part in np.array_split(classes, segments)]
+    return ClassShares(voiced, shares, np.stack([p[0] for p in parts]), np.array([p[1] for p in parts]))
