@@ -14,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-PROMPT = "acoustic grand piano"
+PROMPT = "flute"
 SECONDS = 3.0
-SEEDS = range(8)
-TARGETS = ("C", "E", "G")  # three notes a third apart: a wrong row or sign would not move all three
+SEEDS = range(6)
+TARGETS = ("C#", "E", "G")  # none of them the prompt's own favourites: each starts near zero
+FAVOURITE = "F#"  # the pitch class "flute" plays most unsteered (about half its voiced frames)
 CHANCE = 1 / 12
-STRENGTHS = (0.0, 0.25, 0.5, 1.0)
+STRENGTHS = (0.0, 0.25, 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +71,23 @@ def test_an_unsteered_render_is_pitched(demo):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_steering_toward_a_note_raises_its_share_monotonically_and_the_flip_lowers_it(demo, target):
+def test_steering_toward_a_note_raises_its_share_monotonically(demo, target):
     shares = [share(demo, target, s) for s in STRENGTHS]
-    assert shares[0] < 2 * CHANCE, shares  # about chance unsteered
+    assert shares[0] < 2 * CHANCE, shares  # about chance unsteered (or below: not the prompt's favourite)
     assert all(a < b for a, b in zip(shares, shares[1:])), shares  # rising with the strength
     assert shares[-1] >= 3 * CHANCE, shares
-    assert share(demo, target, -STRENGTHS[-1]) < max(shares[0], 0.5 * CHANCE), shares
+
+
+def test_the_flipped_direction_lowers_the_share_of_the_prompts_favourite_note(demo):
+    """Flipped, a direction steers away from its note: measured on the note the prompt plays
+    most, whose unsteered share is far above chance, so a fall can show."""
+    unsteered = share(demo, FAVOURITE, 0.0)
+    assert unsteered > 2 * CHANCE, unsteered
+    assert share(demo, FAVOURITE, -1.0) < 0.5 * unsteered
 
 
 def test_steering_the_conditional_row_only_works_too(demo):
-    assert share(demo, "C", STRENGTHS[-1], rows="cond") >= 3 * CHANCE
+    assert share(demo, "E", STRENGTHS[-1], rows="cond") >= 3 * CHANCE
 
 
 def test_the_live_meter_rises_with_the_strength(demo):

@@ -74,6 +74,8 @@ def register(sub) -> None:
     ev.add_argument("--targets", metavar="L[,L...]", help="steer toward these labels only (default: every concept "
                                                             "of the family)")
     ev.add_argument("--rows", default="both", choices=("both", "cond"), help="the CFG rows steered")
+    ev.add_argument("--steer-mode", default="add", choices=("add", "norm", "clamp", "ablate"),
+                    help="the steering mode (docs/steering.md); norm is scale-free: a strength a moves h by a|h|")
     ev.add_argument("--schedule", metavar="SPEC", help="multiply the targets' strengths by a schedule over the clip "
                                                         "(decay:0.98, linear-up:2s, ...; docs/steering.md)")
     ev.add_argument("--crossfade", action="append", default=[], metavar="A,B",
@@ -193,7 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError("--crepe only applies with --pitch")
     if args.segments < 1:
         raise UsageError(f"--segments must be at least 1 (got {args.segments})")
-    options = EvalOptions(rows=args.rows, targets=tuple(args.targets.split(",")) if args.targets else None,
+    options = EvalOptions(rows=args.rows, mode=args.steer_mode, targets=tuple(args.targets.split(",")) if args.targets else None,
                           schedule=args.schedule, crossfades=tuple(args.crossfade), together=tuple(args.together),
                           pitch=args.crepe if args.pitch else None, segments=args.segments,
                           program=args.prompt_program)

@@ -1,9 +1,11 @@
-"""Models that ship inside the package: `--model demo` and its concept pack `--concepts demo`.
+"""Models that ship inside the package: `--model demo` and its concept packs.
 
 `demo/` is a transformers MusicGen directory (config.json, model.safetensors, tokenizer
 files) trained on this project's own FluidSynth clips by tools/demo_model/ (a small codec
-and decoder; docs/demo_model.md), and `demo/concepts/` the pack of note and chord
-directions learned on it. Names here resolve before presets and directories.
+and decoder; docs/demo_model.md). Beside it, two packs of note, interval and chord
+directions learned on its hidden states: `--concepts demo` (ridge probes: the ones that
+steered best on this model, measured in docs/demo_model.md) and `--concepts demo-rfm`
+(Recursive Feature Machines). These names resolve before directories.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EMBEDDED = {"demo": HERE / "demo"}
+PACKS = {"demo": HERE / "demo" / "concepts", "demo-rfm": HERE / "demo" / "concepts_rfm"}
 
 
 def embedded_model(name: str) -> Path | None:
@@ -20,7 +23,7 @@ def embedded_model(name: str) -> Path | None:
     return path if path is not None and (path / "config.json").exists() else None
 
 
-def embedded_pack(name: str) -> Path | None:
-    """The concept pack shipped beside the model `name` (`--concepts demo`), or None."""
-    path = EMBEDDED.get(str(name))
-    return path / "concepts" if path is not None and (path / "concepts" / "concepts.json").exists() else None
+def embedded_pack(name) -> Path | None:
+    """The shipped pack `name` (`--concepts demo`, `--concepts demo-rfm`), or None."""
+    path = PACKS.get(str(name))
+    return path if path is not None and (path / "concepts.json").exists() else None

@@ -15,6 +15,7 @@ def format_eval(record: dict) -> str:
     lines = [f"probe accuracy on generations: family {family} (layer {record['layer']}, "
              f"{len(record['labels'])} labels, chance {record['chance']:.3f}, {record['per_concept']} clips per cell)",
              f"gate {record['gate']:g} per {record.get('gate_per', 'step')}, rows {record.get('rows', 'both')}, "
+             f"mode {record.get('mode', 'add')}, "
              f"schedule {record.get('schedule', 'constant')}; accuracy: classified as the target (1/C at strength 0 "
              "by construction); detected: the target's detector fires (at 0: the unsteered baseline)"]
     if pitch:

@@ -100,6 +100,7 @@ def best_layer(pack: ConceptPack, family: str, names: list[str]) -> int:
 class EvalOptions:
     """How `probes eval` steers and which outside judges it runs, beyond the probe protocol."""
     rows: str = "both"  # the CFG rows steered: both, or the conditional one (SteeringSettings.rows)
+    mode: str = "add"  # the steering mode (steering/modes.py): add | norm | clamp | ablate
     targets: tuple[str, ...] | None = None  # the concepts steered one at a time (None: all of the family's)
     schedule: str | None = None  # a schedule spec multiplying the targets' strengths (steering/schedules.py)
     crossfades: tuple[str, ...] = ()  # "A,B": A fades out while B fades in, over the clip
@@ -178,7 +179,7 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
         raise ProbeError(f"{options.segments} time segments in a clip of {frames} frames; use 1 to {frames}")
     sampling = SamplingSettings(seed=seed)
     steering = SteeringSettings(gate=gate, seed=seed, gate_per=gate_per, point=settings.point,  # steer where extracted
-                                rows=options.rows)
+                                rows=options.rows, mode=options.mode)
     steerer, plan = build_steering(model.decoder, pack, steering, sampling.batch, names)
     clap, clap_note = clap_scorer()
 
@@ -225,7 +226,7 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
                                       **summarise(c.targets, verdicts, names, pitch_classes, target)})
     return {"evaluation": "generation", "family": family, "layer": layer, "labels": list(fam.labels),
             "chance": 1.0 / len(fam.labels), "per_concept": per_concept, "duration_s": frames / 50,
-            "gate": gate, "gate_per": gate_per, "rows": options.rows, "prompt": prompt,
+            "gate": gate, "gate_per": gate_per, "rows": options.rows, "mode": options.mode, "prompt": prompt,
             "targets": [c.targets[0] for c in sweep], "schedule": options.schedule or "constant",
             "table": table, "cases": [{"case": c.name, "kind": c.kind, "targets": list(c.targets),
                                        "table": case_rows[c.name]} for c in extra],
@@ -239,14 +240,14 @@ def run_generation_eval(model: LoadedModel, features: Path, pack_dir: Path, fami
 def steering_pitch_table(model: LoadedModel, features: Path, pack_dir: Path, strengths: list[float],
                          targets: list[str] | None = None, *, per_concept: int = 4, duration: float = 4.0,
                          prompt: str = "music", rows: str = "both", gate: float = 0.3, gate_per: str = "layer",
-                         crepe: str = "tiny", seed: int = 0) -> dict:
+                         crepe: str = "tiny", seed: int = 0, mode: str = "add") -> dict:
     """CREPE's share of voiced frames at each target note, per strength, on any model and notes
     pack: {"strengths": [...], "chance": 1/12, "share": {concept: [share per strength]},
     "voiced": [share of voiced frames per strength], "record": the full `probes eval` record}.
     A strength of 0 gives the unsteered share toward each target (the baseline); a negative one
     steers along the flipped direction. `targets` are labels (C) or concept names (notes-C)."""
     record = run_generation_eval(model, features, pack_dir, "notes", strengths, per_concept, duration, prompt, gate,
-                                 seed, gate_per, EvalOptions(rows=rows, targets=tuple(targets) if targets else None,
+                                 seed, gate_per, EvalOptions(rows=rows, mode=mode, targets=tuple(targets) if targets else None,
                                                              pitch=crepe))
     return {"strengths": [row["strength"] for row in record["table"]], "chance": 1.0 / 12,
             "share": {n: [row["per_concept_pitch"][n] for row in record["table"]] for n in record["targets"]},
