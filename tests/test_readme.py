@@ -43,6 +43,6 @@ def test_links_point_at_files():
 
 def test_the_commands_others_rely_on_are_kept():
     assert "```\nbash scripts/test.sh\n```" in README  # .ci/run calls it
-    assert ('bash scripts/setup.sh && .venv/bin/musicsteer render --model tiny --prompt "warm lofi piano with '
-            'soft drums" --duration 5 --out demo.wav') in README
+    assert ('bash scripts/setup.sh && .venv/bin/musicsteer render --model demo --prompt "flute" --duration 5 '
+            '--out demo.wav') in README
     assert len(README) < 8500, f"the README is {len(README)} characters; reference material goes to docs/"
