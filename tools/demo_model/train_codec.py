@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import codec_data  # noqa: E402
 import codec_vq  # noqa: E402
+import recipe_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RUN = HERE / "runs" / "codec"
@@ -88,21 +89,7 @@ class Recipe:
         return Recipe(**d)
 
     def with_overrides(self, pairs: list[str]) -> Recipe:
-        changes = {}
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            if key not in {f.name for f in dataclasses.fields(self)} or key == "data":
-                raise SystemExit(f"--set {pair}: unknown recipe key {key!r}")
-            current = getattr(self, key)
-            if isinstance(current, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise SystemExit(f"--set {pair}: {key} is true or false")
-                changes[key] = value.lower() in ("true", "1")
-            elif isinstance(current, tuple):
-                changes[key] = tuple(type(current[0])(v) for v in value.split(","))
-            else:
-                changes[key] = type(current)(value)
-        return dataclasses.replace(self, **changes)
+        return recipe_args.with_overrides(self, pairs, fixed=("data",))
 
 
 def encodec_config(r: Recipe):

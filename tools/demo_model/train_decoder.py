@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import codec_data  # noqa: E402
+import recipe_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RUN = HERE / "runs" / "decoder"
@@ -98,18 +99,7 @@ class Recipe:
         return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def with_overrides(self, pairs: list[str]) -> Recipe:
-        changes = {}
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            if key not in {f.name for f in dataclasses.fields(self)}:
-                raise SystemExit(f"--set {pair}: unknown recipe key {key!r}")
-            current = getattr(self, key)
-            if isinstance(current, tuple):
-                kind = type(current[0]) if current else str
-                changes[key] = tuple(kind(v) for v in value.split(","))
-            else:
-                changes[key] = type(current)(value)
-        return dataclasses.replace(self, **changes)
+        return recipe_args.with_overrides(self, pairs)
 
 
 # -- text: the tokenizer and the frozen T5 --------------------------------------------------
