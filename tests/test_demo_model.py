@@ -5,8 +5,9 @@ These are the issue's measurements at test size: CREPE's share of voiced 10 ms f
 target pitch class, averaged over seeded generations of one prompt, at strengths from 0 up
 (norm mode, the scale-free one: a strength a moves the state by a|h| along the direction),
 for the direction as trained and with its sign flipped, on both CFG rows and on the
-conditional row only; and the live meter (the probe's projection in the stream) against the
-strength. docs/demo_model.md gives the full tables these were taken from.
+conditional row only; and the live meter (the probe's projection in the stream, read in
+process and by an OSC listener of a live session) against the strength. docs/demo_model.md
+gives the full tables these were taken from.
 """
 
 from __future__ import annotations
@@ -121,4 +122,26 @@ def test_the_live_meter_rises_with_the_strength(demo):
         finally:
             meter.detach()
         means.append(float(np.mean(readings)))
+    assert all(a < b for a, b in zip(means, means[1:])), means
+
+
+def test_the_meter_an_osc_listener_receives_rises_with_the_strength(demo, tmp_path):
+    """The same through a live session: a client subscribes with /musicsteer/listen, sets the
+    strength over OSC, and the meter messages it receives rise with it."""
+    from osc_client import Client, live_session
+
+    from musicsteer.steering.plan import SteeringSettings
+
+    model, pack = demo
+    with live_session(model, tmp_path, "demo", pack.names, prompt=PROMPT, seed=0,
+                      steering=SteeringSettings(mode="norm")) as (port, _, _):
+        c = Client(port)
+        c.send("/musicsteer/listen", 1)
+        means = []
+        for strength in STRENGTHS:
+            c.send("/musicsteer/concept/notes-C/strength", strength)
+            c.replies(0.5)  # the smoothing's ramp and the frames already buffered
+            readings = [args[0] for address, args in c.replies(2.0) if address == "/musicsteer/meter/notes-C"]
+            assert len(readings) >= 50, len(readings)  # one a frame, 50 a second
+            means.append(float(np.mean(readings)))
     assert all(a < b for a, b in zip(means, means[1:])), means

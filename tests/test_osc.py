@@ -4,69 +4,21 @@ strength outside the steering mode's range: clamped, logged and answered with an
 
 import os
 import random
-import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
-from pythonosc.osc_message import OscMessage
-from pythonosc.osc_message_builder import OscMessageBuilder
+from osc_client import Client, free_port, live_session
 
 from musicsteer.controllers.osc import OscError, OscRouter
 from musicsteer.controllers.state import ControlError, ControlState
 from musicsteer.errors import MusicsteerError
 from musicsteer.live.recorder import load_session
-from musicsteer.live.session import LiveRequest, run_live
-from musicsteer.model.sampling import SamplingSettings
 from musicsteer.steering.pack import ConceptPack
 from musicsteer.steering.plan import SteeringSettings
 
 ME = ("127.0.0.1", 5555)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def message(address, *args) -> bytes:
-    b = OscMessageBuilder(address)
-    for a in args:
-        b.add_arg(a)
-    return b.build().dgram
-
-
-class Client:
-    """A UDP socket that sends OSC and reads the replies sent back to it."""
-
-    def __init__(self, port):
-        self.port = port
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-
-    def send(self, address, *args):
-        self.sock.sendto(message(address, *args), ("127.0.0.1", self.port))
-
-    def raw(self, data: bytes):
-        self.sock.sendto(data, ("127.0.0.1", self.port))
-
-    def replies(self, seconds=0.5, until=None):
-        out, end = [], time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            m = OscMessage(data)
-            out.append((m.address, list(m.params)))
-            if until is not None and until(out):
-                break
-        return out
 
 
 # -- the router ------------------------------------------------------------------------------------
@@ -142,31 +94,12 @@ def test_router_clamps_a_strength_outside_the_modes_range_and_says_so(caplog):
 
 # -- a running stream ------------------------------------------------------------------------------------
 
-@contextmanager
 def live_stream(tiny, tmp_path, **request):
     """A live tiny stream with two concepts, OSC on a free port, recording; yields (port, holder, session)."""
     pack = tmp_path / "pack"
     ConceptPack.random(["cmaj", "gmaj"], tiny.cfg, "tiny", seed=1).save(pack)
-    port = free_port()
-    controls = ControlState(["cmaj", "gmaj"])
-    stop = threading.Event()
-    holder = {}
     # 150 ms ahead: the flood test holds the GIL in the OSC thread for much of a second
-    request = LiveRequest("warm lofi piano", SamplingSettings(seed=2), null="realtime", concepts=pack,
-                          record=tmp_path / "session", osc_port=port, status=False, buffer_ms=150, **request)
-    thread = threading.Thread(target=lambda: holder.update(
-        result=run_live(tiny, request, controls=controls, stop=stop, on_start=lambda p: holder.update(p=p))))
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while "p" not in holder or holder["p"].step < 20:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        yield port, holder, tmp_path / "session"
-    finally:
-        stop.set()
-        thread.join(20)
-    assert not thread.is_alive()
+    return live_session(tiny, tmp_path, pack, ["cmaj", "gmaj"], buffer_ms=150, **request)
 
 
 @pytest.fixture
