@@ -132,6 +132,25 @@ for dtype in (torch.float32, torch.bfloat16):
                                               want_v[:, :, :length].float())
         torch.testing.assert_close(out, want.reshape(B, D), atol=2e-5, rtol=1e-4)
 
+# attention over an 8-bit cache: the new key and value quantized as QuantizedKVCache does them (bit for
+# bit, scales included), the attention within float32 rounding of SDPA over the dequantized cache
+from musicsteer.model.kv_cache import QuantizedKVCache
+
+for B, H, hd, max_len, length in [(2, 16, 64, 400, 333), (2, 16, 64, 64, 1), (1, 4, 12, 40, 17), (2, 3, 100, 40, 33)]:
+    D = H * hd
+    ours, ref = (QuantizedKVCache(B, H, max_len, hd, torch.float32, "cpu") for _ in range(2))
+    old = (torch.randn(B, H, length - 1, hd, generator=g) * 3, torch.randn(B, H, length - 1, hd, generator=g))
+    for cache in (ours, ref):
+        cache.update(torch.arange(length - 1), *old)
+    qkv = torch.randn(B, 3 * D, generator=g)
+    pos = length - 1
+    out = cpu.attend(qkv[:, :D], (qkv[:, D:2 * D], qkv[:, 2 * D:]), ours.k, ours.v, pos, length,
+                     (ours.k_scale, ours.v_scale))
+    k, v = ref.update(torch.tensor([pos]), qkv[:, D:2 * D].view(B, H, 1, hd), qkv[:, 2 * D:].view(B, H, 1, hd), length)
+    assert all(torch.equal(getattr(ours, n), getattr(ref, n)) for n in ("k", "v", "k_scale", "v_scale")), (hd, length)
+    want = F.scaled_dot_product_attention(qkv[:, :D].reshape(B, H, 1, hd), k, v)
+    torch.testing.assert_close(out, want.reshape(B, D), atol=2e-5, rtol=1e-4)
+
 # whole blocks as C calls (backends/cpu/fused.py) equal the module path, for each weight format
 from musicsteer.backends.cpu.bf16 import to_bf16
 from musicsteer.backends.cpu.fused import fuse_blocks, unfuse_blocks
@@ -143,12 +162,12 @@ from musicsteer.model.musicgen import MusicGen
 
 makers = {"f32": lambda m: optimize_for_cpu(m, packed=True), "bf16": to_bf16, "int8": quantize_int8,
           "int4": quantize_int4}
-for name, make in makers.items():
+for name, make in [*makers.items(), ("int4 with an int8 cache", quantize_int4)]:
     model = MusicGen.random(PRESETS["tiny"], seed=1)
     make(model)
     fuse_activations(model)
     if name != "f32":
-        model.cache_dtype = torch.bfloat16
+        model.cache_dtype = torch.int8 if "int8 cache" in name else torch.bfloat16
     codes = torch.randint(0, model.cfg.vocab, (2, model.cfg.codebooks, 6), generator=g)
     runs = []
     for fused in (False, True):

@@ -632,8 +632,10 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
 }
 #define MS_PATH_ATTEND "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
-/* 8 cache values as float32, from float32 or bfloat16 storage (a bfloat16 is a float32's top half). */
+/* 8 cache values as float32, from float32, bfloat16 (kind 1: a float32's top half) or int8 (kind 2,
+ * before its scale) storage. */
 static inline __attribute__((always_inline)) __m256 load_cache8(const int bf16, const void *base, size_t at) {
+    if (bf16 == 2) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + at))));
     if (bf16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + at))), 16));
@@ -641,17 +643,19 @@ static inline __attribute__((always_inline)) __m256 load_cache8(const int bf16, 
 }
 
 static inline float cache_value(const int bf16, const void *base, size_t at) {
+    if (bf16 == 2) return (float)((const int8_t *)base)[at];
     return bf16 ? from_bf16(((const uint16_t *)base)[at]) : ((const float *)base)[at];
 }
 
 /* As the AVX-512 form, eight lanes wide: CH whole chunks of 8 in a head (a constant in the common
  * case, so the query stays in registers), the last hd % 8 values in scalar code; AVX2 has no
- * 16-bit masked loads for a bfloat16 tail. */
+ * 16-bit masked loads for a bfloat16 tail. BF 2, an 8-bit cache, takes the AVX-512 form's float32
+ * steps: each score times its key's scale, each probability times its value's. */
 static inline __attribute__((always_inline)) void attend_head_impl8(const attend_args *a, int b, int h, float *scores,
                                                                    const int CH, const int BF) {
     const int hd = a->hd, rest = hd - 8 * CH;
     const float *q = a->q + b * a->stride + h * hd;
-    const size_t head = ((size_t)b * a->heads + h) * a->max_len * hd;
+    const size_t row = ((size_t)b * a->heads + h) * a->max_len, head = row * hd;
     __m256 qv[32];
     float qs[256];
     for (int i = 0; i < hd; i++) qs[i] = q[i] * a->scale;
@@ -670,6 +674,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         }
         __m128 r = hsum8x4(s[0], s[1], s[2], s[3]); /* lanes: keys j, j+1, j+2, j+3 */
         if (rest) r = _mm_add_ps(r, _mm_loadu_ps(tail));
+        if (BF == 2) r = _mm_mul_ps(r, _mm_loadu_ps(a->ks + row + j));
         _mm_storeu_ps(scores + j, r);
         top4 = _mm_max_ps(top4, r);
     }
@@ -682,6 +687,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         for (int c = 0; c < CH; c++) s = _mm256_fmadd_ps(qv[c], load_cache8(BF, a->kc, kj + 8 * c), s);
         float sj = hsum8(s);
         for (int i = 8 * CH; i < hd; i++) sj += qs[i] * cache_value(BF, a->kc, kj + i);
+        if (BF == 2) sj *= a->ks[row + j];
         scores[j] = sj;
         top = sj > top ? sj : top;
     }
@@ -703,10 +709,11 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
     float tail[8] = {0.f};
     for (int c = 0; c < CH; c++) acc[c] = _mm256_setzero_ps();
     for (int j = 0; j < a->len; j++) {
-        __m256 p = _mm256_set1_ps(scores[j]);
+        const float pj = BF == 2 ? scores[j] * a->vs[row + j] : scores[j];
+        __m256 p = _mm256_set1_ps(pj);
         const size_t vj = head + (size_t)j * hd;
         for (int c = 0; c < CH; c++) acc[c] = _mm256_fmadd_ps(p, load_cache8(BF, a->vc, vj + 8 * c), acc[c]);
-        for (int i = 0; i < rest; i++) tail[i] += scores[j] * cache_value(BF, a->vc, vj + 8 * CH + i);
+        for (int i = 0; i < rest; i++) tail[i] += pj * cache_value(BF, a->vc, vj + 8 * CH + i);
     }
     float *o = a->out + (size_t)b * a->heads * hd + h * hd;
     for (int c = 0; c < CH; c++) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
@@ -714,7 +721,10 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
 }
 
 static void attend_head(const attend_args *a, int b, int h, float *scores) {
-    if (a->hd == 64 && a->bf16) attend_head_impl8(a, b, h, scores, 8, 1);
+    if (a->i8) {
+        if (a->hd == 64) attend_head_impl8(a, b, h, scores, 8, 2);
+        else attend_head_impl8(a, b, h, scores, a->hd / 8, 2);
+    } else if (a->hd == 64 && a->bf16) attend_head_impl8(a, b, h, scores, 8, 1);
     else if (a->hd == 64) attend_head_impl8(a, b, h, scores, 8, 0);
     else attend_head_impl8(a, b, h, scores, a->hd / 8, a->bf16);
 }
@@ -755,8 +765,8 @@ static void quantize_head(const float *x, int hd, int8_t *q, float *s) {
     *s = scale;
 }
 
-/* One query against an 8-bit cache, in portable C (the AVX-512 build takes attend_head_impl's
- * kind 2): scores q . k_j * ks_j, softmax, sum_j p_j vs_j v_j. */
+/* One query against an 8-bit cache, in portable C (the AVX-512 and AVX2 builds take their
+ * attend_head's kind 2): scores q . k_j * ks_j, softmax, sum_j p_j vs_j v_j. */
 static __attribute__((unused)) void attend_head_i8(const attend_args *a, int b, int h, float *scores) {
     const int hd = a->hd;
     const float *q = a->q + b * a->stride + h * hd;
@@ -779,10 +789,10 @@ static __attribute__((unused)) void attend_head_i8(const attend_args *a, int b, 
     }
 }
 
-/* Every cache layout: attend_head takes all three with AVX-512, the float32 and bfloat16 ones
- * otherwise, where the 8-bit one takes the portable loop. */
+/* Every cache layout: attend_head takes all three with AVX-512 or AVX2, the float32 and bfloat16
+ * ones in the portable build, where the 8-bit one takes the portable loop. */
 static inline void attend_any(const attend_args *a, int b, int h, float *scores) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     attend_head(a, b, h, scores);
 #else
     if (a->i8) attend_head_i8(a, b, h, scores);
