@@ -36,7 +36,7 @@ def load(march: str) -> ctypes.CDLL:
     for name in ("ms_linear_i8", "ms_linear_i4"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.ms_attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6 + [
-        ctypes.c_float, ctypes.c_int]
+        ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -48,8 +48,10 @@ def cases(n: int, d: int, rows: int):
     (i8, s8), (i4, s4) = cpu.quantize_pack_i8(w), cpu.quantize_pack_i4(w)
     B, H, hd, length = rows, 16, 64, 100
     kc = {dt: torch.randn(B, H, length, hd, generator=g).to(dt) for dt in (torch.float32, torch.bfloat16)}
+    kc[torch.int8] = torch.randint(-127, 128, (B, H, length, hd), generator=g, dtype=torch.int8)
+    scales = torch.rand(B, H, length, generator=g) / 127
     q, out = torch.randn(B, H * hd, generator=g), torch.empty(B, H * hd)
-    keep = [w, x, y, f32, bf16, i8, s8, i4, s4, kc, q, out]  # alive while the calls run
+    keep = [w, x, y, f32, bf16, i8, s8, i4, s4, kc, scales, q, out]  # alive while the calls run
     p = lambda t: t.data_ptr()  # noqa: E731
     return keep, {
         "f32": (n * d, lambda lib: lib.ms_linear_f32(p(f32), p(x), p(y), n, d, rows, 0)),
@@ -58,10 +60,13 @@ def cases(n: int, d: int, rows: int):
         "i4": (n * d, lambda lib: lib.ms_linear_i4(p(i4), p(s4), p(x), p(y), n, d, rows, 0)),
         "attend_f32": (B * H * length * hd * 2, lambda lib: lib.ms_attend(
             p(q), None, None, H * hd, p(kc[torch.float32]), p(kc[torch.float32]), p(out), B, H, length, hd, -1, length,
-            hd ** -0.5, 0)),
+            hd ** -0.5, 0, None, None, 0)),
         "attend_bf16": (B * H * length * hd * 2, lambda lib: lib.ms_attend(
             p(q), None, None, H * hd, p(kc[torch.bfloat16]), p(kc[torch.bfloat16]), p(out), B, H, length, hd, -1,
-            length, hd ** -0.5, 1)),
+            length, hd ** -0.5, 1, None, None, 0)),
+        "attend_i8": (B * H * length * hd * 2, lambda lib: lib.ms_attend(
+            p(q), None, None, H * hd, p(kc[torch.int8]), p(kc[torch.int8]), p(out), B, H, length, hd, -1,
+            length, hd ** -0.5, 0, p(scales), p(scales), 1)),
     }
 
 
