@@ -73,7 +73,8 @@ needs_kernels = pytest.mark.skipif(__import__("musicsteer.kernels.cpu", fromlist
 
 
 @needs_kernels
-@pytest.mark.parametrize("B,H,L,hd,T,start", [(2, 4, 40, 64, 7, 5), (1, 3, 20, 48, 3, 0), (2, 16, 100, 64, 32, 60)])
+@pytest.mark.parametrize("B,H,L,hd,T,start", [(2, 4, 40, 64, 7, 5), (1, 3, 20, 48, 3, 0), (2, 16, 100, 64, 32, 60),
+                                               (1, 2, 12, 100, 4, 3), (2, 3, 9, 12, 5, 1)])
 def test_the_kernel_stores_and_dequantizes_as_the_int8_cache_does(B, H, L, hd, T, start):
     from musicsteer.kernels import cpu
 
@@ -92,6 +93,24 @@ def test_the_kernel_stores_and_dequantizes_as_the_int8_cache_does(B, H, L, hd, T
     assert cpu.kv_store_i8(k, pos, fast.k, fast.k_scale, None) is None
     with pytest.raises(RuntimeError, match="refused"):
         cpu.kv_store_i8(k, pos + L, fast.k, fast.k_scale, upto)
+
+
+@needs_kernels
+def test_the_kernel_rounds_halves_to_even_and_keeps_zero_heads_as_the_int8_cache_does():
+    """Values exactly between two steps (scale 1: a head whose largest value is 127) round to the
+    even one, as torch.round does; an all-zero head has scale 0 and zero bytes."""
+    from musicsteer.kernels import cpu
+
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])
+    x = torch.zeros(1, 2, 1, 20)
+    x[0, 0, 0, :8], x[0, 0, 0, 8] = halves, 127.0
+    ref, fast = (QuantizedKVCache(1, 2, 4, 20, torch.float32, "cpu") for _ in range(2))
+    pos = torch.tensor([2])
+    ref.update(pos, x, x, 3)
+    cpu.kv_store_i8(x, pos, fast.k, fast.k_scale, None)
+    assert torch.equal(fast.k, ref.k) and torch.equal(fast.k_scale, ref.k_scale)
+    assert fast.k[0, 0, 2, :9].tolist() == [0, 2, 2, 0, -2, -2, 126, -126, 127]
+    assert fast.k_scale[0, 1, 2] == 0 and not fast.k[0, 1, 2].any()
 
 
 @needs_kernels

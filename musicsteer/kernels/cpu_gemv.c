@@ -755,6 +755,25 @@ static void attend_head(const attend_args *a, int b, int h, float *scores) {
 /* One head's hd values as int8 at `q` and its scale at `s`, as model/kv_cache.py quantizes them
  * (the same float32 operations: max|x| / 127, then round half to even of x / scale). */
 static void quantize_head(const float *x, int hd, int8_t *q, float *s) {
+#if defined(__AVX512F__)
+    /* 16 lanes at a time, the same operations lane by lane (IEEE division, round half to even),
+     * so the bytes are the scalar loop's: a re-prime slice stores 64 rows x 1024 values a layer. */
+    __m512 top16 = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += 16) {
+        const __mmask16 m = hd - i >= 16 ? 0xffff : (__mmask16)((1u << (hd - i)) - 1);
+        top16 = _mm512_max_ps(top16, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+    const float top = _mm512_reduce_max_ps(top16);
+    const float scale = top / 127.0f, div = scale > 0.f ? scale : 1.0f;
+    const __m512 d = _mm512_set1_ps(div), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+    for (int i = 0; i < hd; i += 16) {
+        const __mmask16 m = hd - i >= 16 ? 0xffff : (__mmask16)((1u << (hd - i)) - 1);
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), d),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_mask_storeu_epi8(q + i, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+#else
     float top = 0.f;
     for (int i = 0; i < hd; i++) top = fmaxf(top, fabsf(x[i]));
     const float scale = top / 127.0f, div = scale > 0.f ? scale : 1.0f;
@@ -762,6 +781,7 @@ static void quantize_head(const float *x, int hd, int8_t *q, float *s) {
         float v = nearbyintf(x[i] / div);
         q[i] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
     }
+#endif
     *s = scale;
 }
 
