@@ -49,10 +49,11 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
-/* Tiles: 0 the sums (16 rows x 16 int32), 1 the activations (16 rows x 64 bytes), 2 the weights.
+/* Tiles: 0 and 3 the sums (16 rows x 16 int32, two groups in flight), 1 the activations (16 rows x
+ * 64 bytes), 2 the weights.
  * A constant in memory: gcc 12 does not treat ldtilecfg as reading its operand, and moved the stores
  * of a configuration built on the stack past it. */
-static const amx_config AMX_TILES = {.palette = 1, .colsb = {64, 64, 64}, .rows = {16, 16, 16}};
+static const amx_config AMX_TILES = {.palette = 1, .colsb = {64, 64, 64, 64}, .rows = {16, 16, 16, 16}};
 
 static void amx_configure(void) { _tile_loadconfig(&AMX_TILES); }
 
@@ -66,31 +67,51 @@ typedef struct {
     int n, d, rows, act, int4;
 } amx_args;
 
-/* One block of 16 outputs for rows r0..r0+15: per group, one tile product, then the VNNI kernels'
- * float32 steps on its sums. */
-static void amx_block(const amx_args *a, int b, int r0, int32_t *sums, uint8_t *unpacked) {
-    const int d = a->d, groups = d / MS_GROUP, last = a->rows - r0 < 16 ? a->rows - r0 : 16;
+/* A block's weights for the B tiles: int8 as packed; int4 unpacked once per block into `unpacked`
+ * (d * 16 bytes), for all its row tiles: per group 8 vectors of nibbles, quad j in the low ones,
+ * quad j + 8 in the high ones. */
+static const uint8_t *amx_weights(const amx_args *a, int b, uint8_t *unpacked) {
+    const int d = a->d;
+    if (!a->int4) return a->w + (size_t)b * d * 16;
     const __m512i nib = _mm512_set1_epi8(0x0f);
+    const uint8_t *wb = a->w + (size_t)b * d * 8;
+    for (int g = 0; g < d / MS_GROUP; g++) {
+        const uint8_t *wg = wb + (size_t)g * MS_GROUP * 8;
+        uint8_t *ug = unpacked + (size_t)g * MS_GROUP * 16;
+        for (int j = 0; j < 8; j++) {
+            __m512i v = _mm512_loadu_si512(wg + j * 64);
+            _mm512_storeu_si512(ug + j * 64, _mm512_and_si512(v, nib));
+            _mm512_storeu_si512(ug + (j + 8) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+        }
+    }
+    return unpacked;
+}
+
+/* Group g's tile product for rows r0..r0+15 into sum tile `t` (0 or 3; 1 and 2 hold the operands). */
+#define AMX_PRODUCT(t, g)                                                                    \
+    do {                                                                                     \
+        _tile_zero(t);                                                                       \
+        _tile_loadd(1, a->xq + (size_t)r0 * d + (g) * MS_GROUP, d);                          \
+        _tile_loadd(2, wt + (size_t)(g) * MS_GROUP * 16, 64);                                \
+        _tile_dpbsud(t, 1, 2);                                                               \
+    } while (0)
+
+/* One block of 16 outputs for rows r0..r0+15: per group, one tile product, then the VNNI kernels'
+ * float32 steps on its sums, in group order. The next group's product runs on the tiles while the
+ * float32 steps of this one run on the vector units (two sum tiles, 0 and 3, in turn). */
+static void amx_block(const amx_args *a, int b, int r0, const uint8_t *wt, int32_t *sums) {
+    const int d = a->d, groups = d / MS_GROUP, last = a->rows - r0 < 16 ? a->rows - r0 : 16;
     __m512 out[16];
     for (int r = 0; r < 16; r++) out[r] = _mm512_setzero_ps();
+    AMX_PRODUCT(0, 0);
     for (int g = 0; g < groups; g++) {
-        const uint8_t *wt;
-        if (a->int4) { /* 8 vectors of nibbles: quad j in the low ones, quad j + 8 in the high ones */
-            const uint8_t *wg = a->w + (size_t)b * d * 8 + (size_t)g * MS_GROUP * 8;
-            for (int j = 0; j < 8; j++) {
-                __m512i v = _mm512_loadu_si512(wg + j * 64);
-                _mm512_storeu_si512(unpacked + j * 64, _mm512_and_si512(v, nib));
-                _mm512_storeu_si512(unpacked + (j + 8) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-            }
-            wt = unpacked;
+        if (g % 2 == 0) {
+            _tile_stored(0, sums, 64);
+            if (g + 1 < groups) AMX_PRODUCT(3, g + 1);
         } else {
-            wt = a->w + (size_t)b * d * 16 + (size_t)g * MS_GROUP * 16;
+            _tile_stored(3, sums, 64);
+            if (g + 1 < groups) AMX_PRODUCT(0, g + 1);
         }
-        _tile_zero(0);
-        _tile_loadd(1, a->xq + (size_t)r0 * d + g * MS_GROUP, d);
-        _tile_loadd(2, wt, 64);
-        _tile_dpbsud(0, 1, 2);
-        _tile_stored(0, sums, 64);
         if (a->int4) {
             const __m512 wsv = _mm512_loadu_ps(a->scale + ((size_t)b * groups + g) * 16);
             for (int r = 0; r < last; r++) {
@@ -112,15 +133,20 @@ static void amx_block(const amx_args *a, int b, int r0, int32_t *sums, uint8_t *
         _mm512_storeu_ps(a->y + (size_t)(r0 + r) * a->n + b * 16, v);
     }
 }
+#undef AMX_PRODUCT
 
 static void amx_task(void *args, int begin, int end) {
     const amx_args *a = args;
     int32_t sums[256] __attribute__((aligned(64)));
-    uint8_t unpacked[1024] __attribute__((aligned(64)));
+    uint8_t *unpacked = a->int4 ? aligned_alloc(64, (size_t)a->d * 16) : NULL;
+    if (a->int4 && !unpacked) return;
     amx_configure();
-    for (int b = begin; b < end; b++) /* the block's weights stay in L1/L2 across the row tiles */
-        for (int r0 = 0; r0 < a->rows; r0 += 16) amx_block(a, b, r0, sums, unpacked);
+    for (int b = begin; b < end; b++) { /* the block's weights stay in L1/L2 across the row tiles */
+        const uint8_t *wt = amx_weights(a, b, unpacked);
+        for (int r0 = 0; r0 < a->rows; r0 += 16) amx_block(a, b, r0, wt, sums);
+    }
     _tile_release();
+    free(unpacked);
 }
 
 /* y (rows, n) for rows >= 16 on tiles; 1 when done, 0 when the tiles are not usable or off (the
