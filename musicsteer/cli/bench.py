@@ -50,6 +50,7 @@ def register(sub) -> None:
     stream.add_argument("--keep", type=float, help="seconds kept at a re-prime (default as live: 10 on a GPU, 5 on the CPU)")
     stream.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
                         help="the stateful codec's large weights, as live takes them")
+    stream.add_argument("--codec-threads", type=int, default=1, metavar="N", help="the stateful codec plan's threads (default 1, which holds up on a busy host; 0: every core): more read its weights faster on a quiet one")
     stream.add_argument("--buffer-ms", type=float, default=60.0)
     stream.add_argument("--reprime-chunk", type=int, default=32, metavar="POSITIONS",
                         help="positions of the window's re-prime run per step")
@@ -208,9 +209,9 @@ def run_stream(args: argparse.Namespace) -> int:
                                   concepts=args.concepts, strength=args.strength, meters=args.meters,
                                   reprime_chunk=args.reprime_chunk, loaded_at=loaded, note=args.note,
                                   precision={"dtype": args.dtype, "weights": args.weights, "kv_cache": args.kv_cache,
-                                             "codec": args.codec_precision},
+                                             "codec": args.codec_precision, "codec_threads": args.codec_threads},
                                   window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms,
-                                  codec_precision=args.codec_precision)
+                                  codec_precision=args.codec_precision, codec_threads=args.codec_threads)
     except ValueError as exc:  # stream settings that cannot work with this model
         raise UsageError(str(exc)) from exc
     emit(record, args.json)
