@@ -63,8 +63,10 @@ def test_two_fresh_runs_and_a_resumed_one_give_identical_weights_and_exports(tmp
         assert all(torch.equal(runs["a"][k], other[k]) for k in runs["a"]), name
     for name in ("a", "c"):
         train_decoder.export(train_decoder.Run(tmp_path / name, None, None, data), tmp_path / f"out_{name}")
-    assert (tmp_path / "out_a" / "model.safetensors").read_bytes() == \
-        (tmp_path / "out_c" / "model.safetensors").read_bytes()
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "training.json"):  # every file a seed makes
+        assert (tmp_path / "out_a" / f).read_bytes() == (tmp_path / "out_c" / f).read_bytes(), f
+    config = (tmp_path / "out_a" / "config.json").read_text()
+    assert str(codec.parent) not in config  # no path of this machine (the codec was loaded from there)
     log = [line for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert '"unigram_val_loss"' in log[0] and any('"val_loss"' in line for line in log)
 

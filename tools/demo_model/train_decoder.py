@@ -400,6 +400,8 @@ def export(run: Run, out_dir: Path, half: bool = True) -> Path:
     model, _, step = run.restore()
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    for config in (model.config, model.config.audio_encoder, model.config.text_encoder, model.config.decoder):
+        config._name_or_path = ""  # where the parts were loaded from here: not in the bytes a seed regenerates
     (model.half() if half else model).save_pretrained(out_dir)
     build_tokenizer().save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(
