@@ -64,6 +64,7 @@ typedef struct {
     const float *xscale;  /* (rows16, d/64) */
     const int32_t *xcomp; /* (rows16, d/64): 128 * sum of the group's x_q */
     float *y;             /* (rows, n) */
+    uint8_t *unpacked;    /* int4: d * 16 bytes per thread of the team, for a block's unpacked weights */
     int n, d, rows, act, int4;
 } amx_args;
 
@@ -138,15 +139,13 @@ static void amx_block(const amx_args *a, int b, int r0, const uint8_t *wt, int32
 static void amx_task(void *args, int begin, int end) {
     const amx_args *a = args;
     int32_t sums[256] __attribute__((aligned(64)));
-    uint8_t *unpacked = a->int4 ? aligned_alloc(64, (size_t)a->d * 16) : NULL;
-    if (a->int4 && !unpacked) return;
+    uint8_t *unpacked = a->int4 ? a->unpacked + (size_t)omp_get_thread_num() * a->d * 16 : NULL;
     amx_configure();
     for (int b = begin; b < end; b++) { /* the block's weights stay in L1/L2 across the row tiles */
         const uint8_t *wt = amx_weights(a, b, unpacked);
         for (int r0 = 0; r0 < a->rows; r0 += 16) amx_block(a, b, r0, wt, sums);
     }
     _tile_release();
-    free(unpacked);
 }
 
 /* y (rows, n) for rows >= 16 on tiles; 1 when done, 0 when the tiles are not usable or off (the
@@ -158,15 +157,16 @@ static int amx_linear(const uint8_t *w, const float *scale, const float *x, floa
     int8_t *xq = aligned_alloc(64, (size_t)rows16 * d);
     float *xs = malloc(sizeof(float) * (size_t)rows16 * groups);
     int32_t *xc = malloc(sizeof(int32_t) * (size_t)rows16 * groups);
-    if (!xq || !xs || !xc) {
-        free(xq), free(xs), free(xc);
+    uint8_t *unpacked = int4 ? aligned_alloc(64, (size_t)omp_get_max_threads() * d * 16) : NULL;
+    if (!xq || !xs || !xc || (int4 && !unpacked)) {
+        free(xq), free(xs), free(xc), free(unpacked);
         return -3;
     }
     quantize_rows(x, rows, d, xq, xs, xc);
     memset(xq + (size_t)rows * d, 0, (size_t)(rows16 - rows) * d);
-    amx_args a = {w, scale, xq, xs, xc, y, n, d, rows, act, int4};
+    amx_args a = {w, scale, xq, xs, xc, y, unpacked, n, d, rows, act, int4};
     run(amx_task, &a, n / 16, (size_t)n * d * rows16 / 16);
-    free(xq), free(xs), free(xc);
+    free(xq), free(xs), free(xc), free(unpacked);
     return 1;
 }
 #else
