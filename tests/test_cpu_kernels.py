@@ -14,6 +14,7 @@ from musicsteer.backends.cpu.linear import (
     optimize_for_cpu,
 )
 from musicsteer.kernels import cpu
+from prefetch_check import check_prefetch
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="no C compiler on this machine: the CPU kernels cannot be built")
@@ -413,3 +414,32 @@ def test_a_prefill_takes_the_tiles_in_one_call_per_layer(monkeypatch):
         finally:
             cpu.use_tiles(True)
     assert calls == [32, 32, 6]
+
+
+@needs_cc
+def test_prefetching_changes_no_result():
+    check_prefetch()
+
+
+def test_the_prefetch_distance_comes_from_the_environment_else_the_vendor(monkeypatch, caplog):
+    monkeypatch.delenv(cpu.PREFETCH_ENV, raising=False)
+    monkeypatch.setattr(cpu, "_vendor", lambda: "GenuineIntel")
+    assert cpu.default_prefetch() == 8192
+    monkeypatch.setattr(cpu, "_vendor", lambda: "AuthenticAMD")
+    assert cpu.default_prefetch() == 0
+    for value, want in (("4096", 4096), ("0", 0), ("-5", 0)):
+        monkeypatch.setenv(cpu.PREFETCH_ENV, value)
+        assert cpu.default_prefetch() == want
+    monkeypatch.setenv(cpu.PREFETCH_ENV, "far")
+    assert cpu.default_prefetch() == 0  # the vendor's default, with a warning
+    assert "MUSICSTEER_CPU_PREFETCH='far' is not a number of bytes" in caplog.text
+
+
+@needs_cc
+def test_the_prefetch_distance_is_reported_with_the_kernel_paths():
+    before = cpu.prefetch()
+    try:
+        cpu.prefetch(4096)
+        assert cpu.paths()["prefetch"] == "4096"
+    finally:
+        cpu.prefetch(before)

@@ -16,10 +16,12 @@
  * products accumulate in float32. The int4 form unpacks its nibbles in registers (and, shift) into
  * the int8 form's unsigned bytes and takes the offset back with 8 * sum(x_q).
  *
- * No software prefetch: the hardware prefetchers follow these streams on their own, and explicit
- * prefetches 4 KiB ahead made a `small` step's products 20-30% slower (1.35x the time of a plain
- * streaming read of the same bytes, against 1.06x without them; measured in alternation on the
- * 2-core test machines).
+ * Software prefetch, by CPU (ms_set_prefetch; kernels/cpu.py picks the distance): the products and
+ * the attention prefetch the stream they read ms_pf bytes ahead, one prefetch per 64-byte line. On
+ * the 2-core Intel Xeon hosts 8 KiB ahead made the products 11-31% faster (int4 1.3x -> 1.05x the
+ * time of a streaming read of the same bytes in a `small` step): the hardware prefetchers alone
+ * left the stream short of lines in flight. On the AMD EPYC hosts 4 KiB ahead made them 20-30%
+ * slower (1.35x against 1.06x without), so there it stays off (ms_pf = 0, one predictable branch).
  *
  * Threads: OpenMP, sharing torch's team (see run()).
  *
@@ -90,6 +92,18 @@ static void run(ms_task task, void *args, int blocks, size_t bytes) {
         if (begin < end) task(args, begin, end);
     }
 }
+
+/* ---------------------------------------------------------------- prefetch */
+
+/* How far ahead (bytes) the products prefetch their weight stream, or 0 for none; set through
+ * ms_set_prefetch by musicsteer/kernels/cpu.py. */
+static int ms_pf = 0;
+int ms_set_prefetch(int bytes) { const int old = ms_pf; ms_pf = bytes > 0 ? bytes : 0; return old; }
+#if defined(__x86_64__)
+#define MS_PREFETCH(p) do { if (ms_pf) _mm_prefetch((const char *)(p) + ms_pf, _MM_HINT_T0); } while (0)
+#else
+#define MS_PREFETCH(p) do { (void)(p); } while (0)
+#endif
 
 /* ---------------------------------------------------------------- activations */
 
@@ -177,6 +191,7 @@ static inline __attribute__((always_inline)) void f32_block(const float *w, cons
     const int body = d - d % U;
     for (int i = 0; i < body; i += U) {
         for (int u = 0; u < U; u++) {
+            MS_PREFETCH(w + (size_t)(i + u) * 16);
             __m512 wv = _mm512_loadu_ps(w + (size_t)(i + u) * 16);
             for (int r = 0; r < R; r++) acc[r][u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * d + i + u]), acc[r][u]);
         }
@@ -222,12 +237,14 @@ static inline __attribute__((always_inline)) void f32_half8(const float *w, cons
             for (int u = 0; u < U; u++) acc[r][h][u] = _mm256_setzero_ps();
     const int body = d - d % U;
     for (int i = 0; i < body; i += U)
-        for (int u = 0; u < U; u++)
+        for (int u = 0; u < U; u++) {
+            MS_PREFETCH(w + (size_t)(i + u) * 16);
             for (int h = 0; h < NH; h++) {
                 __m256 wv = _mm256_loadu_ps(w + (size_t)(i + u) * 16 + 8 * (H0 + h));
                 for (int r = 0; r < R; r++)
                     acc[r][h][u] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + r * d + i + u), acc[r][h][u]);
             }
+        }
     for (int i = body; i < d; i++)
         for (int h = 0; h < NH; h++) {
             __m256 wv = _mm256_loadu_ps(w + (size_t)i * 16 + 8 * (H0 + h));
@@ -319,7 +336,10 @@ static inline __attribute__((always_inline)) void i8_block(const i8_args *a, int
         const uint8_t *wg = w + (size_t)g * MS_GROUP * 16;
         for (int q = 0; q < MS_GROUP / 4; q += U) {
             __m512i wv[4];
-            for (int u = 0; u < U; u++) wv[u] = _mm512_loadu_si512(wg + (q + u) * 64);
+            for (int u = 0; u < U; u++) {
+                MS_PREFETCH(wg + (q + u) * 64);
+                wv[u] = _mm512_loadu_si512(wg + (q + u) * 64);
+            }
             for (int r = 0; r < R; r++) {
                 const int32_t *xr = (const int32_t *)(a->xq + (size_t)r * d + g * MS_GROUP);
                 for (int u = 0; u < U; u++) acc[r][u] = _mm512_dpbusd_epi32(acc[r][u], wv[u], _mm512_set1_epi32(xr[q + u]));
@@ -396,6 +416,7 @@ static inline __attribute__((always_inline)) void i8_half8(const i8_args *a, int
             for (int h = 0; h < NH; h++) acc[r][h] = _mm256_setzero_si256();
         const uint8_t *wg = w + (size_t)g * MS_GROUP * 16;
         for (int q = 0; q < MS_GROUP / 4; q++) {
+            MS_PREFETCH(wg + q * 64);
             __m256i xv[MS_MAX_ROWS];
             for (int r = 0; r < R; r++)
                 xv[r] = _mm256_set1_epi32(((const int32_t *)(a->xq + (size_t)r * d + g * MS_GROUP))[q]);
@@ -518,6 +539,11 @@ typedef struct {
     int i8;
 } attend_args;
 
+/* Prefetch element `at` of a cache of kind `bf16` (0 float32, 1 bfloat16, 2 int8), ms_pf bytes ahead. */
+static inline __attribute__((always_inline)) void prefetch_cache(const int bf16, const void *base, size_t at) {
+    MS_PREFETCH((const char *)base + at * (bf16 == 2 ? 1 : bf16 ? 2 : 4));
+}
+
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -567,6 +593,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
         __m512 s[4];
         for (int t = 0; t < 4; t++) {
             const size_t kj = head + (size_t)(j + t) * hd;
+            prefetch_cache(BF, a->kc, kj);
             s[t] = _mm512_setzero_ps();
             for (int c = 0; c < chunks; c++)
                 s[t] = _mm512_fmadd_ps(qv[c], load_cache(BF, a->kc, kj + 16 * c, c == chunks - 1 ? tail : 0xffff), s[t]);
@@ -614,6 +641,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
     for (int j = 0; j < a->len; j++) {
         __m512 p = _mm512_set1_ps(BF == 2 ? scores[j] * a->vs[row + j] : scores[j]);
         const size_t vj = head + (size_t)j * hd;
+        prefetch_cache(BF, a->vc, vj);
         for (int c = 0; c < chunks; c++)
             acc[c] = _mm512_fmadd_ps(p, load_cache(BF, a->vc, vj + 16 * c, c == chunks - 1 ? tail : 0xffff), acc[c]);
     }
@@ -668,6 +696,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         float tail[4] = {0.f, 0.f, 0.f, 0.f};
         for (int t = 0; t < 4; t++) {
             const size_t kj = head + (size_t)(j + t) * hd;
+            prefetch_cache(BF, a->kc, kj);
             s[t] = _mm256_setzero_ps();
             for (int c = 0; c < CH; c++) s[t] = _mm256_fmadd_ps(qv[c], load_cache8(BF, a->kc, kj + 8 * c), s[t]);
             for (int i = 8 * CH; i < hd; i++) tail[t] += qs[i] * cache_value(BF, a->kc, kj + i);
@@ -712,6 +741,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         const float pj = BF == 2 ? scores[j] * a->vs[row + j] : scores[j];
         __m256 p = _mm256_set1_ps(pj);
         const size_t vj = head + (size_t)j * hd;
+        prefetch_cache(BF, a->vc, vj);
         for (int c = 0; c < CH; c++) acc[c] = _mm256_fmadd_ps(p, load_cache8(BF, a->vc, vj + 8 * c), acc[c]);
         for (int i = 0; i < rest; i++) tail[i] += pj * cache_value(BF, a->vc, vj + 8 * CH + i);
     }

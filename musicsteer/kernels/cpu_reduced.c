@@ -34,6 +34,7 @@ static inline __attribute__((always_inline)) void i4_block(const i4_args *a, int
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
         const uint8_t *wg = w + (size_t)g * MS_GROUP * 8;
         for (int j = 0; j < 8; j++) {
+            MS_PREFETCH(wg + j * 64);
             __m512i v = _mm512_loadu_si512(wg + j * 64);
             __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
             for (int r = 0; r < R; r++) {
@@ -84,6 +85,7 @@ static inline __attribute__((always_inline)) void i4_block8(const i4_args *a, in
             __m256i acc[MS_MAX_ROWS][2];
             for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
             for (int j = 0; j < 8; j++) {
+                if (h == 0) MS_PREFETCH(wg + j * 64);
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wg + j * 64 + 32 * h));
                 __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
                 for (int r = 0; r < R; r++) {
@@ -183,6 +185,7 @@ static inline __attribute__((always_inline)) void bf16_block(const bf16_args *a,
     const int body = d2 - d2 % U;
     for (int p = 0; p < body; p += U) {
         for (int u = 0; u < U; u++) {
+            MS_PREFETCH(w + (size_t)(p + u) * 32);
             __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (size_t)(p + u) * 32);
             for (int r = 0; r < R; r++)
                 acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, (__m512bh)_mm512_set1_epi32((int)a->xb[(size_t)r * d2 + p + u]));
@@ -225,6 +228,7 @@ static inline __attribute__((always_inline)) void bf16_half8(const bf16_args *a,
         for (int h = 0; h < NH; h++)
             for (int e = 0; e < E; e++) acc[r][h][e] = _mm256_setzero_ps();
     for (int p = 0; p < d2; p++) {
+        MS_PREFETCH(w + (size_t)p * 32);
         __m256 x0[MS_MAX_ROWS], x1[MS_MAX_ROWS];
         for (int r = 0; r < R; r++) {
             __m256i xv = _mm256_set1_epi32((int)a->xb[(size_t)r * d2 + p]);
