@@ -94,7 +94,8 @@ for n, d in [(96, 256), (48, 64), (1024, 4096)]:
 packed, scale = cpu.quantize_pack_i4(signs)
 x = torch.cat([signs[:1], -signs[:1]])
 got = cpu.linear_i4(packed, scale, x)
-assert (got.double() - ref_i4(packed, scale, x)).abs().max() < 1e-4 and abs(got[0, 0].item() - 256.0) < 1e-3
+s7 = 7 * torch.tensor(1 / 7).bfloat16().item()  # a group of +-1 at scale 1/7, rounded to bfloat16
+assert (got.double() - ref_i4(packed, scale, x)).abs().max() < 1e-4 and abs(got[0, 0].item() - 256.0 * s7) < 1e-3
 
 # bfloat16: x and W rounded to nearest even, float32 sums
 for n, d in [(96, 256), (48, 72), (16, 2), (1024, 4096)]:

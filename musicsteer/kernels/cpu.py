@@ -293,13 +293,14 @@ I4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # int4: ratios of a group's max tr
 
 def quantize_i4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 (-7..7) per output and group of 64 inputs: q (N, D) int8 and scales (N, D/64),
-    each group's scale the clipped max (I4_CLIPS) with the least squared error."""
+    each group's scale the clipped max (I4_CLIPS) with the least squared error, rounded to a
+    bfloat16 value (float32 tensor; 2 bytes per 64 weights where the kernels store it)."""
     n, d = weight.shape
     w = weight.detach().float().view(n, d // GROUP, GROUP)
     top = w.abs().amax(dim=2, keepdim=True).clamp_min(1e-12)  # (N, G, 1)
     best_err, best_scale = None, None
     for clip in I4_CLIPS:
-        scale = top * clip / 7.0
+        scale = (top * clip / 7.0).to(torch.bfloat16).float()  # the kernels' scales are bfloat16
         err = ((torch.round(w / scale).clamp(-7, 7) * scale - w) ** 2).sum(dim=2, keepdim=True)
         if best_err is None:
             best_err, best_scale = err, scale
@@ -313,20 +314,20 @@ def quantize_i4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_pack_i4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 as `quantize_i4`, stored as q + 8 two per byte in (N/16, D/64, 8, 16, 4): byte (j, lane, k)
     holds input 4j + k of the group in its low nibble and input 32 + 4j + k in its high one; the
-    scales as (N/16, D/64, 16) float32."""
+    scales as (N/16, D/64, 16) bfloat16 (exact: `quantize_i4` rounds them so)."""
     n, d = weight.shape
     q, scale = quantize_i4(weight)
     u = (q + 8).to(torch.uint8).view(n // BLOCK, BLOCK, d // GROUP, 16, 4).permute(0, 2, 3, 1, 4)  # (nb, G, quad, 16, 4)
     packed = huge_page_empty((n // BLOCK, d // GROUP, 8, BLOCK, 4), torch.uint8)
     packed.copy_(u[:, :, :8] | (u[:, :, 8:] << 4))
-    return packed, scale.view(n // BLOCK, BLOCK, d // GROUP).transpose(1, 2).contiguous()
+    return packed, scale.view(n // BLOCK, BLOCK, d // GROUP).transpose(1, 2).to(torch.bfloat16).contiguous()
 
 
 def dequantize_i4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     nb, groups, _, _, _ = packed.shape
     u = torch.cat([packed & 15, packed >> 4], dim=2)  # (nb, G, 16 quads, 16, 4)
     q = u.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK, groups * GROUP).float() - 8.0
-    return q * scale.transpose(1, 2).reshape(nb * BLOCK, groups).repeat_interleave(GROUP, dim=1)
+    return q * scale.float().transpose(1, 2).reshape(nb * BLOCK, groups).repeat_interleave(GROUP, dim=1)
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:

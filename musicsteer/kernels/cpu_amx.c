@@ -59,7 +59,7 @@ static void amx_configure(void) { _tile_loadconfig(&AMX_TILES); }
 
 typedef struct {
     const uint8_t *w;
-    const float *scale;   /* int8: per output (n); int4: per output and group [n/16][d/64][16] */
+    const void *scale;    /* int8: float32 per output (n); int4: bfloat16 per output and group [n/16][d/64][16] */
     const int8_t *xq;     /* (rows16, d), rows16 a multiple of 16, the padding rows zero */
     const float *xscale;  /* (rows16, d/64) */
     const int32_t *xcomp; /* (rows16, d/64): 128 * sum of the group's x_q */
@@ -114,7 +114,7 @@ static void amx_block(const amx_args *a, int b, int r0, const uint8_t *wt, int32
             if (g + 1 < groups) AMX_PRODUCT(0, g + 1);
         }
         if (a->int4) {
-            const __m512 wsv = _mm512_loadu_ps(a->scale + ((size_t)b * groups + g) * 16);
+            const __m512 wsv = bf16x16((const uint16_t *)a->scale + ((size_t)b * groups + g) * 16);
             for (int r = 0; r < last; r++) {
                 const int at = (r0 + r) * groups + g;
                 __m512i s = _mm512_sub_epi32(_mm512_loadu_si512(sums + r * 16), _mm512_set1_epi32(a->xcomp[at] >> 4));
@@ -128,7 +128,7 @@ static void amx_block(const amx_args *a, int b, int r0, const uint8_t *wt, int32
             }
         }
     }
-    const __m512 sc = a->int4 ? _mm512_set1_ps(1.0f) : _mm512_loadu_ps(a->scale + b * 16);
+    const __m512 sc = a->int4 ? _mm512_set1_ps(1.0f) : _mm512_loadu_ps((const float *)a->scale + b * 16);
     for (int r = 0; r < last; r++) {
         __m512 v = activate(a->int4 ? out[r] : _mm512_mul_ps(out[r], sc), a->act);
         _mm512_storeu_ps(a->y + (size_t)(r0 + r) * a->n + b * 16, v);
@@ -150,7 +150,7 @@ static void amx_task(void *args, int begin, int end) {
 
 /* y (rows, n) for rows >= 16 on tiles; 1 when done, 0 when the tiles are not usable or off (the
  * caller takes the VNNI kernel), -3 out of memory. */
-static int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act,
+static int amx_linear(const uint8_t *w, const void *scale, const float *x, float *y, int n, int d, int rows, int act,
                       int int4) {
     if (rows < MS_AMX_MIN_ROWS || !ms_amx(-1)) return 0;
     const int rows16 = (rows + 15) / 16 * 16, groups = d / MS_GROUP;
@@ -175,7 +175,7 @@ int ms_amx(int on) {
     return 0;
 }
 
-static inline int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows,
+static inline int amx_linear(const uint8_t *w, const void *scale, const float *x, float *y, int n, int d, int rows,
                              int act, int int4) {
     (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows; (void)act; (void)int4;
     return 0;

@@ -34,7 +34,8 @@ typedef struct {
     const float *norm_w[3], *norm_b[3]; /* self, cross, mlp */
     const void *w[W_COUNT];             /* packed: float32 [N/16][D][16], int8 [N/16][D/4][16][4], bf16 [N/16][D/2][16][2],
                                            int4 [N/16][D/64][8][16][4] (cpu_gemv.c) */
-    const float *scale[W_COUNT];        /* int8 per-output scales, int4 per output and group [N/16][D/64][16] */
+    const void *scale[W_COUNT];         /* int8 float32 per-output scales, int4 bfloat16 per output and group
+                                           [N/16][D/64][16] */
     void *kc, *vc;                      /* self-attention cache (B, H, max_len, hd), float32, bfloat16 or int8 */
     const float *tk[MS_MAX_SLOTS], *tv[MS_MAX_SLOTS]; /* per prompt slot: text keys/values (B, H, text_max, hd),
                                                          float32, or NULL for a slot never filled */

@@ -7,7 +7,7 @@
  *   bfloat16 [N/16][D/2][16][2]   two inputs per 32-bit lane, for AVX-512 BF16 (vdpbf16ps)
  *   int4     [N/16][D/64][8][16][4] per group of 64 inputs, byte (j, lane, k) = quad j in its low
  *                                 nibble and quad j + 8 in its high one, unsigned (q + 8); plus
- *                                 one float32 scale per output and group, [N/16][D/64][16]
+ *                                 one bfloat16 scale per output and group, [N/16][D/64][16]
  * Each thread reads one sequential stream, there are no horizontal sums, and the activations
  * stay in L1. The int8 form quantizes x per row in groups of 64 inputs (symmetric, one scale
  * per group) and uses vpdpbusd; the +128 offset of the weights is taken back per group with
@@ -489,7 +489,7 @@ static void quantize_rows(const float *x, int rows, int d, int8_t *xq, float *xs
 
 #if defined(MS_INT8_KERNELS)
 
-static int amx_linear(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act,
+static int amx_linear(const uint8_t *w, const void *scale, const float *x, float *y, int n, int d, int rows, int act,
                       int int4); /* cpu_amx.c: 16 rows or more on AMX tiles, where there are tiles */
 
 /* y (rows, n) = x (rows, d) @ (scale * (W - 128)).T with W packed [n/16][d/4][16][4]. Returns 0 on
@@ -942,6 +942,18 @@ int ms_kv_store_i8(const float *x, long sb, long sh, long st, const int64_t *pos
     run(kv_store_task, &a, batch * heads, (size_t)batch * heads * (T + (out ? upto : 0)) * hd * 5);
     return 0;
 }
+
+/* 16 (8) bfloat16 values as float32 lanes: the int4 products' group scales. */
+#if defined(__AVX512F__)
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+#if defined(__AVX2__)
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
 
 #include "cpu_reduced.c" /* the int4 and bfloat16 products, in this translation unit */
 #include "cpu_amx.c" /* many-row int8 and int4 products on AMX tiles */

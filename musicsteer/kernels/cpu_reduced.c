@@ -10,7 +10,7 @@
 
 typedef struct {
     const uint8_t *w;
-    const float *scale;   /* [n/16][d/64][16]: per output and group of 64 inputs */
+    const uint16_t *scale; /* [n/16][d/64][16]: bfloat16, per output and group of 64 inputs */
     const int8_t *xq;     /* (rows, d) */
     const float *xscale;  /* (rows, d/64) */
     const int32_t *xcomp; /* (rows, d/64): 128 * sum of the group's x_q (16 times the int4 offset) */
@@ -25,7 +25,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void i4_block(const i4_args *a, int b, const int R) {
     const int d = a->d, groups = d / MS_GROUP;
     const uint8_t *w = a->w + (size_t)b * d * 8;
-    const float *ws = a->scale + (size_t)b * groups * 16;
+    const uint16_t *ws = a->scale + (size_t)b * groups * 16;
     const __m512i nib = _mm512_set1_epi8(0x0f);
     __m512 out[MS_MAX_ROWS];
     for (int r = 0; r < R; r++) out[r] = _mm512_setzero_ps();
@@ -43,7 +43,7 @@ static inline __attribute__((always_inline)) void i4_block(const i4_args *a, int
                 acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], hi, _mm512_set1_epi32(xr[j + 8]));
             }
         }
-        __m512 wsv = _mm512_loadu_ps(ws + g * 16);
+        __m512 wsv = bf16x16(ws + g * 16);
         for (int r = 0; r < R; r++) {
             __m512i s = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]),
                                          _mm512_set1_epi32(a->xcomp[r * groups + g] >> 4));
@@ -75,7 +75,7 @@ static void i4_task(void *args, int begin, int end) {
 static inline __attribute__((always_inline)) void i4_block8(const i4_args *a, int b, const int R) {
     const int d = a->d, groups = d / MS_GROUP;
     const uint8_t *w = a->w + (size_t)b * d * 8;
-    const float *ws = a->scale + (size_t)b * groups * 16;
+    const uint16_t *ws = a->scale + (size_t)b * groups * 16;
     const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     __m256 out[MS_MAX_ROWS][2];
     for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
@@ -94,7 +94,7 @@ static inline __attribute__((always_inline)) void i4_block8(const i4_args *a, in
                     acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xr[j + 8])));
                 }
             }
-            __m256 wsv = _mm256_loadu_ps(ws + g * 16 + 8 * h);
+            __m256 wsv = bf16x8(ws + g * 16 + 8 * h);
             for (int r = 0; r < R; r++) {
                 __m256i s = _mm256_add_epi32(_mm256_madd_epi16(acc[r][0], ones), _mm256_madd_epi16(acc[r][1], ones));
                 s = _mm256_sub_epi32(s, _mm256_set1_epi32(a->xcomp[r * groups + g] >> 4));
@@ -125,7 +125,7 @@ static void i4_task(void *args, int begin, int end) {
 
 /* y (rows, n) = x (rows, d) @ W.T with W int4 per group of 64 inputs (packed as above). Returns 0,
  * -1 where the build has neither VNNI nor AVX2, -2 for unsupported shapes. */
-int ms_linear_i4(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
+int ms_linear_i4(const uint8_t *w, const uint16_t *scale, const float *x, float *y, int n, int d, int rows, int act) {
     if (d % MS_GROUP || n % 16 || d > 65536) return -2;
     const int tiles = amx_linear(w, scale, x, y, n, d, rows, act, 1);
     if (tiles) return tiles == 1 ? 0 : tiles;
@@ -143,7 +143,7 @@ int ms_linear_i4(const uint8_t *w, const float *scale, const float *x, float *y,
     return 0;
 }
 #else
-int ms_linear_i4(const uint8_t *w, const float *scale, const float *x, float *y, int n, int d, int rows, int act) {
+int ms_linear_i4(const uint8_t *w, const uint16_t *scale, const float *x, float *y, int n, int d, int rows, int act) {
     (void)w; (void)scale; (void)x; (void)y; (void)n; (void)d; (void)rows; (void)act;
     return -1;
 }

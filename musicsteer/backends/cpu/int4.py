@@ -2,10 +2,10 @@
 
 `quantize_int4(module)` replaces the bias-free linear layers below `module` by
 `PackedInt4Linear` (backends/select.py gives it the decoder's blocks and keeps the heads in
-int8: in 4 bits they cost most of the fidelity, for 2% of `small`'s bytes): symmetric int4 weights (-7..7) with one float32 scale per output channel
+int8: in 4 bits they cost most of the fidelity, for 2% of `small`'s bytes): symmetric int4 weights (-7..7) with one bfloat16 scale per output channel
 and group of 64 inputs, each group's scale chosen among a few clipping ratios for the least
 squared error. The nibbles are stored as q + 8, two per byte, packed in blocks of 16 outputs
-on huge pages (0.5625 bytes per weight with the scales), and unpacked in registers into the
+on huge pages (0.53125 bytes per weight with the scales; float32 scales made it 0.5625), and unpacked in registers into the
 int8 kernel's unsigned bytes; the activations are quantized per row in groups of 64 inputs as
 for int8 and the products run on AVX-512 VNNI (`vpdpbusd`).
 
