@@ -371,6 +371,7 @@ def linear_i8(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: i
 
 
 def linear_i4(packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, act: int = 0) -> torch.Tensor:
+    assert scale.dtype == torch.bfloat16, "int4 scales are bfloat16 (quantize_pack_i4)"
     nb, groups = packed.shape[:2]
     rows = x.shape[0]
     y = torch.empty(rows, nb * BLOCK)
