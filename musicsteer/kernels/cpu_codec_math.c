@@ -57,6 +57,8 @@ static inline __attribute__((always_inline)) void conv_tile(const conv_args *a, 
         const int body = a->c_in - a->c_in % U;
         for (int c = 0; c < body; c += U)
             for (int u = 0; u < U; u++) {
+                MS_PREFETCH(wj + (size_t)(c + u) * 16);
+                if (NB > 1) MS_PREFETCH(wj + (size_t)K * 16 + (size_t)(c + u) * 16);
                 __m512 wa = _mm512_loadu_ps(wj + (size_t)(c + u) * 16);
                 __m512 wb = NB > 1 ? _mm512_loadu_ps(wj + (size_t)K * 16 + (size_t)(c + u) * 16) : wa;
                 for (int r = 0; r < R; r++) {
@@ -101,6 +103,7 @@ static inline __attribute__((always_inline)) void conv_tile8(const conv_args *a,
         const float *xj = a->x + (size_t)(r0 + j * a->dil) * a->ld;
         const float *wj = w0 + (size_t)j * a->c_in * 16;
         for (int c = 0; c < a->c_in; c++) {
+            MS_PREFETCH(wj + (size_t)c * 16);
             __m256 wa = _mm256_loadu_ps(wj + (size_t)c * 16), wb = _mm256_loadu_ps(wj + (size_t)c * 16 + 8);
             for (int r = 0; r < R; r++) {
                 __m256 xv = _mm256_broadcast_ss(xj + (size_t)r * a->ld + c);
