@@ -443,3 +443,25 @@ def test_the_prefetch_distance_is_reported_with_the_kernel_paths():
         assert cpu.paths()["prefetch"] == "4096"
     finally:
         cpu.prefetch(before)
+
+
+@needs_cc
+def test_the_prefetch_benchmark_times_every_distance_in_turns(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "prefetch.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_prefetch.py"), "--model", "tiny", "--weights",
+                           "int8", "--kv-cache", "bf16", "--frames", "80", "--rounds", "1", "--distances", "0,4096",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["p50_ms"]) == {"0", "4096"} and all(v > 0 for v in record["p50_ms"].values())
+    assert all(len(record["steps_ms"][d]) >= 20 for d in ("0", "4096"))  # both took turns along the generation
+    assert record["fastest_bytes"] in (0, 4096) and record["machine"]["cpu_kernels"]["prefetch"] == str(
+        record["default_bytes"])  # the default is back in place when the record is made
