@@ -183,9 +183,7 @@ def prefetch(nbytes: int | None = None) -> int:
     if lib is None:
         return 0
     if nbytes is None:
-        current = lib.ms_set_prefetch(0)
-        lib.ms_set_prefetch(current)
-        return current
+        return lib.ms_set_prefetch(-1)  # reads it
     lib.ms_set_prefetch(max(0, int(nbytes)))
     return max(0, int(nbytes))
 

@@ -96,9 +96,13 @@ static void run(ms_task task, void *args, int blocks, size_t bytes) {
 /* ---------------------------------------------------------------- prefetch */
 
 /* How far ahead (bytes) the products prefetch their weight stream, or 0 for none; set through
- * ms_set_prefetch by musicsteer/kernels/cpu.py. */
+ * ms_set_prefetch by musicsteer/kernels/cpu.py (a negative value only reads it). */
 static int ms_pf = 0;
-int ms_set_prefetch(int bytes) { const int old = ms_pf; ms_pf = bytes > 0 ? bytes : 0; return old; }
+int ms_set_prefetch(int bytes) {
+    const int old = ms_pf;
+    if (bytes >= 0) ms_pf = bytes;
+    return old;
+}
 #if defined(__x86_64__)
 #define MS_PREFETCH(p) do { if (ms_pf) _mm_prefetch((const char *)(p) + ms_pf, _MM_HINT_T0); } while (0)
 #else
