@@ -51,14 +51,18 @@ _loaded = False
 _load_lock = threading.Lock()
 
 
-def _cpu_key() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo, whole ("vendor_id : GenuineIntel"), or None."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        model, flags = platform.processor(), ""
-    return model + flags
+        return None
+    return next((ln for ln in lines if ln.startswith(field)), "")
+
+
+def _cpu_key() -> str:
+    model, flags = _cpuinfo("model name"), _cpuinfo("flags")
+    return platform.processor() if model is None else model + flags
 
 
 def cache_dir() -> Path:
@@ -153,13 +157,8 @@ PREFETCH_BY_VENDOR = {"GenuineIntel": 8192}  # bytes ahead; other vendors: none 
 
 
 def _vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    line = _cpuinfo("vendor_id") or ""
+    return line.split(":", 1)[1].strip() if ":" in line else ""
 
 
 def default_prefetch() -> int:

@@ -543,9 +543,12 @@ typedef struct {
     int i8;
 } attend_args;
 
-/* Prefetch element `at` of a cache of kind `bf16` (0 float32, 1 bfloat16, 2 int8), ms_pf bytes ahead. */
-static inline __attribute__((always_inline)) void prefetch_cache(const int bf16, const void *base, size_t at) {
-    MS_PREFETCH((const char *)base + at * (bf16 == 2 ? 1 : bf16 ? 2 : 4));
+/* Prefetch the hd values from element `at` of a cache of kind `bf16` (0 float32, 1 bfloat16, 2 int8),
+ * ms_pf bytes ahead: every 64-byte line of the key or value (1, 2 or 4 lines at hd = 64). */
+static inline __attribute__((always_inline)) void prefetch_cache(const int bf16, const void *base, size_t at, int hd) {
+    const int item = bf16 == 2 ? 1 : bf16 ? 2 : 4;
+    const char *p = (const char *)base + at * item;
+    for (int off = 0; off < hd * item; off += 64) MS_PREFETCH(p + off);
 }
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
@@ -597,7 +600,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
         __m512 s[4];
         for (int t = 0; t < 4; t++) {
             const size_t kj = head + (size_t)(j + t) * hd;
-            prefetch_cache(BF, a->kc, kj);
+            prefetch_cache(BF, a->kc, kj, hd);
             s[t] = _mm512_setzero_ps();
             for (int c = 0; c < chunks; c++)
                 s[t] = _mm512_fmadd_ps(qv[c], load_cache(BF, a->kc, kj + 16 * c, c == chunks - 1 ? tail : 0xffff), s[t]);
@@ -645,7 +648,7 @@ static inline __attribute__((always_inline)) void attend_head_impl(const attend_
     for (int j = 0; j < a->len; j++) {
         __m512 p = _mm512_set1_ps(BF == 2 ? scores[j] * a->vs[row + j] : scores[j]);
         const size_t vj = head + (size_t)j * hd;
-        prefetch_cache(BF, a->vc, vj);
+        prefetch_cache(BF, a->vc, vj, hd);
         for (int c = 0; c < chunks; c++)
             acc[c] = _mm512_fmadd_ps(p, load_cache(BF, a->vc, vj + 16 * c, c == chunks - 1 ? tail : 0xffff), acc[c]);
     }
@@ -700,7 +703,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         float tail[4] = {0.f, 0.f, 0.f, 0.f};
         for (int t = 0; t < 4; t++) {
             const size_t kj = head + (size_t)(j + t) * hd;
-            prefetch_cache(BF, a->kc, kj);
+            prefetch_cache(BF, a->kc, kj, hd);
             s[t] = _mm256_setzero_ps();
             for (int c = 0; c < CH; c++) s[t] = _mm256_fmadd_ps(qv[c], load_cache8(BF, a->kc, kj + 8 * c), s[t]);
             for (int i = 8 * CH; i < hd; i++) tail[t] += qs[i] * cache_value(BF, a->kc, kj + i);
@@ -745,7 +748,7 @@ static inline __attribute__((always_inline)) void attend_head_impl8(const attend
         const float pj = BF == 2 ? scores[j] * a->vs[row + j] : scores[j];
         __m256 p = _mm256_set1_ps(pj);
         const size_t vj = head + (size_t)j * hd;
-        prefetch_cache(BF, a->vc, vj);
+        prefetch_cache(BF, a->vc, vj, hd);
         for (int c = 0; c < CH; c++) acc[c] = _mm256_fmadd_ps(p, load_cache8(BF, a->vc, vj + 8 * c), acc[c]);
         for (int i = 0; i < rest; i++) tail[i] += pj * cache_value(BF, a->vc, vj + 8 * CH + i);
     }
