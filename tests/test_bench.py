@@ -94,10 +94,11 @@ def test_bench_stream_window_cost_predicts_windows(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["bench", "stream", "--model", "tiny", "--seconds", "1", "--fast", "--window", "2", "--keep",
                  "0.5", "--reprime-chunk", "8", "--window-cost", "--kv-cache", "int8", "--codec-precision", "int8",
-                 "--codec-threads", "2", "--json", str(out)]) == 0
+                 "--codec-threads", "2", "--no-codec-overlap", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["precision"] == {"dtype": "float32", "weights": "full", "kv_cache": "int8", "codec": "int8",
-                                   "codec_threads": 2}
+                                   "codec_threads": 2, "codec_overlap": False}
+    assert record["split"]["per_frame_ms"]["codec_inside_decode"] == 0.0
     w = record["window_cost"]
     assert set(w["step_ms_by_position"]) >= {"25"} and len(w["prefill_ms_by_slice"]) == 6
     assert w["prefill_fit_ms"]["per_position"] >= 0 or w["prefill_fit_ms"]["per_slice"] > 0

@@ -3,8 +3,11 @@ them equals the module path, with hooks at every point, across cache swaps and r
 and for blocks the C path cannot take."""
 
 import copy
+import ctypes
 import dataclasses
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -377,3 +380,78 @@ def test_a_meter_attached_before_steering_reads_the_steered_state_in_one_call_up
         assert readings["meter first"][name] == readings["steering first"][name]
     assert readings["meter first"]["c0"] == pytest.approx(0.0, abs=1e-4)  # it read the ablated state
     assert abs(readings["meter first"]["c1"]) > 1e-3
+
+
+SideJob = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def side_steps(model: MusicGen, delay_s: float | None, n: int = 6):
+    """`steps` with a side job (a Python callback that waits `delay_s`) for thread 0 of every call
+    (None: no job); returns (logits, the threads the job ran on)."""
+    condition(model, 2)
+    assert fuse_blocks(model) > 0
+    ran = []
+
+    @SideJob
+    def job(_):
+        ran.append(threading.get_ident())
+        time.sleep(delay_s)
+
+    address = ctypes.cast(job, ctypes.c_void_p).value
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, model.cfg.vocab, (2, model.cfg.codebooks, 5 + n), generator=g)
+    out = []
+    with torch.no_grad():
+        model.prefill(codes[..., :5])
+        for t in range(5, 5 + n):
+            if delay_s is not None:
+                model.fused_stack.side = (address, 0)
+            out.append(model.step(codes[..., t:t + 1], torch.tensor([t]), kv_len=t + 1))
+            assert model.fused_stack.side is None  # taken by the call
+    return torch.stack(out), ran
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["plain", "steered"])
+def test_a_side_job_on_thread_0_changes_no_bit_wherever_it_joins(steered):
+    """ms_blocks_side: thread 0 runs the job while the others start the blocks and joins at a block
+    boundary once done (at once, a few blocks in, or never: the blocks are done first). The job runs
+    once per call, on the calling thread, and the step's results are the same bits as without it,
+    steered in the call or not."""
+    from musicsteer.steering.pack import ConceptPack
+    from musicsteer.steering.plan import SteeringSettings, build_steering
+
+    cfg = dataclasses.replace(WIDE, layers=8)
+    model = packed(cfg, seed=5)
+    steering = None
+    if steered:
+        pack = ConceptPack.random(["c0", "c1"], cfg, "wide", seed=3)
+        steerer, plan = build_steering(model, pack, SteeringSettings(mode="norm", layers="all"), batch=2)
+        plan.set_strength("c0", 0.4), plan.set_strength("c1", -0.3)
+        steering = steerer.__enter__()
+        plan.write(0, steerer)
+    try:
+        want, _ = side_steps(model, None)
+        for delay in (0.0, 0.0003, 0.002, 0.2):
+            got, ran = side_steps(model, delay)
+            assert torch.equal(got, want), f"a {delay * 1e3:g} ms job changed the step"
+            assert ran == [threading.get_ident()] * 6
+    finally:
+        if steering is not None:
+            steerer.__exit__(None, None, None)
+
+
+def test_a_side_job_runs_even_when_the_call_is_refused():
+    model = packed(WIDE, seed=2)
+    condition(model, 2)
+    fuse_blocks(model)
+    ran = []
+
+    @SideJob
+    def job(_):
+        ran.append(1)
+
+    stack = model.fused_stack
+    stack.side = (ctypes.cast(job, ctypes.c_void_p).value, 0)
+    with pytest.raises(RuntimeError, match="refused"):
+        stack._flush(0, WIDE.layers, torch.zeros(2, 1, WIDE.hidden), pos=1000, kv_len=1001)
+    assert ran == [1] and stack.side is None

@@ -53,6 +53,41 @@ def test_stream_tokens_match_offline_generation(tiny):
     np.testing.assert_array_equal(streamed, offline[:, :frames])
 
 
+def test_the_codec_beside_the_decoder_step_changes_no_sample(tiny):
+    """StreamingCodecSettings.overlap: the native codec decodes each frame on thread 0 of the next
+    decoder step (kernels/cpu_block.c ms_blocks_side) instead of after its own step; the tokens and
+    every audio sample are the same as without it, and the audio of the last frame still comes out."""
+    from dataclasses import replace
+
+    from musicsteer.live.producer import StepObserver
+
+    class Hidden(StepObserver):
+        def __init__(self):
+            self.seconds = []
+
+        def step_timed(self, step, split):
+            self.seconds.append(split.codec_hidden)
+
+    config = StreamConfig(PROMPT, SAMPLING, window_s=2.0, keep_s=0.5, reprime_chunk=8, max_seconds=4.0)
+    runs = []
+    for overlap in (True, False):
+        cfg = replace(config, codec=replace(config.codec, overlap=overlap))
+        hidden, recorder, ring = Hidden(), MemoryRecorder(), AudioRing(1 << 15)
+        producer = Producer(tiny, cfg, ring, None, None, recorder, observers=[hidden])
+        sink = PacedSink(tiny.codec.sample_rate, realtime=False)
+        sink.start(ring)
+        producer.run()
+        sink.drain()
+        sink.stop()
+        assert producer.error is None and producer.reprimes >= 2
+        assert (sum(s > 0 for s in hidden.seconds) > 100) == overlap
+        assert tiny.decoder.fused_stack.side is None  # no job left behind
+        runs.append((np.stack(recorder.frames, axis=1), np.concatenate(recorder.chunks)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1].shape == (200 * 640,)
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
 def test_stream_audio_is_continuous_and_equals_offline_decode(tiny):
     frames = 80
     producer, rec, ring = run_fast(tiny, StreamConfig(PROMPT, SAMPLING, max_seconds=frames / 50))
@@ -331,7 +366,8 @@ def test_step_split_is_told_to_observers_that_ask(tiny):
     assert max(primed) == 8 and sum(p > 0 for p in primed) >= 2 * producer.reprimes
     idle = [sp.reprime for _, sp in splits.got if sp.reprime_positions == 0]  # the window's bookkeeping only
     assert np.median(idle) < np.median([sp.reprime for _, sp in splits.got if sp.reprime_positions > 0])
-    assert all(sp.codec > 0 for s, sp in splits.got if s >= 3)  # every frame goes to the codec
+    # every frame goes to the codec, decoded beside the next step's decoder (the fused blocks' thread 0)
+    assert all(sp.codec_hidden > 0 and sp.codec > 0 for s, sp in splits.got if s >= 4)
     assert max(sp.position for _, sp in splits.got) < producer.window
 
 

@@ -128,6 +128,7 @@ def _kernels_build() -> bool:
 def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backend:
     from ..kernels import cpu as cpu_kernels
     from .cpu import attention
+    from .cpu.arena import place_on_huge_pages
     from .cpu.bf16 import to_bf16
     from .cpu.fused import fuse_blocks
     from .cpu.int4 import quantize_int4
@@ -155,6 +156,7 @@ def _prepare_cpu(decoder: nn.Module, dtype: torch.dtype, weights: str) -> Backen
     for part in (decoder.blocks, decoder.heads):  # what was not packed keeps the few-row path
         use_few_row_linear(part)
     attention.install(decoder)
+    place_on_huge_pages(decoder)  # the step's weights in step order on 2 MiB pages, before fusion binds them
     fused = 0
     if name != "cpu":
         fuse_activations(decoder)

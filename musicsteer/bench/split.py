@@ -2,7 +2,8 @@
 producer's `timing` on); the benchmark reads after the producer has stopped.
 
 Where each step of a live stream spends its time: a `StepObserver` that keeps every
-step's `StepSplit` (decoder step, re-prime slice, codec, the rest) and its window
+step's `StepSplit` (decoder step, re-prime slice, codec, the rest; the codec's decode where it
+ran inside the decoder step) and its window
 position in preallocated arrays, and the summary `bench stream` reports: the mean
 frame cost over whole window cycles (re-primes included) against the frame budget,
 what a re-prime costs per cycle and on the steps where it runs, and the decoder step
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..live.producer import StepObserver, StepSplit
 
-PARTS = ("controls", "decode", "reprime", "codec", "ring_wait", "total")
+PARTS = ("controls", "decode", "reprime", "codec", "ring_wait", "total", "codec_hidden")
 
 
 class SplitTimer(StepObserver):
@@ -65,7 +66,9 @@ def summarize(timer: SplitTimer, budget_ms: float, skip: int = 10, window_positi
         "budget_ms": budget_ms,
         "per_frame_ms": {"decode": frame["decode"], "codec": frame["codec"], "reprime_share": frame["reprime"],
                          "other": frame["other"], "total": frame["total"],
-                         "of_which_controls": frame["controls"], "ring_wait_excluded": frame["ring_wait"]},
+                         "of_which_controls": frame["controls"], "ring_wait_excluded": frame["ring_wait"],
+                         # the codec's decode on thread 0 of the decoder step (--codec-overlap): inside `decode`
+                         "codec_inside_decode": frame["codec_hidden"]},
         "averaged_over": {"window_cycles": cycles, "steps": int(span.stop - span.start),
                           "what": "whole window cycles (end of one re-prime to the end of the next)" if cycles
                           else f"all steps after the first {skip} (fewer than two re-primes)"},

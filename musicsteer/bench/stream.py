@@ -135,10 +135,10 @@ def run_stream_bench(model: LoadedModel, seconds: float, realtime: bool, window_
                      reprime_chunk: int = 32, loaded_at: float | None = None, note: str | None = None,
                      precision: dict | None = None, window_cost: bool = False,
                      reprime_budget_ms: float | None = None, codec_precision: str = "float32",
-                     codec_threads: int = 1) -> dict:
+                     codec_threads: int = 1, codec_overlap: bool = True) -> dict:
     """One stream of `seconds`; `loaded_at` (time.time()) is when the model was ready, `precision`
     what it was loaded with (dtype, weights, KV cache), for the record; `codec_precision` and
-    `codec_threads` the stateful codec's. `window_cost` adds, after the stream, the decoder step by window position and the
+    `codec_threads` and `codec_overlap` the stateful codec's. `window_cost` adds, after the stream, the decoder step by window position and the
     re-prime's prefill by slice size (positions.py)."""
     begun = time.time()
     samples: list[tuple[float, float, float, float]] = []  # (wall s, audio s, rss MB, others' cores busy)
@@ -171,7 +171,8 @@ def run_stream_bench(model: LoadedModel, seconds: float, realtime: bool, window_
                               reprime_budget_ms=reprime_budget_ms,
                               buffer_ms=buffer_ms, status=False, concepts=Path(tmp) if concepts else None,
                               steer={name: strength for name in names}, osc_port=0 if meters else None,
-                              codec=StreamingCodecSettings(precision=codec_precision, threads=codec_threads))
+                              codec=StreamingCodecSettings(precision=codec_precision, threads=codec_threads,
+                                                           overlap=codec_overlap))
         watcher = threading.Thread(target=sample_memory, daemon=True)
         watcher.start()
         listener = MeterListener(0) if meters else None

@@ -51,6 +51,8 @@ def register(sub) -> None:
     stream.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
                         help="the stateful codec's large weights, as live takes them")
     stream.add_argument("--codec-threads", type=int, default=1, metavar="N", help="the stateful codec plan's threads (default 1, which holds up on a busy host; 0: every core): more read its weights faster on a quiet one")
+    stream.add_argument("--codec-overlap", action=argparse.BooleanOptionalAction, default=True,
+                        help="the native codec decodes each frame on one thread of the next CPU decoder step while the step's other threads start it (default on; that frame's audio leaves one step later)")
     stream.add_argument("--buffer-ms", type=float, default=60.0)
     stream.add_argument("--reprime-chunk", type=int, default=32, metavar="POSITIONS",
                         help="positions of the window's re-prime run per step")
@@ -209,9 +211,11 @@ def run_stream(args: argparse.Namespace) -> int:
                                   concepts=args.concepts, strength=args.strength, meters=args.meters,
                                   reprime_chunk=args.reprime_chunk, loaded_at=loaded, note=args.note,
                                   precision={"dtype": args.dtype, "weights": args.weights, "kv_cache": args.kv_cache,
-                                             "codec": args.codec_precision, "codec_threads": args.codec_threads},
+                                             "codec": args.codec_precision, "codec_threads": args.codec_threads,
+                                             "codec_overlap": args.codec_overlap},
                                   window_cost=args.window_cost, reprime_budget_ms=args.reprime_budget_ms,
-                                  codec_precision=args.codec_precision, codec_threads=args.codec_threads)
+                                  codec_precision=args.codec_precision, codec_threads=args.codec_threads,
+                                  codec_overlap=args.codec_overlap)
     except ValueError as exc:  # stream settings that cannot work with this model
         raise UsageError(str(exc)) from exc
     emit(record, args.json)

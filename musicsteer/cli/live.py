@@ -49,6 +49,8 @@ def register(sub) -> None:
                       help="the stateful codec's large weights (LSTM, first transposed convolutions): float32 "
                            "(equal to an offline decode) or int8 (cheaper on CPU, about 69 dB SNR)")
     live.add_argument("--codec-threads", type=int, default=1, metavar="N", help="the stateful codec plan's threads (default 1, which holds up on a busy host; 0: every core): more read its weights faster on a quiet one")
+    live.add_argument("--codec-overlap", action=argparse.BooleanOptionalAction, default=True,
+                      help="the native codec decodes each frame on one thread of the next CPU decoder step while the step's other threads start it (default on; that frame's audio leaves one step later)")
     live.add_argument("--no-status", action="store_true", help="no status line")
     live.add_argument("--osc-port", type=int, default=9000, help="UDP port for OSC control (0: any free port)")
     live.add_argument("--osc-host", default="127.0.0.1", help="address OSC listens on (default loopback only)")
@@ -99,7 +101,8 @@ def run_live(args: argparse.Namespace) -> int:
         raise UsageError(f"--seconds must be positive, got {args.seconds}")
     try:
         codec = StreamingCodecSettings(chunk=args.codec_chunk, method=args.codec_method,
-                                       precision=args.codec_precision, threads=args.codec_threads)
+                                       precision=args.codec_precision, threads=args.codec_threads,
+                                       overlap=args.codec_overlap)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     request = LiveRequest(

@@ -168,6 +168,16 @@ class NativeDecoder(StatefulDecoder):
     def _decode_pending(self) -> np.ndarray:
         return self.plan.push(self._codes())
 
+    def begin_push(self, frame: torch.Tensor):
+        """`push` in two halves, for a decode that runs on a decoder step's thread (FusedStack.side):
+        the frame queued, and the decode it completes as a job (kernels/cpu_codec.py PushJob), or
+        None when it completes none. Give the job to `end_push` before the next push."""
+        return self.plan.job(self._codes()) if self._add(frame) else None
+
+    def end_push(self, job) -> np.ndarray | None:
+        """The job's audio, as `push` returns it (the job runs here if nothing ran it)."""
+        return self._out(job.take())
+
     def _decode_end(self) -> np.ndarray:
         return self.plan.push(self._codes(), end=True)
 

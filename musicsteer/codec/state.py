@@ -440,11 +440,15 @@ class StatefulDecoder:
 
     def push(self, frame: torch.Tensor) -> np.ndarray | None:
         """Add one frame of codes (K,); return newly final audio, or None."""
-        self.pending.append(frame)
-        self.total += 1
-        if len(self.pending) < self.chunk:
+        if not self._add(frame):
             return None
         return self._out(self._decode_pending())
+
+    def _add(self, frame: torch.Tensor) -> bool:
+        """Queue one frame; whether it completes a chunk (a decode is due)."""
+        self.pending.append(frame)
+        self.total += 1
+        return len(self.pending) >= self.chunk
 
     @torch.no_grad()
     def flush(self) -> np.ndarray:

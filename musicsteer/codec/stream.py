@@ -45,6 +45,9 @@ class StreamingCodecSettings:
     precision: str = "float32"  # "int8": the stateful decoder's large weights in int8 (an approximation)
     native: bool = True  # the stateful decoder as one C call per decode where it builds (codec/native.py)
     threads: int = 1  # the native plan's threads (0: the OpenMP team); 1 holds up on a busy host (docs/benchmarks.md)
+    # A live stream's native one-thread decode on thread 0 of the next CPU decoder step, while its other
+    # threads start the step (kernels/cpu_block.c ms_blocks_side): a frame's audio leaves one step later.
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.lookahead < 0 or self.context < 0:

@@ -144,6 +144,8 @@ def _open() -> ctypes.CDLL | None:
     lib.ms_block.restype = ctypes.c_int
     lib.ms_blocks.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
     lib.ms_blocks.restype = ctypes.c_int
+    lib.ms_blocks_side.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6
+    lib.ms_blocks_side.restype = ctypes.c_int
     lib.ms_amx.argtypes = [ctypes.c_int]
     lib.ms_amx.restype = ctypes.c_int
     lib.ms_set_prefetch.argtypes = [ctypes.c_int]
@@ -231,26 +233,34 @@ def has_bf16() -> bool:
 
 # ---------------------------------------------------------------- memory
 
-_libc = ctypes.CDLL(None, use_errno=True) if platform.system() == "Linux" else None
 HUGE_PAGE = 2 * 1024 * 1024
-MADV_HUGEPAGE = 14
+
+
+def huge_pages(nbytes: int) -> torch.Tensor:
+    """`nbytes` of uninitialised uint8 memory starting on a 2 MiB boundary, advised for transparent
+    huge pages before anything touches it (a no-op where THP is off). A fresh anonymous mapping,
+    not the allocator's: memory malloc hands back after a free was already touched in 4 KiB pages,
+    and advice does not change those (a `small` model's packed weights ended up with none). The
+    tensor keeps the mapping alive."""
+    import mmap
+
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    return raw[offset:offset + nbytes]
 
 
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor whose bytes are advised for transparent huge pages before first
-    touch (a no-op where THP is off). Small tensors get ordinary memory."""
+    """An uninitialised tensor on huge pages (`huge_pages`). Small tensors get ordinary memory."""
     numel = 1
     for s in shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < HUGE_PAGE or _libc is None:
+    if nbytes < HUGE_PAGE or platform.system() != "Linux":
         return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    offset = -raw.data_ptr() % HUGE_PAGE
-    span = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    if offset + span <= raw.numel():
-        _libc.madvise(ctypes.c_void_p(raw.data_ptr() + offset), ctypes.c_size_t(span), MADV_HUGEPAGE)
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
+    return huge_pages(nbytes).view(dtype).view(shape)
 
 
 # ---------------------------------------------------------------- packing

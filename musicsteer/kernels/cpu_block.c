@@ -21,6 +21,15 @@
  *           slot read alone when one has weight exactly 1, the others 0)
  *   part 2  out = x1 + c + fc2 · act(fc1 · LN_mlp(x1 + c))        (MLP; hook "out" follows)
  * `ms_block(first, last)` runs parts first..last in one region. Inputs are never written.
+ *
+ * A side job (`ms_blocks_side`: the stream's codec decoding the last frame) runs on thread 0 while
+ * the other threads start the blocks; thread 0 joins them at the next block boundary once it is
+ * done. A one-token step is bound by memory bandwidth and the codec by arithmetic, and one core
+ * reads at more than half the speed of two (8 and 14 GB/s on the 2-core test machines), so the
+ * blocks run at one thread fewer while the job runs instead of waiting for it. Each block's
+ * barriers count the threads running that block (`team`), so the joiner never holds up a barrier
+ * it is not part of; the work inside a block is split by counters, so the results are the same
+ * bits whoever computes them.
  */
 
 enum { W_QKV, W_O, W_XQ, W_XO, W_FC1, W_FC2, W_COUNT };
@@ -51,10 +60,50 @@ typedef struct {
 enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2, STEER_ABLATE = 3 }; /* kernels/ids.py */
 #define MS_MAX_STEER 64
 
+/* The barrier of the threads running a block, and the late joining of thread 0 after a side job:
+ * `want` once it is done; `decided`, the block it joins at (or the block count: none left), set by
+ * the last thread into a block boundary before it opens the barrier (the runners read it after the
+ * barrier), and `join`, the same value stored after the barrier opened (the joiner waits on it, so
+ * it never enters a barrier of the block before). */
+typedef struct {
+    atomic_int count, gen, want, decided, join;
+} team_state;
+
+static inline void cpu_relax(int spins) {
+#if defined(__x86_64__)
+    if (spins < 4096) { _mm_pause(); return; }
+#endif
+    sched_yield(); /* a long wait (a preempted vCPU): give the core away */
+}
+
+/* Wait until every one of `team` threads arrived. The last one in runs `decide(ts, at)` first when
+ * `at` >= 0 (a block boundary while thread 0 is away). */
+static void team_barrier(team_state *ts, int team, int at) {
+    int decided = -1;
+    if (team > 1) {
+        const int g = atomic_load_explicit(&ts->gen, memory_order_acquire);
+        if (atomic_fetch_add_explicit(&ts->count, 1, memory_order_acq_rel) != team - 1) {
+            for (int spins = 0; atomic_load_explicit(&ts->gen, memory_order_acquire) == g; spins++) cpu_relax(spins);
+            return;
+        }
+    }
+    if (at >= 0 && atomic_load(&ts->want) && atomic_load(&ts->decided) < 0) {
+        atomic_store(&ts->decided, at);
+        decided = at;
+    }
+    if (team > 1) {
+        atomic_store_explicit(&ts->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&ts->gen, 1, memory_order_release);
+    }
+    if (decided >= 0) atomic_store_explicit(&ts->join, decided, memory_order_release);
+}
+
 /* What one call shares between its threads (for a stack of blocks: the current block's). */
 typedef struct {
     const ms_layer *L;
     int rows, pos, len, threads, first, last;
+    int rank;               /* this thread's place among the `threads` running this block */
+    team_state *ts;
     const int *text_lens;   /* per slot: text positions filled */
     const float *text_w;    /* per slot: weight (normalised; 0 skips the slot) */
     int text_single;        /* the slot read alone, or -1 for a blend */
@@ -214,7 +263,7 @@ static void attention_text(block_call *c, int slot, float scale) {
     }
 }
 
-#define BARRIER() _Pragma("omp barrier")
+#define BARRIER() team_barrier(c->ts, c->threads, -1)
 
 /* The steering update of kernels/reference.py on the block's output rows, in float32:
  *   add    x + sum_k a_k v_k
@@ -251,7 +300,7 @@ static void steer_out(block_call *c) {
         }
     }
     BARRIER();
-    const int me = omp_get_thread_num(), total = rows * d, share = (total + c->threads - 1) / c->threads;
+    const int me = c->rank, total = rows * d, share = (total + c->threads - 1) / c->threads;
     const int lo = me * share, hi = lo + share < total ? lo + share : total;
     for (int j = lo; j < hi; j++) {
         const int r = j / d, i = j % d;
@@ -280,7 +329,7 @@ static void block_thread(block_call *c) {
     if (c->first <= 1) { /* cross-attention; x1 = x + a kept privately and written once */
         const float *a_rows = c->first == 1 ? c->a_in : c->a;
         norm_rows(c->x, a_rows, tls.xp, tls.h, L->norm_w[1], L->norm_b[1], rows, d, L->eps);
-        const int me = omp_get_thread_num(), share = (rows * d + c->threads - 1) / c->threads;
+        const int me = c->rank, share = (rows * d + c->threads - 1) / c->threads;
         const int lo = me * share, hi = lo + share < rows * d ? lo + share : rows * d;
         if (lo < hi) memcpy(c->x1 + lo, tls.xp + lo, sizeof(float) * (hi - lo));
         product(c, 3, W_XQ, d, d, tls.h, c->qkv, NULL, ACT_NONE);
@@ -355,21 +404,29 @@ static float *call_scratch(size_t floats) {
     return mid;
 }
 
-/* Run `count` blocks (parts first..last of each; a stack runs whole blocks) in one parallel region. */
+/* A call refused before its region: its side job still runs (the caller counts on it). */
+static int refused(int rc, void (*side)(void *), void *arg) {
+    if (side) side(arg);
+    return rc;
+}
+
+/* Run `count` blocks (parts first..last of each; a stack runs whole blocks) in one parallel region,
+ * with `side(arg)` (or NULL) on thread 0 first. */
 static int run_blocks(const ms_layer *const *layers, int count, int first, int last, int rows, int pos, int len,
                       const int *text_lens, const float *text_w, const float *x, const float *a_in,
-                      const float *x1_in, const float *c_in, float *a, float *x1, float *c, float *out) {
+                      const float *x1_in, const float *c_in, float *a, float *x1, float *c, float *out,
+                      void (*side)(void *), void *arg) {
     int d = 0, ffn = 0, scores = len;
     size_t bytes = 0;
     for (int i = 0; i < count; i++) {
         const ms_layer *L = layers[i];
         int rc = check_layer(L, first, last, rows, pos, len, text_lens, text_w);
-        if (rc) return rc;
+        if (rc) return refused(rc, side, arg);
         if (first <= 1 && last >= 1) {
             const int t = text_reads(L, text_lens, text_w);
             scores = t > scores ? t : scores;
         }
-        if (i && (L->d != d)) return -2;
+        if (i && (L->d != d)) return refused(-2, side, arg);
         d = L->d;
         ffn = L->ffn > ffn ? L->ffn : ffn;
         bytes += (size_t)L->d * (4 * L->d + 2 * (size_t)L->ffn) * (L->kind == KIND_I4 ? 1 : L->kind == KIND_I8 ? 2 : L->kind == KIND_BF16 ? 4 : 8) / 2;
@@ -377,13 +434,16 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
     const int widest = ffn > 3 * d ? ffn : 3 * d;
     const size_t rd = (size_t)rows * d, counters = ((size_t)count * 8 * sizeof(atomic_int) + sizeof(float) - 1) / sizeof(float);
     float *mid = call_scratch(rd * 3 + rd + (size_t)rows * ffn + 5 * rd + counters);
-    if (!mid) return -3;
+    if (!mid) return refused(-3, side, arg);
     float *qkv = mid, *att = qkv + 3 * rd, *u = att + rd, *spare = u + (size_t)rows * ffn;
     float *ping[2] = {spare + 3 * rd, spare + 4 * rd};
     atomic_int *work = (atomic_int *)(spare + 5 * rd);
     for (size_t i = 0; i < (size_t)count * 8; i++) atomic_init(&work[i], 0);
     atomic_int failed;
     atomic_init(&failed, 0);
+    team_state ts;
+    atomic_init(&ts.count, 0), atomic_init(&ts.gen, 0), atomic_init(&ts.want, 0);
+    atomic_init(&ts.decided, -1), atomic_init(&ts.join, -1);
     int threads = bytes < 4 * MS_PARALLEL_BYTES ? 1 : omp_get_max_threads(), team = 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -391,20 +451,38 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
 #pragma omp single
         team = omp_get_num_threads();
         /* (the single's barrier: every thread sees every allocation's outcome before it starts) */
+        const int me = omp_get_thread_num(), late = side != NULL && team > 1; /* thread 0 joins late */
+        int from = 0;
+        if (side != NULL && me == 0) side(arg); /* alone: before the blocks, as a plain call would */
+        if (late && me == 0) {
+            atomic_store(&ts.want, 1);
+            for (int spins = 0; (from = atomic_load_explicit(&ts.join, memory_order_acquire)) < 0; spins++)
+                cpu_relax(spins);
+        }
         if (!atomic_load(&failed))
-            for (int i = 0; i < count; i++) {
+            for (int i = from; i < count; i++) {
+                /* the previous block's output is read whole; at a boundary without thread 0, the last one in
+                 * decides whether it joins here */
+                const int joined = !late || (atomic_load(&ts.decided) >= 0 && i > atomic_load(&ts.decided));
+                if (i > from) team_barrier(&ts, joined ? team : team - 1, joined ? -1 : i);
+                const int all = !late || (i >= atomic_load(&ts.decided) && atomic_load(&ts.decided) >= 0);
                 block_call call = {.L = layers[i], .rows = rows, .pos = pos, .len = len, .text_lens = text_lens,
                                    .text_w = text_w, .text_single = text_single(layers[i]->text_slots, text_w),
-                                   .threads = team, .first = first, .last = last, .a_in = a_in, .c_in = c_in,
+                                   .threads = all ? team : team - 1, .rank = all ? me : me - 1, .ts = &ts,
+                                   .first = first, .last = last, .a_in = a_in, .c_in = c_in,
                                    .x1_in = x1_in, .qkv = qkv, .att = att, .u = u, .work = work + 8 * i};
                 call.x = i == 0 ? x : ping[(i - 1) % 2];
                 call.out = i == count - 1 ? out : ping[i % 2];
                 call.a = a ? a : spare;
                 call.x1 = x1 ? x1 : spare + rd;
                 call.c = c ? c : spare + 2 * rd;
-                if (i) { BARRIER(); } /* the previous block's output is read whole */
                 block_thread(&call);
             }
+        if (late && me != 0) { /* the blocks are done: a joiner still away finds none left */
+            int none = -1;
+            if (atomic_compare_exchange_strong(&ts.decided, &none, count))
+                atomic_store_explicit(&ts.join, count, memory_order_release);
+        }
     }
     return atomic_load(&failed) ? -3 : 0;
 }
@@ -419,7 +497,8 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
 int ms_block(const ms_layer *L, int first, int last, int rows, int pos, int len, const int *text_lens,
              const float *text_w, const float *x, const float *a_in, const float *x1_in, const float *c_in,
              float *a, float *x1, float *c, float *out) {
-    return run_blocks(&L, 1, first, last, rows, pos, len, text_lens, text_w, x, a_in, x1_in, c_in, a, x1, c, out);
+    return run_blocks(&L, 1, first, last, rows, pos, len, text_lens, text_w, x, a_in, x1_in, c_in, a, x1, c, out,
+                      NULL, NULL);
 }
 
 /* `count` whole blocks in sequence, x (rows, d) -> out (rows, d), in one parallel region: the
@@ -428,5 +507,15 @@ int ms_blocks(const ms_layer *const *layers, int count, int rows, int pos, int l
               const float *text_w, const float *x, float *out) {
     if (count < 1) return -2;
     return run_blocks(layers, count, 0, 2, rows, pos, len, text_lens, text_w, x, NULL, NULL, NULL, NULL, NULL, NULL,
-                      out);
+                      out, NULL, NULL);
+}
+
+/* ms_blocks with `side(arg)` run on thread 0 while the others start the blocks (it joins them at a
+ * block boundary when done; with one thread it runs first). A side job must not use OpenMP itself.
+ * Returns as ms_block; the job has run once this returns, whatever it returns. */
+int ms_blocks_side(const ms_layer *const *layers, int count, int rows, int pos, int len, const int *text_lens,
+                   const float *text_w, const float *x, float *out, void (*side)(void *), void *arg) {
+    if (count < 1) return refused(-2, side, arg);
+    return run_blocks(layers, count, 0, 2, rows, pos, len, text_lens, text_w, x, NULL, NULL, NULL, NULL, NULL, NULL,
+                      out, side, arg);
 }

@@ -487,6 +487,27 @@ int ms_codec_push(void *plan, const int64_t *codes, int n, int end, float *out, 
     return len;
 }
 
+/* A push to run later, on another thread (ms_blocks_side's job: `ms_codec_run` is its function):
+ * filled by the caller, run once; `result` is what ms_codec_push returned, `seconds` how long it took. */
+typedef struct {
+    void *plan;
+    const int64_t *codes;
+    int n, end;
+    float *out;
+    int cap, result, done;
+    double seconds;
+} ms_codec_job;
+
+void ms_codec_run(void *job) {
+    ms_codec_job *j = job;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    j->result = ms_codec_push(j->plan, j->codes, j->n, j->end, j->out, j->cap);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    j->seconds = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+    j->done = 1;
+}
+
 /* Seconds each stage took over the pushes since the last call (kinds and counts in ms_codec_stage);
  * the clocks restart. Returns the number of stages. */
 int ms_codec_times(void *plan, double *seconds, int *kinds) {

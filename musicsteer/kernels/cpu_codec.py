@@ -42,6 +42,7 @@ SIGNATURES = {
     "ms_codec_free": ([_P], None),
     "ms_codec_times": ([_P, _P, _P], _I),
     "ms_codec_parallel": ([_P, ctypes.c_double], ctypes.c_double),
+    "ms_codec_run": ([_P], None),
 }
 KINDS = {1: "conv", 2: "convt", 3: "lstm", 4: "elu", 5: "open", 6: "close"}
 _bound: ctypes.CDLL | None = None
@@ -89,6 +90,45 @@ class Matrix:
     @property
     def args(self) -> tuple[int, int, int | None]:
         return FORMS[self.form], self.data.data_ptr(), None if self.scale is None else self.scale.data_ptr()
+
+
+class _Job(ctypes.Structure):
+    """Mirror of `ms_codec_job` in cpu_codec.c."""
+
+    _fields_ = [("plan", _P), ("codes", _P), ("n", _I), ("end", _I), ("out", _P), ("cap", _I), ("result", _I),
+                ("done", _I), ("seconds", ctypes.c_double)]
+
+
+class PushJob:
+    """A push prepared to run on another thread: `function` and `address` are what a decoder step
+    takes to run it on its thread 0 (FusedStack.side), `run()` runs it here if nothing has, and
+    `take()` gives its samples as `CodecPlan.push` returns them. The plan holds one output buffer:
+    take a job before the next push."""
+
+    def __init__(self, plan: "CodecPlan", codes: np.ndarray, end: bool) -> None:
+        self.plan, self.codes = plan, np.ascontiguousarray(codes, dtype=np.int64)  # held while the job may run
+        n = self.codes.shape[1] if self.codes.ndim == 2 else 0
+        self.job = _Job(plan._plan, self.codes.ctypes.data if n else None, n, int(end), plan.out.ctypes.data,
+                        plan.out.shape[0], 0, 0, 0.0)
+        self.address = ctypes.addressof(self.job)
+        self.function = ctypes.cast(plan._lib.ms_codec_run, ctypes.c_void_p).value
+
+    @property
+    def done(self) -> bool:
+        return bool(self.job.done)
+
+    @property
+    def seconds(self) -> float:
+        """How long the push took, wherever it ran."""
+        return self.job.seconds
+
+    def run(self) -> None:
+        if not self.job.done:
+            self.plan._lib.ms_codec_run(self.address)
+
+    def take(self) -> np.ndarray:
+        self.run()
+        return self.plan.out[:_check(self.job.result, f"push of {self.job.n} frames")].copy()
 
 
 class CodecPlan:
@@ -179,6 +219,10 @@ class CodecPlan:
         got = self._lib.ms_codec_push(self._plan, codes.ctypes.data if n else None, n, int(end),
                                       self.out.ctypes.data, self.out.shape[0])
         return self.out[:_check(got, f"push of {n} frames")].copy()
+
+    def job(self, codes: np.ndarray, end: bool = False) -> PushJob:
+        """`push(codes, end)` as a job to run on another thread (PushJob)."""
+        return PushJob(self, codes, end)
 
     def times(self) -> list[tuple[str, float]]:
         """(kind, seconds) per stage over the pushes since the last call; the clocks restart."""

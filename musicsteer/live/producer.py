@@ -16,7 +16,9 @@ control changes (once), writes the steering strengths, runs
 the one decoder step (model/step.py) on the CFG batch, appends the token column to
 the window's history (window.py: endless streams, re-primed into a spare cache while
 decoding goes on), hands each complete frame to the streaming codec, and pushes the
-codec's audio into the ring buffer, waiting only while the ring is full.
+codec's audio into the ring buffer, waiting only while the ring is full. On the CPU's fused
+blocks the codec's decode of a frame runs on thread 0 of the next step while the step's other
+threads start it (StreamingCodecSettings.overlap); that audio goes out right after that step.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class StepSplit:
     codec: float  # the streaming codec's push of this step's frame (0 before the first frame)
     ring_wait: float  # waiting for room in the ring: pacing, not cost (excluded from total)
     total: float  # the whole step, observers included, ring wait excluded
+    # The last frame's decode run on a thread of this step's decoder (StreamingCodecSettings.overlap):
+    # inside `decode`, not added to `codec` (which holds what was left of it here: taking its audio).
+    codec_hidden: float = 0.0
 
     @property
     def other(self) -> float:
@@ -222,6 +227,9 @@ class Producer:
         self._times = np.zeros(256)  # recent step times, seconds (ring of samples)
         self._decode_s = 0.0  # the last codec decode, seconds
         self._codec_s = self._wait_s = 0.0  # this step's codec push and ring wait, seconds
+        self._codec_hidden_s = 0.0  # this step's codec decode run beside its decoder step, seconds
+        self._overlap = False  # the codec decodes on a decoder step's thread (set up in _setup)
+        self._codec_job = None  # the frame's decode queued for the next step's thread 0 (kernels/cpu_codec.py)
         # Each step's StepSplit to the observers (`step_timed`): on when one of them implements it.
         # (ms per slice, ms per position) of the re-prime under a budget: measured at setup, then
         # used once (_choose_chunk) and kept in `slice_cost`
@@ -315,6 +323,7 @@ class Producer:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("producer stopped")
         finally:
+            self._drop_codec_job()
             self.prompt_worker.stop()
             if self.steerer is not None:
                 self.steerer.detach()
@@ -355,6 +364,9 @@ class Producer:
             use_graph = backend.graphs if backend is not None else captures_graphs(device)
         if use_graph:  # one graph per cache set: the re-prime swaps them (steering attached first)
             self.decode.capture(self.context.cache_sets)
+        codec = self.config.codec
+        self._overlap = (codec.overlap and codec.threads == 1 and not use_graph and hasattr(self.codec_stream, "begin_push")
+                         and getattr(decoder, "fused_stack", None) is not None)
 
     def _replayed(self, first: int, n: int):
         """The re-prime's steering: columns first..first+n-1 with the strengths their steps used."""
@@ -446,7 +458,7 @@ class Producer:
             self._choose_chunk()
         t0 = time.perf_counter()
         s, context, observers = self.step, self.context, self.observers
-        self._codec_s = self._wait_s = 0.0
+        self._codec_s = self._wait_s = self._codec_hidden_s = 0.0
         for observer in observers:
             observer.step_started(s)
         self._install_ready(s)
@@ -462,6 +474,9 @@ class Producer:
         context.push(token)
         self.step += 1
         t2 = time.perf_counter()
+        if self._codec_job is not None:
+            self._collect_audio()
+        t2b = time.perf_counter()
         primed = context.advance(self.step)
         t3 = time.perf_counter()
         self._times[s % len(self._times)] = t3 - t0
@@ -472,8 +487,8 @@ class Producer:
         for observer in observers:
             observer.step_done(s)
         if self.timing:  # plain floats until someone asks
-            split = StepSplit(pos, t1 - t0, t2 - t1, t3 - t2, primed, self._codec_s, self._wait_s,
-                              time.perf_counter() - t0 - self._wait_s)
+            split = StepSplit(pos, t1 - t0, t2 - t1, t3 - t2b, primed, self._codec_s, self._wait_s,
+                              time.perf_counter() - t0 - self._wait_s, self._codec_hidden_s)
             for observer in observers:
                 observer.step_timed(s, split)
 
@@ -482,12 +497,39 @@ class Producer:
         self.frames += 1
         if self.recorder is not None:
             self.recorder.frame(frame.numpy())
+        if self._overlap:
+            job = self.codec_stream.begin_push(frame)
+            if job is not None:  # decoded on thread 0 of the next step (_collect_audio takes it)
+                self._codec_job = job
+                self.model.decoder.fused_stack.side = (job.function, job.address)
+            return
         t0 = time.perf_counter()
         audio = self.codec_stream.push(frame)
         self._codec_s = time.perf_counter() - t0
         if audio is not None:
             self._decode_s = self._codec_s
             self._push_audio(audio)
+
+    def _collect_audio(self) -> None:
+        """The audio of the frame whose decode ran beside this step's decoder step (or runs now, where
+        the step took no job: no fused call ran), into the ring."""
+        job = self._codec_job
+        self._drop_codec_job()
+        hidden = job.done
+        t0 = time.perf_counter()
+        audio = self.codec_stream.end_push(job)
+        self._codec_s = time.perf_counter() - t0
+        self._codec_hidden_s = job.seconds if hidden else 0.0
+        self._decode_s = job.seconds
+        if audio is not None:
+            self._push_audio(audio)
+
+    def _drop_codec_job(self) -> None:
+        """No job left for a decoder call: the C side holds only its address."""
+        self._codec_job = None
+        stack = getattr(self.model.decoder, "fused_stack", None)
+        if stack is not None:
+            stack.side = None
 
     def _push_audio(self, audio: np.ndarray) -> None:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
@@ -515,6 +557,8 @@ class Producer:
         """End of stream: the codec's last frames, decoded without look-ahead."""
         if self._stop.is_set() and not self._limit_reached():
             return
+        if self._codec_job is not None:  # the last frame's decode, here
+            self._collect_audio()
         tail = self.codec_stream.flush()  # the codec's look-ahead: can be longer than the fill target
         piece = self.config.codec.chunk * self.model.codec.hop
         for i in range(0, len(tail), piece):

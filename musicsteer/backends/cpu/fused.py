@@ -257,6 +257,10 @@ class FusedStack:
         self._addresses = (ctypes.c_void_p * len(self.blocks))(*[f.address if f else None for f in self.fused])
         self._base = ctypes.addressof(self._addresses)
         self._call = cpu_kernels.library().ms_blocks
+        self._call_side = cpu_kernels.library().ms_blocks_side
+        # (function, argument) addresses of a C job for thread 0 of the next call (ms_blocks_side), which
+        # then clears it: the stream's codec decode (live/producer.py); None: none.
+        self.side: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return sum(f is not None for f in self.fused)
@@ -266,8 +270,10 @@ class FusedStack:
 
     def _flush(self, start: int, end: int, x: torch.Tensor, pos: int, kv_len: int) -> torch.Tensor:
         out = torch.empty_like(x)
-        rc = self._call(self._base + start * ctypes.sizeof(ctypes.c_void_p), end - start, x.shape[0], pos, kv_len,
-                        *self.fused[start].text_mix(), x.data_ptr(), out.data_ptr())
+        args = (self._base + start * ctypes.sizeof(ctypes.c_void_p), end - start, x.shape[0], pos, kv_len,
+                *self.fused[start].text_mix(), x.data_ptr(), out.data_ptr())
+        side, self.side = self.side, None
+        rc = self._call(*args) if side is None else self._call_side(*args, *side)
         if rc != 0:
             raise RuntimeError(f"fused blocks {start}-{end - 1} refused the step ({rc}) at position {pos}, "
                                f"length {kv_len}")
