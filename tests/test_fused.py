@@ -345,7 +345,7 @@ def test_ablate_in_the_call_follows_its_formula_and_is_exact_at_zero(c_calls):
 
 def test_a_meter_attached_before_steering_reads_the_steered_state_in_one_call_up_to_it(c_calls):
     """live/session attaches the meters before the producer attaches steering: the meter still
-    reads the steered state, and its block stays in the C call that steers it."""
+    reads the steered state, copied by the C call that steers it: the step stays one call."""
     from musicsteer.steering.pack import ConceptPack
     from musicsteer.steering.meters import Meter
     from musicsteer.steering.plan import SteeringSettings, build_steering
@@ -369,8 +369,8 @@ def test_a_meter_attached_before_steering_reads_the_steered_state_in_one_call_up
         c_calls.update(ms_blocks=0, ms_block=0)
         steps(model, fused=order != "module path", n=2)
         readings[order] = meter.read()
-        runs = 1 + sum(layer < WIDE.layers - 1 for layer in meter.layers)  # split once after each meter
-        assert c_calls == ({"ms_blocks": 2 * runs, "ms_block": 0} if order != "module path"
+        # the meters' rows are copied in the call: still one call per step
+        assert c_calls == ({"ms_blocks": 2, "ms_block": 0} if order != "module path"
                            else {"ms_blocks": 0, "ms_block": 0})
         meter.detach()
         steerer.detach()
@@ -455,3 +455,53 @@ def test_a_side_job_runs_even_when_the_call_is_refused():
     with pytest.raises(RuntimeError, match="refused"):
         stack._flush(0, WIDE.layers, torch.zeros(2, 1, WIDE.hidden), pos=1000, kv_len=1001)
     assert ran == [1] and stack.side is None
+
+
+def test_row_taps_are_copied_inside_the_one_call_and_equal_a_python_observer(monkeypatch):
+    """A meter's RowTap at a block's `out` (after in-call steering) is copied by the C call itself:
+    a steered, metered step stays one call, and the rows it copies and the logits are the bits a
+    Python observer (which splits the call there) sees."""
+    from musicsteer.kernels.hook import RowTap
+    from musicsteer.steering.pack import ConceptPack
+    from musicsteer.steering.plan import SteeringSettings, build_steering
+
+    cfg = dataclasses.replace(WIDE, layers=5)
+    model = packed(cfg, seed=7)
+    pack = ConceptPack.random(["c0"], cfg, "wide", seed=4)
+    steerer, plan = build_steering(model, pack, SteeringSettings(mode="add", layers="all"), batch=2)
+    plan.set_strength("c0", 2.0)
+    calls = []
+    original = FusedStack._flush
+
+    def counted(self, start, end, *args):
+        calls.append((start, end))
+        return original(self, start, end, *args)
+
+    monkeypatch.setattr(FusedStack, "_flush", counted)
+    layers = (1, 4)  # inside the stack and its last block
+    seen = {}
+    with steerer:
+        plan.write(0, steerer)
+        results = []
+        for kind in ("tap", "python"):
+            states = torch.zeros(len(layers), cfg.hidden)
+            hooks = []
+            for i, layer in enumerate(layers):
+                if kind == "tap":
+                    hook = RowTap(states[i])
+                else:
+                    def hook(h, i=i, states=states):
+                        states[i].copy_(h[0, -1])
+                        return h
+                model.add_hook(f"blocks.{layer}.out", hook)
+                hooks.append((layer, hook))
+            calls.clear()
+            logits = steps(model, fused=True, n=3)
+            seen[kind] = (list(calls), states.clone())
+            results.append(logits)
+            for layer, hook in hooks:
+                model.remove_hook(f"blocks.{layer}.out", hook)
+    assert seen["tap"][0] == [(0, cfg.layers)] * 3  # one call per step
+    assert len(seen["python"][0]) == 3 * 2  # the observers split it after block 1 and at the end
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(seen["tap"][1], seen["python"][1]) and seen["tap"][1].abs().sum() > 0

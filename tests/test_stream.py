@@ -461,3 +461,21 @@ def test_the_re_prime_steers_each_position_as_its_step_was_steered(tiny):
         torch.testing.assert_close(alpha, stepped[column], msg=f"column {column}")
     # the gate really changed the strengths between the steps of one re-prime
     assert len({bool(a.abs().sum() > 0) for _, a in replayed}) == 2
+
+
+def test_bench_codec_overlap_script_takes_turns_on_tiny(tmp_path):
+    """scripts/bench_codec_overlap.py: one stream whose steps take both codec placements in turns;
+    the record has both, and the codec ran inside the decoder step only in its own turns."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "overlap.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_codec_overlap.py"), "--model", "tiny",
+                           "--weights", "full", "--kv-cache", "auto", "--codec-precision", "float32", "--seconds", "4",
+                           "--window", "2", "--keep", "0.5", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    after, beside = record["modes"]["after"], record["modes"]["beside"]
+    assert after["steps"] >= 40 and beside["steps"] >= 40
+    assert after["codec_inside_decode_ms_mean"] == 0.0 and after["codec_ms_mean"] > 0
+    assert beside["codec_inside_decode_ms_mean"] > 0
+    assert record["saved_ms_per_step"] == pytest.approx(after["step_ms_mean"] - beside["step_ms_mean"])

@@ -55,6 +55,7 @@ typedef struct {
     const float *steer_alpha, *steer_dirs, *steer_targets;
     float *ks, *vs; /* an 8-bit self-attention cache's scales (B, H, max_len), when cache_i8 is set */
     int cache_i8;
+    float *tap; /* or NULL: the block's (steered) output row 0 copied here (d floats) by a call that runs part 2 */
 } ms_layer;
 
 enum { STEER_ADD = 0, STEER_NORM = 1, STEER_CLAMP = 2, STEER_ABLATE = 3 }; /* kernels/ids.py */
@@ -473,6 +474,8 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
                                    .x1_in = x1_in, .qkv = qkv, .att = att, .u = u, .work = work + 8 * i};
                 call.x = i == 0 ? x : ping[(i - 1) % 2];
                 call.out = i == count - 1 ? out : ping[i % 2];
+                if (i && call.rank == 0 && layers[i - 1]->tap && last == 2) /* the last block's output, whole */
+                    memcpy(layers[i - 1]->tap, call.x, sizeof(float) * d);
                 call.a = a ? a : spare;
                 call.x1 = x1 ? x1 : spare + rd;
                 call.c = c ? c : spare + 2 * rd;
@@ -484,7 +487,9 @@ static int run_blocks(const ms_layer *const *layers, int count, int first, int l
                 atomic_store_explicit(&ts.join, count, memory_order_release);
         }
     }
-    return atomic_load(&failed) ? -3 : 0;
+    if (atomic_load(&failed)) return -3;
+    if (layers[count - 1]->tap && last == 2) memcpy(layers[count - 1]->tap, out, sizeof(float) * d);
+    return 0;
 }
 
 /* Parts first..last (0 self-attention, 1 cross-attention, 2 MLP) of one block for `rows` rows at

@@ -39,3 +39,20 @@ class KernelHook:
         if self.positions is not None and self.positions.shape[1] == h.shape[1]:
             return steer_positions(h, self.positions, self.directions, self.targets, self.kernel)
         return steer(h, self.alpha, self.directions, self.targets, self.kernel)
+
+
+class RowTap:
+    """h (B, T, D) -> h, copying the conditional row's newest state h[0, -1] into `dest` (D,): an
+    observer a backend may run itself (the fused CPU blocks copy it inside their call, so a live
+    meter does not split the step's one call in two)."""
+
+    order = OBSERVER
+    __slots__ = ("dest",)
+
+    def __init__(self, dest: torch.Tensor) -> None:
+        assert dest.dim() == 1
+        self.dest = dest
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        self.dest.copy_(h[0, -1])
+        return h

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ...kernels import cpu as cpu_kernels
-from ...kernels.hook import KernelHook
+from ...kernels.hook import KernelHook, RowTap
 from ...model.kv_cache import MAX_SLOTS
 from .attention import fast_path
 from .bf16 import PackedBf16Linear
@@ -57,7 +57,7 @@ class _Layer(ctypes.Structure):
                 ("kc", _ptr), ("vc", _ptr), ("tk", _ptr * MAX_SLOTS), ("tv", _ptr * MAX_SLOTS), ("text_slots", ctypes.c_int),
                 ("steer_k", ctypes.c_int), ("steer_mode", ctypes.c_int),
                 ("steer_alpha", _ptr), ("steer_dirs", _ptr), ("steer_targets", _ptr),
-                ("ks", _ptr), ("vs", _ptr), ("cache_i8", ctypes.c_int)]
+                ("ks", _ptr), ("vs", _ptr), ("cache_i8", ctypes.c_int), ("tap", _ptr)]
 KINDS = {PackedLinear: KIND_F32, PackedInt8Linear: KIND_I8, PackedBf16Linear: KIND_BF16, PackedInt4Linear: KIND_I4}  # ms_layer.kind
 MAX_STEER = 64  # concepts the C steering update takes (MS_MAX_STEER)
 
@@ -134,6 +134,7 @@ class FusedBlock:
         self._key: tuple | None = None
         self._held: tuple = ()  # what the binding points into
         self._steer_hook = None  # the steering hook applied in C (it holds the buffers)
+        self._tap = None  # the row tap applied in C (it holds its buffer)
         self._call = cpu_kernels.library().ms_block
 
     def _signature(self) -> tuple:
@@ -206,6 +207,21 @@ class FusedBlock:
             L.steer_alpha, L.steer_dirs = hook.alpha.data_ptr(), hook.directions.data_ptr()
             L.steer_targets = hook.targets.data_ptr()
             self._steer_hook = hook  # holds the buffers the pointers point into
+        return True
+
+    def tap(self, hook: RowTap | None) -> bool:
+        """Copy the block's output row 0 into `hook.dest` in C from now on (after the steering), or
+        none (None); False when its buffer is not a float32 CPU vector of the block's width."""
+        L = self.layer
+        if hook is None:
+            L.tap, self._tap = None, None
+            return True
+        dest = hook.dest
+        if not (dest.dtype == torch.float32 and dest.device.type == "cpu" and dest.is_contiguous()
+                and dest.numel() == self.hidden):
+            return False
+        if hook is not self._tap:
+            L.tap, self._tap = dest.data_ptr(), hook
         return True
 
     def text_mix(self) -> tuple[int, int]:
@@ -302,12 +318,17 @@ class FusedStack:
                         out_hooks = out_hooks[1:]  # steering applied inside the call
                     else:
                         fused.steer(None, rows)
+                    if out_hooks and isinstance(out_hooks[0], RowTap) and fused.tap(out_hooks[0]):
+                        out_hooks = out_hooks[1:]  # the row copied inside the call
+                    else:
+                        fused.tap(None)
                     if out_hooks:  # observers see this block's (steered) output: call the run up to here
                         x, start = _out_hooks(self._flush(start, i + 1, x, pos, kv_len), out_hooks), None
                     continue  # else the run goes on
                 if start is not None:
                     x, start = self._flush(start, i, x, pos, kv_len), None
                 fused.steer(None, rows)
+                fused.tap(None)
                 x = _out_hooks(fused.forward_parts(x, pos, kv_len, hooks), out_hooks)
                 continue
             if start is not None:
