@@ -81,3 +81,22 @@ def test_turned_off_it_moves_nothing(monkeypatch):
     before = [t.data_ptr() for t in step_tensors(model.decoder)]
     assert arena.place_on_huge_pages(model.decoder) == 0
     assert [t.data_ptr() for t in step_tensors(model.decoder)] == before
+
+
+@needs_cc
+def test_bench_huge_pages_script_takes_turns_on_tiny(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "huge.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_huge_pages.py"), "--model", "tiny",
+                           "--weights", "int8", "--kv-cache", "bf16", "--frames", "80", "--rounds", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["p50_ms"]) == {"2 MiB pages", "4 KiB pages"} and all(v > 0 for v in record["p50_ms"].values())
+    assert record["arena_bytes"] > 0
