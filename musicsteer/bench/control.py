@@ -99,7 +99,8 @@ def measure(timeline: Timeline, sink, K: int, hop: int, horizon: int) -> list[di
 
 
 def run_control_bench(model: LoadedModel, device: str | None, messages: int, interval_s: float,
-                      buffer_ms: float, seed: int = 0, codec_chunk: int = 1, codec_precision: str = "float32") -> dict:
+                      buffer_ms: float, seed: int = 0, codec_chunk: int = 1, codec_precision: str = "float32",
+                      codec_overlap: bool = True) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         pack = Path(tmp) / "pack"
@@ -112,7 +113,8 @@ def run_control_bench(model: LoadedModel, device: str | None, messages: int, int
         window_s, keep_s = default_window(model.decoder.embed.weight.device.type)  # as live has them
         request = LiveRequest("benchmark", SamplingSettings(seed=seed), device=device, concepts=pack,
                               osc_port=port, buffer_ms=buffer_ms, window_s=window_s, keep_s=keep_s,
-                              codec=StreamingCodecSettings(chunk=codec_chunk, precision=codec_precision),
+                              codec=StreamingCodecSettings(chunk=codec_chunk, precision=codec_precision,
+                                                           overlap=codec_overlap),
                               status=False)
 
         def on_start(producer):

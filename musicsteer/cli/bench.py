@@ -79,6 +79,8 @@ def register(sub) -> None:
     control.add_argument("--codec-chunk", type=int, default=1, metavar="FRAMES", help="frames per codec decode")
     control.add_argument("--codec-precision", choices=("float32", "int8"), default="float32",
                          help="the stateful codec's large weights, as live takes them")
+    control.add_argument("--codec-overlap", action=argparse.BooleanOptionalAction, default=True,
+                         help="the codec beside the next decoder step, as live has it (default on)")
     control.add_argument("--json", type=Path, metavar="FILE")
     control.set_defaults(run=run_control)
 
@@ -241,7 +243,8 @@ def run_control(args: argparse.Namespace) -> int:
     if args.messages < 1 or not args.interval > 0 or args.codec_chunk < 1:
         raise UsageError("--messages and --codec-chunk must be >= 1 and --interval > 0")
     record = run_control_bench(load_from_args(args), args.device, args.messages, args.interval, args.buffer_ms,
-                               codec_chunk=args.codec_chunk, codec_precision=args.codec_precision)
+                               codec_chunk=args.codec_chunk, codec_precision=args.codec_precision,
+                               codec_overlap=args.codec_overlap)
     report(format_control(record), record, args.json)
     return 0
 
