@@ -222,6 +222,19 @@ def test_load_model_fuses_the_cpu_float32_and_int8_decoders():
         assert load_model("tiny", weights="int8").decoder.fused_stack is not None
 
 
+def count_flushes(monkeypatch) -> list:
+    """The (start, end) block runs of every C call the fused stack makes from now on."""
+    calls = []
+    original = FusedStack._flush
+
+    def counted(self, start, end, *args):
+        calls.append((start, end))
+        return original(self, start, end, *args)
+
+    monkeypatch.setattr(FusedStack, "_flush", counted)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["add", "norm", "norm-negative", "clamp"])
 def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
     """A steerer's `out` hooks are applied by the C call itself (one call for the whole steered
@@ -238,14 +251,7 @@ def test_steering_runs_inside_the_call_and_equals_the_hook(mode, monkeypatch):
                  "clamp": (0.8, 0.5, 1.0)}[mode]
     for n, a in zip(names, strengths):
         plan.set_strength(n, a)
-    calls = []
-    original = FusedStack._flush
-
-    def counted(self, start, end, *args):
-        calls.append((start, end))
-        return original(self, start, end, *args)
-
-    monkeypatch.setattr(FusedStack, "_flush", counted)
+    calls = count_flushes(monkeypatch)
     plain = steps(model, fused=True, n=3)
     with steerer:
         plan.write(0, steerer)
@@ -470,14 +476,7 @@ def test_row_taps_are_copied_inside_the_one_call_and_equal_a_python_observer(mon
     pack = ConceptPack.random(["c0"], cfg, "wide", seed=4)
     steerer, plan = build_steering(model, pack, SteeringSettings(mode="add", layers="all"), batch=2)
     plan.set_strength("c0", 2.0)
-    calls = []
-    original = FusedStack._flush
-
-    def counted(self, start, end, *args):
-        calls.append((start, end))
-        return original(self, start, end, *args)
-
-    monkeypatch.setattr(FusedStack, "_flush", counted)
+    calls = count_flushes(monkeypatch)
     layers = (1, 4)  # inside the stack and its last block
     seen = {}
     with steerer:
