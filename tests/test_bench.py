@@ -147,5 +147,7 @@ def test_bench_prompts_sends_prompts_over_oscsend(tmp_path, capsys):
     record = json.loads(out.read_text())  # whether every swap was clean depends on the host's load
     assert record["with_changes"]["sent"] >= 2 and len(record["swaps"]) >= 2
     assert all(s["asked_at"] >= 0 and s["step"] > s["asked_at"] and s["swap_ms"] < 50 for s in record["swaps"])
-    assert record["without_changes"]["steps"] >= 150 and record["without_changes"]["error"] is None
+    # 3 s is 150 steps, give or take one at each end: the start snapshot and the end check can fall
+    # between a step's count and its audio's push (which comes later still with the codec beside the step)
+    assert record["without_changes"]["steps"] >= 148 and record["without_changes"]["error"] is None
     assert "every swap within its neighbours' p99 + 1 ms" in capsys.readouterr().out
