@@ -2,6 +2,7 @@
 them equals the module path, with hooks at every point, across cache swaps and replaced weights,
 and for blocks the C path cannot take."""
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -428,22 +429,18 @@ def test_a_side_job_on_thread_0_changes_no_bit_wherever_it_joins(steered):
 
     cfg = dataclasses.replace(WIDE, layers=8)
     model = packed(cfg, seed=5)
-    steering = None
-    if steered:
-        pack = ConceptPack.random(["c0", "c1"], cfg, "wide", seed=3)
-        steerer, plan = build_steering(model, pack, SteeringSettings(mode="norm", layers="all"), batch=2)
-        plan.set_strength("c0", 0.4), plan.set_strength("c1", -0.3)
-        steering = steerer.__enter__()
-        plan.write(0, steerer)
-    try:
+    with contextlib.ExitStack() as stack:
+        if steered:
+            pack = ConceptPack.random(["c0", "c1"], cfg, "wide", seed=3)
+            steerer, plan = build_steering(model, pack, SteeringSettings(mode="norm", layers="all"), batch=2)
+            plan.set_strength("c0", 0.4), plan.set_strength("c1", -0.3)
+            stack.enter_context(steerer)
+            plan.write(0, steerer)
         want, _ = side_steps(model, None)
         for delay in (0.0, 0.0003, 0.002, 0.2):
             got, ran = side_steps(model, delay)
             assert torch.equal(got, want), f"a {delay * 1e3:g} ms job changed the step"
             assert ran == [threading.get_ident()] * 6
-    finally:
-        if steering is not None:
-            steerer.__exit__(None, None, None)
 
 
 def test_a_side_job_runs_even_when_the_call_is_refused():

@@ -487,7 +487,7 @@ int ms_codec_push(void *plan, const int64_t *codes, int n, int end, float *out, 
     return len;
 }
 
-/* A push to run later, on another thread (ms_blocks_side's job: `ms_codec_run` is its function):
+/* A push to run later, on thread 0 of a fused decoder call (ms_blocks_side's job: `ms_codec_run` is its function):
  * filled by the caller, run once; `result` is what ms_codec_push returned, `seconds` how long it took. */
 typedef struct {
     void *plan;

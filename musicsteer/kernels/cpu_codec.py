@@ -1,7 +1,9 @@
 """Threading model: a plan is built and then pushed to, reset and freed on one thread at a time
 (the codec's owner: the producer thread in a live session); a push releases the GIL and runs its
-large stages on the OpenMP team of the calling thread, the rest on that thread alone. Plans
-share nothing with each other.
+large stages on the OpenMP team of the calling thread, the rest on that thread alone. A
+`PushJob` runs once, later, inside a fused decoder call made by that same thread (as the call's
+OpenMP thread 0, which is the caller), or on that thread when taken. Plans share nothing with
+each other.
 
 The C plan of a stateful streaming codec decoder (cpu_codec.c): stages added one by one over
 weights this object keeps alive, buffers allocated once by `ready()`, then one call per decode.
@@ -100,8 +102,8 @@ class _Job(ctypes.Structure):
 
 
 class PushJob:
-    """A push prepared to run on another thread: `function` and `address` are what a decoder step
-    takes to run it on its thread 0 (FusedStack.side), `run()` runs it here if nothing has, and
+    """A push prepared to run later, inside a decoder step's C call: `function` and `address` are
+    what the step takes to run it on its thread 0 (FusedStack.side), `run()` runs it here if nothing has, and
     `take()` gives its samples as `CodecPlan.push` returns them. The plan holds one output buffer:
     take a job before the next push."""
 
@@ -221,7 +223,7 @@ class CodecPlan:
         return self.out[:_check(got, f"push of {n} frames")].copy()
 
     def job(self, codes: np.ndarray, end: bool = False) -> PushJob:
-        """`push(codes, end)` as a job to run on another thread (PushJob)."""
+        """`push(codes, end)` as a job to run later, inside a decoder step's call (PushJob)."""
         return PushJob(self, codes, end)
 
     def times(self) -> list[tuple[str, float]]:
